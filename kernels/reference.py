@@ -131,6 +131,8 @@ def thought_attention_step_ref(q, k_base, v_base, k_chain, v_chain, step, scale=
 
     q (B, H, T, D); k_base, v_base (B, H_KV, T, D); k_chain, v_chain (B, H_KV, T, L_max, D) caches
     whose chain indices 0..step are valid (later ones are ignored). Returns (B, H, T, D).
+    Plain PyTorch, so it is differentiable (the sequential schedule's reference path uses that);
+    the kernel of the same contract is forward-only.
     """
     B, H, H_KV, T, L_max, D = check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=step)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -142,8 +144,7 @@ def thought_attention_step_ref(q, k_base, v_base, k_chain, v_chain, step, scale=
     base = t[None, :] <= t[:, None]                                        # (T, T)
     chain = (t[:, None] == t.repeat_interleave(n)[None, :])                # (T, T*n)
     mask = torch.cat([base, chain], dim=1)
-    with torch.no_grad():
-        return F.scaled_dot_product_attention(q, _expand_kv(k, g), _expand_kv(v, g), attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, _expand_kv(k, g), _expand_kv(v, g), attn_mask=mask, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,271 @@
+"""Thought attention plugged into a stock Hugging Face decoder through `AttentionInterface`.
+
+The model is never forked: `register()` adds an attention function named "quietstar" (and a mask
+function that builds nothing), and every call of `model.model(...)` passes a `qs_layout` keyword
+(a `Layout`) that reaches the attention function of every layer. The layout says what the tokens of
+this call are:
+
+- ``causal``: ordinary text; plain causal attention (also what a `Layout`-less call does).
+- ``parallel``: [T base tokens | P x T x L chain tokens], chain of pass p, position t, index l at
+  T + (p*T + t)*L + l. Base tokens attend causally to base tokens; chain token (p, t, l) attends
+  to base tokens 0..t and to chain tokens (p, t, 0..l) (SPEC 3). One forward over everything.
+- ``base`` (with a `ThoughtCache`): the base pass of a step-by-step schedule; causal attention,
+  and the layer's base K/V go into the cache.
+- ``step`` (with a `ThoughtCache`): P x T chain tokens of chain index `step` ([p, t] order);
+  their K/V go into the cache, then each attends to base tokens 0..t and its own chain 0..step.
+
+Backends (the same math, SPEC 7): ``reference`` (dense boolean masks + SDPA with K/V expanded),
+``flex`` (FlexAttention with a block mask built once per shape), ``triton`` (our kernels), and
+``split`` (PyTorch only, no T*L x T*L mask: SDPA of the chain queries over the base keys, an L x L
+chain block, merged by log-sum-exp).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference as ref
+
+NAME = "quietstar"
+
+
+# ----------------------------------------------------------------------------------------------
+# layout and cache
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ThoughtCache:
+    """Per-layer K/V of the base pass and of the chain steps so far, for step-by-step schedules.
+
+    With gradients (the sequential schedule), chain K/V are kept as per-step lists and stacked, so
+    autograd sees every step; without, they are written in place into preallocated buffers
+    (B, H_KV, P, T, L, D), the layout the step kernel reads as [pos, step] per pass.
+    """
+    P: int
+    T: int
+    L: int
+    base_k: dict = field(default_factory=dict)
+    base_v: dict = field(default_factory=dict)
+    chain_k: dict = field(default_factory=dict)
+    chain_v: dict = field(default_factory=dict)
+
+    def put_chain(self, layer: int, step: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's chain K/V (B, H_KV, P*T, D); return the caches (B, H_KV, P, T, n, D)."""
+        B, H_KV, _, D = k.shape
+        k = k.view(B, H_KV, self.P, self.T, D)
+        v = v.view(B, H_KV, self.P, self.T, D)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            ks = self.chain_k.setdefault(layer, [])
+            vs = self.chain_v.setdefault(layer, [])
+            if len(ks) != step:
+                raise RuntimeError(f"chain steps must come in order: layer {layer} has {len(ks)} steps, got step {step}")
+            ks.append(k)
+            vs.append(v)
+            return torch.stack(ks, dim=4), torch.stack(vs, dim=4)
+        if layer not in self.chain_k or step == 0:
+            self.chain_k[layer] = k.new_empty(B, H_KV, self.P, self.T, self.L, D)
+            self.chain_v[layer] = v.new_empty(B, H_KV, self.P, self.T, self.L, D)
+        self.chain_k[layer][:, :, :, :, step] = k
+        self.chain_v[layer][:, :, :, :, step] = v
+        return self.chain_k[layer], self.chain_v[layer]
+
+
+@dataclass
+class Layout:
+    """What the tokens of one model call are (see the module docstring)."""
+    mode: str                      # "causal" | "parallel" | "base" | "step"
+    backend: str = "reference"
+    T: int = 0
+    L: int = 0
+    P: int = 1
+    step: int = 0
+    cache: ThoughtCache | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("causal", "parallel", "base", "step"):
+            raise ValueError(f"Layout.mode must be causal, parallel, base or step, got {self.mode!r}")
+        if self.backend not in ("reference", "flex", "triton", "split"):
+            raise ValueError(f"Layout.backend must be reference, flex, triton or split, got {self.backend!r}")
+        if self.mode in ("base", "step") and self.cache is None:
+            raise ValueError(f"Layout mode {self.mode!r} needs a ThoughtCache")
+
+
+# ----------------------------------------------------------------------------------------------
+# per-backend primitives
+# ----------------------------------------------------------------------------------------------
+def causal_attention(q, k, v, scale):
+    """Causal self-attention with GQA: q (B, H, S, D), k/v (B, H_KV, S, D) -> (B, H, S, D)."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _split_parallel(q, kb, vb, kc, vc, scale):
+    """Thought attention without any mask over T*L keys: base part by SDPA with a (T*L, T) causal
+    mask, chain part as an L x L block per position, merged by their log-sum-exps."""
+    B, H, T, L, D = q.shape
+    g = H // kb.shape[1]
+    kbx, vbx = ref._expand_kv(kb, g), ref._expand_kv(vb, g)             # (B, H, T, D)
+    kcx, vcx = ref._expand_kv(kc, g), ref._expand_kv(vc, g)             # (B, H, T, L, D)
+    qf = q.reshape(B, H, T * L, D)
+    # base part: scores (B, H, T*L, T), row (t, l) sees s <= t
+    sb = torch.matmul(qf, kbx.transpose(-1, -2)).float() * scale
+    t = torch.arange(T, device=q.device)
+    sb = sb.masked_fill(~(t[None, :] <= t.repeat_interleave(L)[:, None]), float("-inf"))
+    # chain part: scores (B, H, T, L, L), (t, l) sees (t, m <= l)
+    sc = torch.matmul(q, kcx.transpose(-1, -2)).float() * scale
+    li = torch.arange(L, device=q.device)
+    sc = sc.masked_fill(~(li[None, :] <= li[:, None]), float("-inf"))
+    lse_b = torch.logsumexp(sb, dim=-1)                                  # (B, H, T*L)
+    lse_c = torch.logsumexp(sc, dim=-1).reshape(B, H, T * L)
+    lse = torch.logaddexp(lse_b, lse_c)
+    pb = torch.exp(sb - lse[..., None]).to(q.dtype)
+    pc = torch.exp(sc - lse.view(B, H, T, L)[..., None]).to(q.dtype)
+    o = torch.matmul(pb, vbx).view(B, H, T, L, D) + torch.matmul(pc, vcx)
+    return o
+
+
+_FLEX = {}
+
+
+def _flex_fn():
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        # Compiled on CUDA (eager flex materialises the scores); on CPU eager keeps tests fast.
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX["fn"]
+
+
+def _flex_block_mask(T: int, n: int, L_rows: int, device):
+    """Block mask for queries (t, l) (L_rows per position; l = row index, or fixed step when
+    L_rows == 1) over [T base | T*n chain] keys. Built once per shape and cached."""
+    key = (T, n, L_rows, str(device))
+    if key not in _FLEX:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            qt = q_idx // L_rows
+            ql = (q_idx % L_rows) if L_rows > 1 else (n - 1)
+            is_base = kv_idx < T
+            ct = (kv_idx - T) // n
+            cm = (kv_idx - T) % n
+            return (is_base & (kv_idx <= qt)) | (~is_base & (ct == qt) & (cm <= ql))
+
+        _FLEX[key] = create_block_mask(mask_mod, None, None, T * L_rows, T + T * n, device=device)
+    return _FLEX[key]
+
+
+def _flex_parallel(q, kb, vb, kc, vc, scale):
+    B, H, T, L, D = q.shape
+    H_KV = kb.shape[1]
+    if q.requires_grad and q.device.type == "cpu":
+        raise RuntimeError("the flex attention backend cannot train on CPU: FlexAttention has no CPU backward in "
+                           "this torch; use attention='reference', 'split' or 'triton' on CPU")
+    k = torch.cat([kb, kc.reshape(B, H_KV, T * L, D)], dim=2)
+    v = torch.cat([vb, vc.reshape(B, H_KV, T * L, D)], dim=2)
+    o = _flex_fn()(q.reshape(B, H, T * L, D).contiguous(), k.contiguous(), v.contiguous(),
+                   block_mask=_flex_block_mask(T, L, L, q.device), scale=scale, enable_gqa=H != H_KV)
+    return o.view(B, H, T, L, D)
+
+
+def _flex_step(q, kb, vb, kc, vc, step, scale):
+    B, H, T, D = q.shape
+    H_KV = kb.shape[1]
+    if q.requires_grad and q.device.type == "cpu":
+        raise RuntimeError("the flex attention backend cannot train on CPU: FlexAttention has no CPU backward in "
+                           "this torch; use attention='reference' for the sequential schedule on CPU")
+    n = step + 1
+    k = torch.cat([kb, kc[:, :, :, :n].reshape(B, H_KV, T * n, D)], dim=2)
+    v = torch.cat([vb, vc[:, :, :, :n].reshape(B, H_KV, T * n, D)], dim=2)
+    return _flex_fn()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=_flex_block_mask(T, n, 1, q.device),
+                      scale=scale, enable_gqa=H != H_KV)
+
+
+def _split_step(q, kb, vb, kc, vc, step, scale):
+    # the step is the parallel pattern's last row of a chain of length step + 1
+    n = step + 1
+    o = _split_parallel(q.unsqueeze(3).expand(-1, -1, -1, n, -1), kb, vb, kc[:, :, :, :n], vc[:, :, :, :n], scale)
+    return o[:, :, :, -1]
+
+
+def parallel_fn(backend: str):
+    return {"reference": lambda q, kb, vb, kc, vc, s: ref.thought_attention_ref(q, kb, vb, kc, vc, scale=s),
+            "triton": lambda q, kb, vb, kc, vc, s: kernels.thought_attention(q, kb, vb, kc, vc, scale=s),
+            "flex": _flex_parallel, "split": _split_parallel}[backend]
+
+
+def step_fn(backend: str):
+    return {"reference": lambda q, kb, vb, kc, vc, st, s: ref.thought_attention_step_ref(q, kb, vb, kc, vc, st, scale=s),
+            "triton": _triton_step, "flex": _flex_step, "split": _split_step}[backend]
+
+
+def _triton_step(q, kb, vb, kc, vc, step, scale):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, kb, vb, kc, vc)):
+        raise RuntimeError("the triton step kernel has no backward: the sequential schedule needs gradients "
+                           "through every step; use attention='reference' or 'flex' with schedule='sequential'")
+    return kernels.thought_attention_step(q, kb, vb, kc, vc, step, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# the function registered with transformers
+# ----------------------------------------------------------------------------------------------
+def quietstar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        qs_layout: Layout | None = None, **kwargs):
+    """query (B, H, S, D), key/value (B, H_KV, S, D) after RoPE -> (B, S, H, D), None."""
+    if dropout:
+        raise ValueError("quietstar attention does not support attention dropout")
+    if attention_mask is not None:
+        raise ValueError("quietstar attention takes no attention_mask: padding is handled by the target mask")
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    lay = qs_layout
+    if lay is None or lay.mode == "causal":
+        o = causal_attention(query, key, value, scale)
+    elif lay.mode == "base":
+        lay.cache.base_k[module.layer_idx] = key
+        lay.cache.base_v[module.layer_idx] = value
+        o = causal_attention(query, key, value, scale)
+    elif lay.mode == "parallel":
+        T, L, P = lay.T, lay.L, lay.P
+        B, H, S, D = query.shape
+        H_KV = key.shape[1]
+        if S != T + P * T * L:
+            raise ValueError(f"parallel layout expects T + P*T*L = {T + P * T * L} tokens, got {S}")
+        kb, vb = key[:, :, :T], value[:, :, :T]
+        outs = [causal_attention(query[:, :, :T], kb, vb, scale)]
+        fn = parallel_fn(lay.backend)
+        qc = query[:, :, T:].unflatten(2, (P, T, L))                      # (B, H, P, T, L, D) views
+        kc = key[:, :, T:].unflatten(2, (P, T, L))
+        vc = value[:, :, T:].unflatten(2, (P, T, L))
+        for p in range(P):
+            outs.append(fn(qc[:, :, p], kb, vb, kc[:, :, p], vc[:, :, p], scale).flatten(2, 3))
+        o = torch.cat(outs, dim=2)
+    else:  # step
+        c = lay.cache
+        B, H, S, D = query.shape
+        if S != c.P * c.T:
+            raise ValueError(f"step layout expects P*T = {c.P * c.T} tokens, got {S}")
+        kb, vb = c.base_k[module.layer_idx], c.base_v[module.layer_idx]
+        kc, vc = c.put_chain(module.layer_idx, lay.step, key, value)      # (B, H_KV, P, T, n|L, D)
+        fn = step_fn(lay.backend)
+        qs = query.unflatten(2, (c.P, c.T))                                # (B, H, P, T, D)
+        outs = [fn(qs[:, :, p], kb, vb, kc[:, :, p], vc[:, :, p], lay.step, scale) for p in range(c.P)]
+        o = torch.cat(outs, dim=2)
+    return o.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register the "quietstar" attention (and a mask function that builds no mask); return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(NAME, quietstar_attention)
+    AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)
+    return NAME

@@ -1,0 +1,132 @@
+"""The Quiet-STaR model: a stock Hugging Face decoder plus <sot>/<eot> and the mixing head.
+
+Nothing of the decoder is forked. Its attention is the "quietstar" function registered through
+`AttentionInterface` (quietstar/attention.py); every call passes a `Layout` saying which tokens are
+base text and which are chain tokens. The two marker embeddings are extra parameters fed as input
+embeddings: they are not rows of the vocabulary, so they are never predicted nor sampled (SPEC 3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import attention
+from .config import ModelConfig, ThoughtConfig
+
+SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+
+
+def tiny_mistral_config(cfg: ModelConfig):
+    from transformers import MistralConfig
+    return MistralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        sliding_window=None, tie_word_embeddings=cfg.tie_word_embeddings, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None)
+
+
+def check_decoder(lm) -> None:
+    """Raise a clear error unless `lm` is a Mistral-like decoder the attention plug-in can drive."""
+    cfg = getattr(lm, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model: expected a Mistral- or Llama-architecture decoder (model_type in "
+                         f"{SUPPORTED_MODEL_TYPES}), got model_type={mt!r}")
+    if getattr(cfg, "sliding_window", None) is not None:
+        raise ValueError(f"model config: sliding_window={cfg.sliding_window} is not supported (thought attention "
+                         "is full causal attention over the base); set sliding_window=None")
+    inner = getattr(lm, "model", None)
+    if inner is None or not hasattr(inner, "embed_tokens") or not hasattr(lm, "lm_head"):
+        raise ValueError("model: expected a *ForCausalLM with .model.embed_tokens and .lm_head")
+    if getattr(lm.lm_head, "bias", None) is not None:
+        raise ValueError("model: an LM head with a bias is not supported (the fused LM head is W h)")
+
+
+def build_decoder(cfg: ModelConfig, dtype=torch.float32):
+    """The stock decoder: a random-init tiny Mistral, SmolLM2-135M, or a local HF folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, MistralForCausalLM
+    if cfg.name == "tiny":
+        lm = MistralForCausalLM(tiny_mistral_config(cfg)).to(dtype)
+    elif cfg.name == "smollm2-135m":
+        from .assets import load_smollm2
+        lm = load_smollm2(dtype=dtype)
+    else:
+        hf_cfg = AutoConfig.from_pretrained(cfg.name)
+        if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"--model {cfg.name}: expected a Mistral- or Llama-architecture folder, "
+                             f"got model_type={hf_cfg.model_type!r}")
+        lm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
+    check_decoder(lm)
+    lm.config._attn_implementation = attention.register()
+    return lm
+
+
+class MixingHead(nn.Module):
+    """w = MLP([h_base ; h_talk]): Linear(2d, d) -> ReLU -> Linear(d, d) -> ReLU -> Linear(d, 1).
+
+    The last layer starts at zero, so w = 0 and training starts exactly at the base model (SPEC 4).
+    """
+
+    def __init__(self, d: int, sigmoid: bool = False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        self.sigmoid = sigmoid
+
+    def forward(self, h_base: torch.Tensor, h_talk: torch.Tensor) -> torch.Tensor:
+        w = self.net(torch.cat([h_base, h_talk], dim=-1)).squeeze(-1)
+        return torch.sigmoid(w) if self.sigmoid else w
+
+
+class QuietStarModel(nn.Module):
+    """A decoder `lm` (unmodified HF *ForCausalLM), the learned markers and the mixing head."""
+
+    def __init__(self, lm, thought: ThoughtConfig, marker_init_id: int | None = None):
+        super().__init__()
+        check_decoder(lm)
+        self.lm = lm
+        self.thought = thought
+        d = lm.config.hidden_size
+        emb = lm.model.embed_tokens.weight
+        init = emb[marker_init_id].detach().float() if marker_init_id is not None else torch.zeros(d)
+        # markers[0] = <sot>, markers[1] = <eot>; stored / scale, used * scale (100x effective lr)
+        self.markers = nn.Parameter((init / thought.marker_scale).repeat(2, 1).to(emb.dtype))
+        self.mixing_head = MixingHead(d, sigmoid=thought.mixing == "sigmoid").to(emb.dtype)
+        pad = getattr(lm.config, "pad_token_id", None)
+        banned = set(thought.banned_ids) | ({int(pad)} if pad is not None else set())
+        V = self.lm_head_weight.shape[0]
+        bad = [i for i in banned if not 0 <= i < V]
+        if bad:
+            raise ValueError(f"ThoughtConfig.banned_ids {bad} are outside the vocabulary [0, {V})")
+        self.banned_ids = tuple(sorted(banned))
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.lm.lm_head.weight
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.lm.config, "max_position_embeddings", 1 << 30))
+
+    def check_lengths(self, T: int) -> None:
+        """The last chain token sits at RoPE position (T - 1) + 1 + (L - 1) = T + L - 1."""
+        L = self.thought.L
+        if T + L > self.max_positions:
+            raise ValueError(f"ThoughtConfig: chain length L = M + K + 1 = {L} does not fit: base length T={T} "
+                             f"plus L needs {T + L} positions but the model has max_position_embeddings="
+                             f"{self.max_positions}")
+
+    def marker_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.markers * self.thought.marker_scale
+        return m[0], m[1]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.model.embed_tokens(ids)
+
+    def hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, layout) -> torch.Tensor:
+        """Final-norm hidden states (B, S, d) of the decoder for the given embeddings and positions."""
+        out = self.lm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False,
+                            qs_layout=layout)
+        return out.last_hidden_state

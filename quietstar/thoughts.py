@@ -1,0 +1,252 @@
+"""One Quiet-STaR training step: sample thoughts, run the chains, score the talk, REINFORCE.
+
+SPEC 3-6 in code. For every base position t and pass p the chain is
+    l:      0      1..M        M+1     M+2 .. M+K      (L = M + K + 1 tokens)
+    token:  <sot>  s_1..s_M    <eot>   x_{t+1}..x_{t+K-1}
+    RoPE:   t + 1 + l
+The hidden state at chain index l < M samples s_{l+1}; the one at index M + k predicts x_{t+k}
+(talk prediction k = 1..K), mixed with the base pass's prediction at t + k - 1 by the mixing head.
+
+Two schedules give the same loss and gradients for the same sampled thoughts (a test):
+- `sequential`: the base pass, then L steps of P*T new tokens against a growing K/V cache, with
+  gradients through all of them (the reference algorithm);
+- `sample-then-train`: M no-grad steps to sample, then ONE forward+backward over the base tokens and
+  all P*T*L chain tokens with the parallel thought-attention pattern.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from .attention import Layout, ThoughtCache
+from .config import LossConfig, ThoughtConfig
+from .model import QuietStarModel
+
+
+# ----------------------------------------------------------------------------------------------
+# LM-head backends
+# ----------------------------------------------------------------------------------------------
+def lm_head_ops(name: str) -> SimpleNamespace:
+    """mixed_logprob / token_logprob / sample_thought_tokens of one backend (SPEC 7 signatures)."""
+    if name == "reference":
+        from kernels import reference as r
+        return SimpleNamespace(mixed_logprob=r.mixed_logprob_ref, token_logprob=r.token_logprob_ref,
+                               sample=r.sample_thought_tokens_ref)
+    if name == "chunked":
+        from kernels import lm_head_chunked as c
+        return SimpleNamespace(mixed_logprob=c.mixed_logprob_chunked, token_logprob=c.token_logprob_chunked,
+                               sample=c.sample_thought_tokens_chunked)
+    if name == "triton":
+        import kernels
+        return SimpleNamespace(mixed_logprob=kernels.mixed_logprob, token_logprob=kernels.token_logprob,
+                               sample=kernels.sample_thought_tokens)
+    raise ValueError(f"lm_head must be reference, chunked or triton, got {name!r}")
+
+
+@dataclass
+class Backends:
+    attention: str = "reference"
+    lm_head: str = "reference"
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None, V: int) -> torch.Tensor:
+    """Validate a batch; return valid_next (B, T) bool: True where target x_{t+1} is scored."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an int64 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if T < 2:
+        raise ValueError(f"input_ids must have T >= 2 tokens per row, got T={T}")
+    if valid_next is None:
+        valid_next = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+    elif valid_next.shape != (B, T) or valid_next.dtype != torch.bool:
+        raise ValueError(f"valid_next must be a (B={B}, T={T}) bool tensor, got {tuple(valid_next.shape)} "
+                         f"{valid_next.dtype}")
+    valid_next = valid_next.clone()
+    valid_next[:, -1] = False                      # x_T does not exist
+    return valid_next
+
+
+def chain_positions(T: int, L: int, device) -> torch.Tensor:
+    """RoPE positions of chain token (t, l): t + 1 + l, as (T, L)."""
+    return torch.arange(T, device=device)[:, None] + 1 + torch.arange(L, device=device)[None, :]
+
+
+def future_tokens(input_ids: torch.Tensor, K: int) -> torch.Tensor:
+    """x_{t+k} for k = 1..K as (B, T, K); past the row's end, token 0 (its targets are never scored)."""
+    B, T = input_ids.shape
+    idx = torch.arange(T, device=input_ids.device)[:, None] + torch.arange(1, K + 1, device=input_ids.device)
+    padded = torch.cat([input_ids, input_ids.new_zeros(B, K)], dim=1)
+    return padded[:, idx]                                                   # (B, T, K)
+
+
+def chain_embeddings(model: QuietStarModel, input_ids: torch.Tensor, thoughts: torch.Tensor) -> torch.Tensor:
+    """Embeddings of all chains, (B, P, T, L, d): <sot>, s_1..s_M, <eot>, x_{t+1}..x_{t+K-1}."""
+    B, P, T, M = thoughts.shape
+    K = model.thought.K
+    sot, eot = model.marker_embeddings()
+    d = sot.shape[-1]
+    fut = future_tokens(input_ids, K)[:, :, :K - 1]                          # (B, T, K-1)
+    parts = [sot.expand(B, P, T, 1, d), model.embed(thoughts), eot.expand(B, P, T, 1, d),
+             model.embed(fut)[:, None].expand(B, P, T, K - 1, d)]
+    return torch.cat(parts, dim=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling (no grad)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Backends,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample M thought tokens for every (pass, position): (B, P, T, M) int64, tokenwise in parallel."""
+    th = model.thought
+    B, T = input_ids.shape
+    P, M, L = th.P, th.M, th.L
+    ops = lm_head_ops(backends.lm_head)
+    W = model.lm_head_weight
+    cache = ThoughtCache(P=P, T=T, L=M)                 # indices 0..M-1 are the ones that sample
+    pos_base = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+    model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache))
+    pos = chain_positions(T, L, input_ids.device)                          # (T, L)
+    sot, _ = model.marker_embeddings()
+    thoughts = input_ids.new_empty(B, P, T, M)
+    emb = sot.expand(B, P * T, sot.shape[-1])
+    for l in range(M):
+        p_l = pos[:, l].repeat(P)[None].expand(B, P * T)
+        h = model.hidden(emb, p_l, Layout("step", backends.attention, step=l, cache=cache))   # (B, P*T, d)
+        s = ops.sample(h.reshape(B * P * T, -1), W, temperature=th.tau_sample, banned_ids=model.banned_ids,
+                       generator=generator)
+        thoughts[..., l] = s.view(B, P, T)
+        emb = model.embed(s.view(B, P * T))
+    return thoughts
+
+
+# ----------------------------------------------------------------------------------------------
+# the chains with gradients: two schedules
+# ----------------------------------------------------------------------------------------------
+def run_sample_then_train(model: QuietStarModel, input_ids, thoughts, backends: Backends):
+    """One forward over [T base | P*T*L chain] tokens; returns h_base (B, T, d), h_chain (B, P, T, L, d)."""
+    B, T = input_ids.shape
+    P, L = model.thought.P, model.thought.L
+    chain = chain_embeddings(model, input_ids, thoughts)                    # (B, P, T, L, d)
+    d = chain.shape[-1]
+    emb = torch.cat([model.embed(input_ids), chain.reshape(B, P * T * L, d)], dim=1)
+    pos_c = chain_positions(T, L, input_ids.device).reshape(-1).repeat(P)  # (P*T*L,)
+    pos = torch.cat([torch.arange(T, device=input_ids.device), pos_c])[None].expand(B, -1)
+    h = model.hidden(emb, pos, Layout("parallel", backends.attention, T=T, L=L, P=P))
+    return h[:, :T], h[:, T:].reshape(B, P, T, L, d)
+
+
+def run_sequential(model: QuietStarModel, input_ids, thoughts, backends: Backends):
+    """The base pass, then L steps of P*T tokens on a growing cache, gradients through all steps."""
+    B, T = input_ids.shape
+    P, L = model.thought.P, model.thought.L
+    cache = ThoughtCache(P=P, T=T, L=L)
+    pos_base = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+    h_base = model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache))
+    chain = chain_embeddings(model, input_ids, thoughts)                    # (B, P, T, L, d)
+    d = chain.shape[-1]
+    pos = chain_positions(T, L, input_ids.device)
+    hs = []
+    for l in range(L):
+        p_l = pos[:, l].repeat(P)[None].expand(B, P * T)
+        h = model.hidden(chain[:, :, :, l].reshape(B, P * T, d), p_l,
+                         Layout("step", backends.attention, step=l, cache=cache))
+        hs.append(h.view(B, P, T, d))
+    return h_base, torch.stack(hs, dim=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# loss (SPEC 5)
+# ----------------------------------------------------------------------------------------------
+def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_base, h_chain,
+                   loss_cfg: LossConfig, backends: Backends):
+    """L = beta_base NLL_base + beta_talk NLL_talk + beta_policy L_policy, and the metrics."""
+    th = model.thought
+    B, P, T, L, d = h_chain.shape
+    M, K = th.M, th.K
+    ops = lm_head_ops(backends.lm_head)
+    W = model.lm_head_weight
+    dev = input_ids.device
+    ignore = -100
+
+    # NLL_base: the base pass predicting x_{t+1}; mixed_logprob with w = 0 is plain log_softmax.
+    tgt_next = torch.where(valid_next, future_tokens(input_ids, 1)[..., 0], ignore)        # (B, T)
+    hb = h_base.reshape(B * T, d)
+    lp_base = ops.mixed_logprob(hb, hb, hb.new_zeros(B * T), W, tgt_next.reshape(-1), ignore_index=ignore)
+    n_base = valid_next.sum().clamp_min(1)
+    nll_base = -lp_base.sum() / n_base
+
+    # talk: prediction k = 1..K of x_{t+k} from chain index M + k, mixed with base at t + k - 1
+    ks = torch.arange(1, K + 1, device=dev)
+    src = torch.arange(T, device=dev)[:, None] + ks[None, :] - 1                            # (T, K)
+    src_c = src.clamp(max=T - 1)
+    valid_tk = (src <= T - 1)[None] & valid_next[:, src_c]                                  # (B, T, K)
+    tgt = torch.where(valid_tk, future_tokens(input_ids, K), ignore)                         # (B, T, K)
+    h_talk = h_chain[:, :, :, M + 1:M + 1 + K]                                               # (B, P, T, K, d)
+    h_b = h_base[:, src_c][:, None].expand(B, P, T, K, d)                                    # (B, P, T, K, d)
+    w = model.mixing_head(h_b, h_talk)                                                       # (B, P, T, K)
+    tgt_p = tgt[:, None].expand(B, P, T, K)
+    lp_mix = ops.mixed_logprob(h_talk.reshape(-1, d), h_b.reshape(-1, d), w.reshape(-1), W, tgt_p.reshape(-1),
+                               ignore_index=ignore).view(B, P, T, K)
+    valid_p = valid_tk[:, None].expand(B, P, T, K)
+    n_talk = valid_p.sum().clamp_min(1)
+    nll_talk = -lp_mix.sum() / n_talk
+
+    # REINFORCE: reward = sum_k log p_mix (detached), baseline = mean over passes
+    reward = lp_mix.detach().sum(-1)                                                         # (B, P, T)
+    adv = reward - reward.mean(dim=1, keepdim=True)
+    if loss_cfg.clamp_advantage:
+        adv = adv.clamp_min(0)
+    h_pol = h_chain[:, :, :, :M].reshape(-1, d)                                              # index m-1 samples s_m
+    lp_s = ops.token_logprob(h_pol, W, thoughts.reshape(-1), temperature=th.tau_reinforce,
+                             banned_ids=model.banned_ids).view(B, P, T, M)
+    pos_valid = valid_next[:, None].expand(B, P, T)
+    n_pol = pos_valid.sum().clamp_min(1)
+    policy = -(adv * lp_s.mean(-1) * pos_valid).sum() / n_pol
+
+    loss = loss_cfg.beta_base * nll_base + loss_cfg.beta_talk * nll_talk + loss_cfg.beta_policy * policy
+    wv = w.detach()[valid_p].float()
+    metrics = {
+        "loss": loss.detach(), "nll_base": nll_base.detach(), "nll_talk": nll_talk.detach(),
+        "policy": policy.detach(), "w_mean": wv.mean() if wv.numel() else wv.new_zeros(()),
+        "w_std": wv.std(unbiased=False) if wv.numel() else wv.new_zeros(()),
+        "reward": (reward * pos_valid).sum() / n_pol,
+        "n_base": n_base.detach(), "n_talk": n_talk.detach(),
+    }
+    return loss, metrics, SimpleNamespace(lp_base=lp_base.view(B, T), lp_mix=lp_mix, w=w)
+
+
+def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,
+                      loss_cfg: LossConfig, schedule: str = "sample-then-train",
+                      backends: Backends = Backends(), generator: torch.Generator | None = None,
+                      thoughts: torch.Tensor | None = None):
+    """Sample thoughts (unless given), run the chains by `schedule`, return (loss, metrics, extras)."""
+    valid_next = check_batch(input_ids, valid_next, model.lm_head_weight.shape[0])
+    model.check_lengths(input_ids.shape[1])
+    th = model.thought
+    B, T = input_ids.shape
+    if thoughts is None:
+        thoughts = sample_thoughts(model, input_ids, backends, generator)
+    elif thoughts.shape != (B, th.P, T, th.M):
+        raise ValueError(f"thoughts must be (B={B}, P={th.P}, T={T}, M={th.M}), got {tuple(thoughts.shape)}")
+    if schedule == "sample-then-train":
+        h_base, h_chain = run_sample_then_train(model, input_ids, thoughts, backends)
+    elif schedule == "sequential":
+        if backends.attention == "triton":
+            raise ValueError("schedule='sequential' needs gradients through every step, which the triton step "
+                             "kernel does not have: use attention='reference' or 'flex', or "
+                             "schedule='sample-then-train'")
+        h_base, h_chain = run_sequential(model, input_ids, thoughts, backends)
+    else:
+        raise ValueError(f"schedule must be 'sequential' or 'sample-then-train', got {schedule!r}")
+    loss, metrics, extras = quietstar_loss(model, input_ids, valid_next, thoughts, h_base, h_chain, loss_cfg,
+                                           backends)
+    extras.thoughts = thoughts
+    return loss, metrics, extras
