@@ -1,0 +1,174 @@
+"""The Quiet-STaR step on a tiny random Mistral: schedules agree, chains are isolated, the zero
+mixing head is the base model, banned ids are never sampled, bad input is named."""
+import pytest
+import torch
+
+from quietstar import Backends, LossConfig, ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
+from quietstar.thoughts import quietstar_forward, run_sample_then_train, sample_thoughts
+
+V = 97
+
+
+def tiny_model(seed=0, M=3, K=2, P=2, mixing_scale=0.3, **tkw):
+    torch.manual_seed(seed)
+    mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                     vocab_size=V, max_position_embeddings=64)
+    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=M, K=K, P=P, **tkw), marker_init_id=5)
+    if mixing_scale:
+        with torch.no_grad():   # a non-zero last layer, so w (and the talk path) carry gradient signal
+            model.mixing_head.net[-1].weight.normal_(0, mixing_scale)
+            model.mixing_head.net[-1].bias.fill_(0.2)
+    return model
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loss_and_grads(model, ids, valid, thoughts, schedule, backends):
+    model.zero_grad(set_to_none=True)
+    loss, metrics, ex = quietstar_forward(model, ids, valid, LossConfig(beta_policy=3.0), schedule, backends,
+                                          thoughts=thoughts)
+    loss.backward()
+    return loss.detach(), grads(model), metrics
+
+
+TRAIN_BACKENDS = ["reference", "split", "triton"]
+
+
+@pytest.mark.parametrize("attention", TRAIN_BACKENDS)
+def test_schedules_give_same_loss_and_grads(attention):
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (2, 9), generator=gen)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 4] = False                                      # a padded / separator target
+    thoughts = sample_thoughts(model, ids, Backends("reference"), torch.Generator().manual_seed(1))
+    ref_loss, ref_g, ref_m = loss_and_grads(model, ids, valid, thoughts, "sequential", Backends("reference"))
+    assert ref_m["policy"].abs() > 0 and ref_m["nll_talk"] > 0
+    assert all(g.abs().sum() > 0 for n, g in ref_g.items() if "markers" in n or "mixing" in n)
+    schedules = ["sample-then-train"] if attention == "triton" else ["sample-then-train", "sequential"]
+    for sched in schedules:
+        loss, g, _ = loss_and_grads(model, ids, valid, thoughts, sched, Backends(attention))
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        assert g.keys() == ref_g.keys()
+        for n in ref_g:
+            torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{sched} {n}: {m}")
+
+
+@pytest.mark.parametrize("attention", ["split", "flex", "triton"])
+def test_sampling_backends_sample_the_same_thoughts(attention):
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    want = sample_thoughts(model, ids, Backends("reference"), torch.Generator().manual_seed(7))
+    got = sample_thoughts(model, ids, Backends(attention), torch.Generator().manual_seed(7))
+    assert torch.equal(got, want)
+
+
+def test_flex_cannot_train_on_cpu():
+    model = tiny_model()
+    ids = torch.randint(0, V, (1, 6))
+    with pytest.raises(RuntimeError, match="flex attention backend cannot train on CPU"):
+        quietstar_forward(model, ids, None, LossConfig(), "sample-then-train", Backends("flex"),
+                          generator=torch.Generator().manual_seed(0))
+
+
+def test_sequential_refuses_triton():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="sequential"):
+        quietstar_forward(model, torch.randint(0, V, (1, 6)), None, LossConfig(), "sequential", Backends("triton"),
+                          generator=torch.Generator().manual_seed(0))
+
+
+def test_perturbing_one_chain_leaves_others_unchanged():
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(2))
+    thoughts = sample_thoughts(model, ids, Backends("reference"), torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hb, hc = run_sample_then_train(model, ids, thoughts, Backends("reference"))
+        th2 = thoughts.clone()
+        th2[1, 0, 5] = (th2[1, 0, 5] + 11) % V                 # every thought token of chain (b=1, p=0, t=5)
+        hb2, hc2 = run_sample_then_train(model, ids, th2, Backends("reference"))
+    assert torch.equal(hb, hb2)
+    changed = (hc - hc2).abs().amax(dim=(-1, -2)) > 0      # (B, P, T)
+    expect = torch.zeros_like(changed)
+    expect[1, 0, 5] = True
+    assert torch.equal(changed, expect)
+
+
+def test_zero_mixing_head_reproduces_base_logprobs():
+    model = tiny_model(mixing_scale=0)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, m, ex = quietstar_forward(model, ids, None, LossConfig(), "sample-then-train", Backends("reference"),
+                                     generator=torch.Generator().manual_seed(0))
+        logits = model.lm(input_ids=ids).logits.float()          # the stock model, its own causal attention
+    base = torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]     # (B, T-1)
+    assert torch.equal(ex.w, torch.zeros_like(ex.w))
+    torch.testing.assert_close(ex.lp_base[:, :-1], base, rtol=0, atol=2e-6)
+    K, T = model.thought.K, ids.shape[1]
+    for k in range(1, K + 1):
+        # talk prediction k at position t is the base prediction at t + k - 1, exactly
+        n = T - k
+        assert torch.equal(ex.lp_mix[:, :, :n, k - 1], ex.lp_base[:, None, k - 1:k - 1 + n].expand(-1, 2, -1))
+    assert float(m["policy"]) == 0.0   # equal rewards across passes: zero advantage
+
+
+def test_banned_ids_never_sampled():
+    model = tiny_model(banned_ids=(7, 11))
+    with torch.no_grad():
+        model.lm.lm_head.weight[7] *= 50      # make the banned ids the likeliest by far
+        model.lm.lm_head.weight[11] *= 50
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(6))
+    th = sample_thoughts(model, ids, Backends("reference"), torch.Generator().manual_seed(0))
+    assert not torch.isin(th, torch.tensor([7, 11])).any()
+    model.banned_ids = ()
+    th = sample_thoughts(model, ids, Backends("reference"), torch.Generator().manual_seed(0))
+    assert torch.isin(th, torch.tensor([7, 11])).any()   # the test can fail
+
+
+def test_pad_id_is_banned():
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                     vocab_size=V)
+    lm = build_decoder(mc)
+    lm.config.pad_token_id = 3
+    model = QuietStarModel(lm, ThoughtConfig(M=2, K=1, P=1, banned_ids=(9,)))
+    assert model.banned_ids == (3, 9)
+
+
+def test_bad_inputs_name_the_argument():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="input_ids"):
+        quietstar_forward(model, torch.randn(2, 8), None, LossConfig())
+    with pytest.raises(ValueError, match="input_ids must be"):
+        quietstar_forward(model, torch.randint(0, V, (8,)), None, LossConfig())
+    with pytest.raises(ValueError, match="valid_next"):
+        quietstar_forward(model, torch.randint(0, V, (2, 8)), torch.ones(2, 7, dtype=torch.bool), LossConfig())
+    with pytest.raises(ValueError, match="thoughts must be"):
+        quietstar_forward(model, torch.randint(0, V, (2, 8)), None, LossConfig(),
+                          thoughts=torch.zeros(2, 2, 8, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="chain length L = M \\+ K \\+ 1 = 6 does not fit"):
+        quietstar_forward(model, torch.randint(0, V, (1, 60)), None, LossConfig())
+    with pytest.raises(ValueError, match="schedule"):
+        quietstar_forward(model, torch.randint(0, V, (1, 8)), None, LossConfig(), schedule="parallel")
+    with pytest.raises(ValueError, match="ThoughtConfig.M"):
+        ThoughtConfig(M=0)
+    with pytest.raises(ValueError, match="num_heads"):
+        ModelConfig(num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="banned_ids"):
+        tiny_model(banned_ids=(V,))
+
+
+def test_non_mistral_decoder_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model_type"):
+        QuietStarModel(lm, ThoughtConfig())
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                     vocab_size=V)
+    lm = build_decoder(mc)
+    lm.config.sliding_window = 16
+    with pytest.raises(ValueError, match="sliding_window"):
+        QuietStarModel(lm, ThoughtConfig())
