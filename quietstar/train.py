@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, Config, LossConfig, ModelConfig,
-                     ThoughtConfig, TrainConfig)
+from . import data
+from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESET, Config, LossConfig,
+                     ModelConfig, ThoughtConfig, TrainConfig)
 from .model import QuietStarModel, build_decoder
 from .thoughts import Backends, quietstar_forward
 
@@ -80,10 +81,13 @@ def config_from_args(argv=None) -> Config:
     mkw = pick(ModelConfig, "model_")
     if args["model_name"]:
         mkw["name"] = args["model_name"]
-    tkw = pick(TrainConfig)
+    tkw, lkw = pick(TrainConfig), pick(LossConfig)
     for k in ("attention", "lm_head", "schedule", "data"):
         if args[k] is not None:
             tkw[k] = tuple(args[k]) if k == "data" else args[k]
+    if mkw.get("name", "tiny") == "tiny":
+        tkw = {**TINY_PRESET["train"], **tkw}
+        lkw = {**TINY_PRESET["loss"], **lkw}
     train = TrainConfig(**tkw)
     # Defaults that depend on the machine: the fused path on CUDA, the fastest CPU path on CPU.
     cuda = resolve_device(train.device).type == "cuda"
@@ -92,7 +96,7 @@ def config_from_args(argv=None) -> Config:
     if args["lm_head"] is None:
         train.lm_head = "triton" if cuda else "chunked"
     return Config(model=ModelConfig(**mkw), thought=ThoughtConfig(**pick(ThoughtConfig)),
-                  loss=LossConfig(**pick(LossConfig)), train=train)
+                  loss=LossConfig(**lkw), train=train)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,8 +121,11 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def document_separator(tok) -> int:
-    """Documents are packed as [sep] + doc + [sep] + doc ...: BOS where the tokenizer has one (Mistral),
-    else <|endoftext|>-style EOS (SmolLM2's id 0)."""
+    """Documents are packed as [sep] + doc + [sep] + doc ... (quietstar/data.py): `<|endoftext|>` where
+    the vocabulary has it (SmolLM2's id 0), else BOS (Mistral's <s>), else EOS."""
+    eot = tok.convert_tokens_to_ids("<|endoftext|>") if hasattr(tok, "convert_tokens_to_ids") else None
+    if isinstance(eot, int) and eot != getattr(tok, "unk_token_id", None):
+        return eot
     if getattr(tok, "bos_token_id", None) is not None:
         return int(tok.bos_token_id)
     return int(tok.eos_token_id)
@@ -127,9 +134,9 @@ def document_separator(tok) -> int:
 def load_rows(data_spec, tok, T: int, split: str = "train"):
     """Tokenize the documents and pack them into rows: (input_ids (R, T), valid_next (R, T))."""
     from . import data
-    docs = data.load_documents(list(data_spec), split=split)
-    ids = tok(docs, add_special_tokens=False)["input_ids"]
-    return data.pack_rows(ids, T, sep_id=document_separator(tok))
+    spec = data_spec[0] if len(data_spec) == 1 and data_spec[0] in ("default", "math") else list(data_spec)
+    docs = data.load_documents(spec, split=split)
+    return data.pack_rows(data.tokenize_documents(docs, tok), T, sep_id=document_separator(tok))
 
 
 def marker_init_id(tok, text: str) -> int:
@@ -167,13 +174,6 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, generator, cfg: Co
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
-def batch_rows(num_rows: int, step: int, micro: int, cfg: TrainConfig, rank: int = 0, world: int = 1):
-    """Row indices of micro-batch `micro` of optimizer step `step`: a seeded permutation per epoch,
-    a pure function of (seed, step, micro, rank), so a resumed run reads exactly the same rows."""
-    from . import data
-    return data.batch_indices(num_rows, cfg.batch_size, cfg.seed, step * cfg.grad_accum + micro, rank, world)
-
-
 def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
     tc = cfg.train
     device = resolve_device(tc.device)
@@ -217,12 +217,13 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True) -> 
     bar = tqdm(range(start, tc.steps), desc="quietstar", disable=not progress or rank != 0, initial=start,
                total=tc.steps)
     last = {}
+    # micro-batch i of the run is a pure function of (seed, i, rank): a resumed run reads the same rows
+    stream = data.batches((rows, valid), tc.batch_size, tc.seed, rank, world, start_step=start * tc.grad_accum)
     for step in bar:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         for micro in range(tc.grad_accum):
-            idx = batch_rows(rows.shape[0], step, micro, tc, rank, world)
-            ids, vn = rows[idx].to(device), valid[idx].to(device)
+            ids, vn = (x.to(device) for x in next(stream))
             with autocast:
                 loss, m, _ = quietstar_forward(model, ids, vn, cfg.loss, tc.schedule, backends, generator)
             (loss / tc.grad_accum).backward()
