@@ -125,6 +125,14 @@ class QuietStarModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.model.embed_tokens(ids)
 
+    def forward(self, input_ids, valid_next, loss_cfg, schedule="sample-then-train", backends=None, generator=None,
+                thoughts=None, denominators=None):
+        """One Quiet-STaR step's (loss, metrics, extras): `quietstar.thoughts.quietstar_forward` on this
+        model (a module forward, so DistributedDataParallel can wrap it)."""
+        from .thoughts import Backends, quietstar_forward
+        return quietstar_forward(self, input_ids, valid_next, loss_cfg, schedule, backends or Backends(), generator,
+                                 thoughts, denominators)
+
     def hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, layout) -> torch.Tensor:
         """Final-norm hidden states (B, S, d) of the decoder for the given embeddings and positions."""
         out = self.lm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False,

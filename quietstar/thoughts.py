@@ -165,9 +165,31 @@ def run_sequential(model: QuietStarModel, input_ids, thoughts, backends: Backend
 # ----------------------------------------------------------------------------------------------
 # loss (SPEC 5)
 # ----------------------------------------------------------------------------------------------
+def talk_validity(valid_next: torch.Tensor, K: int):
+    """For talk prediction k of position t (target x_{t+k}): the base position t + k - 1 that predicts
+    the same token, clamped (T, K), and whether the target is scored (B, T, K)."""
+    T = valid_next.shape[1]
+    dev = valid_next.device
+    src = torch.arange(T, device=dev)[:, None] + torch.arange(1, K + 1, device=dev)[None, :] - 1   # (T, K)
+    src_c = src.clamp(max=T - 1)
+    return src_c, (src <= T - 1)[None] & valid_next[:, src_c]
+
+
+def target_counts(valid_next: torch.Tensor, K: int, P: int) -> dict:
+    """The denominators of the three means: scored base targets, talk targets (x P passes), and
+    policy positions (x P). Data-parallel training sums them over ranks so that every rank divides
+    by the global count (then the averaged gradients equal one big batch's)."""
+    _, valid_tk = talk_validity(valid_next, K)
+    n = valid_next.sum()
+    return {"n_base": n.float(), "n_talk": valid_tk.sum().float() * P, "n_pol": n.float() * P}
+
+
 def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_base, h_chain,
-                   loss_cfg: LossConfig, backends: Backends):
-    """L = beta_base NLL_base + beta_talk NLL_talk + beta_policy L_policy, and the metrics."""
+                   loss_cfg: LossConfig, backends: Backends, denominators: dict | None = None):
+    """L = beta_base NLL_base + beta_talk NLL_talk + beta_policy L_policy, and the metrics.
+
+    Each mean divides by the count of scored items in this batch, or by `denominators` when given
+    (data-parallel training: global counts / world size)."""
     th = model.thought
     B, P, T, L, d = h_chain.shape
     M, K = th.M, th.K
@@ -180,14 +202,12 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     tgt_next = torch.where(valid_next, future_tokens(input_ids, 1)[..., 0], ignore)        # (B, T)
     hb = h_base.reshape(B * T, d)
     lp_base = ops.mixed_logprob(hb, hb, hb.new_zeros(B * T), W, tgt_next.reshape(-1), ignore_index=ignore)
-    n_base = valid_next.sum().clamp_min(1)
+    den = denominators if denominators is not None else target_counts(valid_next, K, P)
+    n_base, n_talk, n_pol = (den[k].clamp_min(1) for k in ("n_base", "n_talk", "n_pol"))
     nll_base = -lp_base.sum() / n_base
 
     # talk: prediction k = 1..K of x_{t+k} from chain index M + k, mixed with base at t + k - 1
-    ks = torch.arange(1, K + 1, device=dev)
-    src = torch.arange(T, device=dev)[:, None] + ks[None, :] - 1                            # (T, K)
-    src_c = src.clamp(max=T - 1)
-    valid_tk = (src <= T - 1)[None] & valid_next[:, src_c]                                  # (B, T, K)
+    src_c, valid_tk = talk_validity(valid_next, K)                                           # (T, K), (B, T, K)
     tgt = torch.where(valid_tk, future_tokens(input_ids, K), ignore)                         # (B, T, K)
     h_talk = h_chain[:, :, :, M + 1:M + 1 + K]                                               # (B, P, T, K, d)
     h_b = h_base[:, src_c][:, None].expand(B, P, T, K, d)                                    # (B, P, T, K, d)
@@ -196,7 +216,6 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     lp_mix = ops.mixed_logprob(h_talk.reshape(-1, d), h_b.reshape(-1, d), w.reshape(-1), W, tgt_p.reshape(-1),
                                ignore_index=ignore).view(B, P, T, K)
     valid_p = valid_tk[:, None].expand(B, P, T, K)
-    n_talk = valid_p.sum().clamp_min(1)
     nll_talk = -lp_mix.sum() / n_talk
 
     # REINFORCE: reward = sum_k log p_mix (detached), baseline = mean over passes
@@ -208,7 +227,6 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     lp_s = ops.token_logprob(h_pol, W, thoughts.reshape(-1), temperature=th.tau_reinforce,
                              banned_ids=model.banned_ids).view(B, P, T, M)
     pos_valid = valid_next[:, None].expand(B, P, T)
-    n_pol = pos_valid.sum().clamp_min(1)
     policy = -(adv * lp_s.mean(-1) * pos_valid).sum() / n_pol
 
     loss = loss_cfg.beta_base * nll_base + loss_cfg.beta_talk * nll_talk + loss_cfg.beta_policy * policy
@@ -218,7 +236,6 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
         "policy": policy.detach(), "w_mean": wv.mean() if wv.numel() else wv.new_zeros(()),
         "w_std": wv.std(unbiased=False) if wv.numel() else wv.new_zeros(()),
         "reward": (reward * pos_valid).sum() / n_pol,
-        "n_base": n_base.detach(), "n_talk": n_talk.detach(),
     }
     return loss, metrics, SimpleNamespace(lp_base=lp_base.view(B, T), lp_mix=lp_mix, w=w)
 
@@ -226,7 +243,7 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
 def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,
                       loss_cfg: LossConfig, schedule: str = "sample-then-train",
                       backends: Backends = Backends(), generator: torch.Generator | None = None,
-                      thoughts: torch.Tensor | None = None):
+                      thoughts: torch.Tensor | None = None, denominators: dict | None = None):
     """Sample thoughts (unless given), run the chains by `schedule`, return (loss, metrics, extras)."""
     valid_next = check_batch(input_ids, valid_next, model.lm_head_weight.shape[0])
     model.check_lengths(input_ids.shape[1])
@@ -247,6 +264,6 @@ def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next
     else:
         raise ValueError(f"schedule must be 'sequential' or 'sample-then-train', got {schedule!r}")
     loss, metrics, extras = quietstar_loss(model, input_ids, valid_next, thoughts, h_base, h_chain, loss_cfg,
-                                           backends)
+                                           backends, denominators)
     extras.thoughts = thoughts
     return loss, metrics, extras

@@ -11,6 +11,7 @@ embedded MATH corpus for a few minutes on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,7 +26,7 @@ from . import data
 from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESET, Config, LossConfig,
                      ModelConfig, ThoughtConfig, TrainConfig)
 from .model import QuietStarModel, build_decoder
-from .thoughts import Backends, quietstar_forward
+from .thoughts import Backends, check_batch, target_counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,9 +175,27 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, generator, cfg: Co
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
-def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
+def init_distributed(device_name: str):
+    """Under `torchrun` (WORLD_SIZE > 1): start the process group (NCCL on CUDA, gloo on CPU) and
+    return (rank, world, device); else (0, 1, the resolved device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, device=None) -> dict:
+    """Run `cfg`; with world > 1 (a started process group) as data-parallel rank `rank` (DDP)."""
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = device if device is not None else resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +216,10 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True) -> 
     model.to(device).train()
     backends = Backends(tc.attention, tc.lm_head)
 
+    fwd = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1 + rank)
@@ -224,17 +247,31 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True) -> 
         sums: dict[str, float] = {}
         for micro in range(tc.grad_accum):
             ids, vn = (x.to(device) for x in next(stream))
-            with autocast:
-                loss, m, _ = quietstar_forward(model, ids, vn, cfg.loss, tc.schedule, backends, generator)
-            (loss / tc.grad_accum).backward()
+            den = None
+            if world > 1:   # divide by global counts / world: the averaged gradient is the big batch's
+                import torch.distributed as dist
+                c = target_counts(check_batch(ids, vn, 0), cfg.thought.K, cfg.thought.P)
+                flat = torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
+                dist.all_reduce(flat)
+                den = dict(zip(("n_base", "n_talk", "n_pol"), flat / world))
+            sync = world == 1 or micro == tc.grad_accum - 1
+            with autocast, (contextlib.nullcontext() if sync else fwd.no_sync()):
+                loss, m, _ = fwd(ids, vn, cfg.loss, tc.schedule, backends, generator, denominators=den)
+                (loss / tc.grad_accum).backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if world > 1:   # log the mean over ranks
+            import torch.distributed as dist
+            keys = sorted(sums)
+            flat = torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) for k in keys])
+            dist.all_reduce(flat)
+            sums = dict(zip(keys, flat / world))
         # one host sync per step, for the log line
-        rec = {k: float(v) for k, v in sums.items() if not k.startswith("n_")}
+        rec = {k: float(v) for k, v in sums.items()}
         dt = time.perf_counter() - t0
         rec.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(gnorm), ms=1000 * dt,
                    tok_per_s=tokens_per_micro * tc.grad_accum * world / dt)
@@ -258,7 +295,13 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True) -> 
 
 def main(argv=None) -> int:
     cfg = config_from_args(argv)
-    train(cfg)
+    rank, world, device = init_distributed(cfg.train.device)
+    try:
+        train(cfg, rank, world, device=device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     return 0
 
 
