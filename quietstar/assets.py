@@ -161,14 +161,15 @@ def build_mistral_tokenizer():
     return tok
 
 
-def _smollm2_gguf_vocab() -> tuple[list[str], list[str], list[int]]:
+@functools.lru_cache(maxsize=1)
+def _smollm2_gguf_vocab() -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
     """(tokens, merges, token_types) as stored in the GGUF's ``tokenizer.ggml.*`` metadata."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(smollm2_gguf_path()))
     f = reader.fields
-    return (list(f["tokenizer.ggml.tokens"].contents()), list(f["tokenizer.ggml.merges"].contents()),
-            list(f["tokenizer.ggml.token_type"].contents()))
+    return (tuple(f["tokenizer.ggml.tokens"].contents()), tuple(f["tokenizer.ggml.merges"].contents()),
+            tuple(f["tokenizer.ggml.token_type"].contents()))
 
 
 def build_smollm2_tokenizer():
@@ -252,28 +253,6 @@ def smollm2_tokenizer():
 
 # ----------------------------------------------------------------------------- model
 
-def _offline_env() -> None:
-    # Nothing here needs the hub; make sure nothing tries (read by huggingface_hub at import, and
-    # local_files_only=True below covers an already-imported hub).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def load_smollm2_llama(dtype: torch.dtype = torch.float32):
-    """The GGUF as transformers loads it: a ``LlamaForCausalLM`` (weights dequantised to `dtype`).
-
-    The reference that ``load_smollm2`` is checked against. About 25 s on a 2-core CPU.
-    """
-    _offline_env()
-    from transformers import AutoModelForCausalLM
-
-    path = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                 local_files_only=True)
-    return model.eval()
-
-
 def smollm2_mistral_config(max_position_embeddings: int = 8192):
     """``MistralConfig`` of SmolLM2-135M (Llama = Mistral without a sliding window)."""
     from transformers import MistralConfig
@@ -287,37 +266,93 @@ def smollm2_mistral_config(max_position_embeddings: int = 8192):
         bos_token_id=None, eos_token_id=SMOLLM2_IM_END_ID, pad_token_id=SMOLLM2_SEP_ID)
 
 
-def llama_to_mistral(llama, dtype: torch.dtype | None = None):
-    """A ``MistralForCausalLM`` holding a copy of SmolLM2 `llama`'s weights (strict load)."""
-    from transformers import MistralForCausalLM
+# GGUF tensor name (after "blk.{i}.") -> transformers Llama/Mistral parameter name.
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
 
-    lc = llama.config
-    cfg = smollm2_mistral_config(lc.max_position_embeddings)
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings"):
-        if getattr(lc, name) != getattr(cfg, name):
-            raise ValueError(f"GGUF config {name}={getattr(lc, name)} != {getattr(cfg, name)}")
-    rope = getattr(lc, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(lc, "rope_theta", None))
-    if theta is not None and float(theta) != cfg.rope_parameters["rope_theta"]:
-        raise ValueError(f"GGUF rope_theta={theta} != {cfg.rope_parameters['rope_theta']}")
-    if abs(lc.rms_norm_eps - cfg.rms_norm_eps) > 1e-9:
-        raise ValueError(f"GGUF rms_norm_eps={lc.rms_norm_eps} != {cfg.rms_norm_eps}")
-    dtype = dtype or next(llama.parameters()).dtype
-    model = MistralForCausalLM(cfg)
-    model.load_state_dict(llama.state_dict(), strict=True)
-    return model.to(dtype).eval()
+
+def _unpermute_rope(w, n_head: int):
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py ``permute``).
+
+    llama.cpp rotates adjacent pairs (x0, x1), (x2, x3)...; HF Llama rotates halves (x_i, x_{i+D/2}).
+    The converter reorders each head's D output rows from [half0 | half1] to interleaved
+    (h0_0, h1_0, h0_1, h1_1, ...); reading (n_head, D/2, 2) and swapping the last two axes undoes it.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def smollm2_state_dict() -> dict[str, torch.Tensor]:
+    """SmolLM2's weights from the GGUF, dequantised to float32, under transformers Llama/Mistral names.
+
+    Read with ``gguf`` alone (``GGUFReader`` + ``gguf.quants.dequantize``), independently of
+    transformers' GGUF loader (which also needs accelerate). 273 entries: ``lm_head.weight`` is the
+    (tied) token embedding.
+    """
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    cfg = smollm2_mistral_config()
+    reader = GGUFReader(str(smollm2_gguf_path()))
+    meta = {k: reader.fields[k].contents() for k in (
+        "general.architecture", "llama.block_count", "llama.embedding_length",
+        "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",
+        "llama.rope.freq_base", "llama.rope.dimension_count", "llama.vocab_size")}
+    want = {"general.architecture": "llama", "llama.block_count": cfg.num_hidden_layers,
+            "llama.embedding_length": cfg.hidden_size, "llama.feed_forward_length": cfg.intermediate_size,
+            "llama.attention.head_count": cfg.num_attention_heads,
+            "llama.attention.head_count_kv": cfg.num_key_value_heads,
+            "llama.rope.freq_base": cfg.rope_parameters["rope_theta"],
+            "llama.rope.dimension_count": cfg.head_dim, "llama.vocab_size": cfg.vocab_size}
+    if meta != want:
+        raise RuntimeError(f"GGUF metadata {meta} != expected {want}")
+    sd = {}
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type)  # numpy float32, shape reversed from GGUF's ne
+        if t.name == "token_embd.weight":
+            name = "model.embed_tokens.weight"
+        elif t.name == "output_norm.weight":
+            name = "model.norm.weight"
+        else:
+            blk, i, rest = t.name.split(".", 2)
+            if blk != "blk" or rest not in _GGUF_LAYER_NAMES:
+                raise RuntimeError(f"unexpected GGUF tensor {t.name}")
+            name = f"model.layers.{int(i)}.{_GGUF_LAYER_NAMES[rest]}"
+            if rest == "attn_q.weight":
+                w = _unpermute_rope(w, cfg.num_attention_heads)
+            elif rest == "attn_k.weight":
+                w = _unpermute_rope(w, cfg.num_key_value_heads)
+        # A copy: the F32 tensors are read-only views of the memory-mapped file.
+        sd[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # tied: no output.weight in the GGUF
+    return sd
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised) as a ``transformers.MistralForCausalLM``.
 
-    Logits equal the GGUF-loaded ``LlamaForCausalLM``'s exactly (tests). Offline; ~25 s on CPU.
+    Strict load of ``smollm2_state_dict()`` into ``MistralForCausalLM(smollm2_mistral_config())``;
+    logits equal transformers' own GGUF Llama exactly (tests). No network; ~15-25 s on a 2-core CPU.
+    config: no BOS, eos_token_id 2 (``<|im_end|>``), pad_token_id 0 (``<|endoftext|>``).
     """
-    llama = load_smollm2_llama(torch.float32)
-    model = llama_to_mistral(llama, dtype)
-    del llama
-    return model
+    from transformers import MistralForCausalLM
+
+    sd = smollm2_state_dict()
+    model = MistralForCausalLM(smollm2_mistral_config())
+    model.load_state_dict(sd, strict=True)
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        raise RuntimeError("lm_head is not tied to embed_tokens")
+    return model.to(dtype).eval()
 
 
 # ----------------------------------------------------------------------------- MATH corpus
@@ -379,7 +414,7 @@ def _corpus_writer(split: str):
 
 
 def _targets():
-    """name -> (sources: {label: (path, expected sha256 or None)}, writer(path))."""
+    """name -> (sources() -> {label: path}, writer(path))."""
     sp = lambda: {"tokenizer.model.v1": str(mistral_sentencepiece_path())}  # noqa: E731
     gg = lambda: {SMOLLM2_GGUF_NAME: str(smollm2_gguf_path())}  # noqa: E731
     math = lambda: {f"minerva_math_{s}": str(_math_file(s)) for s in MATH_SUBJECTS}  # noqa: E731
@@ -394,9 +429,9 @@ def _targets():
 def prepare(force: bool = False, verbose: bool = True) -> dict[str, str]:
     """Build the files under ``quietstar/data/`` from the installed packages; skip up-to-date ones.
 
-    A file is up to date when ``manifest.json`` records its sha256 (which still matches) and the
-    same recipe version and source files (by path, size and mtime; sources are also sha-checked
-    where ASSETS.md gives a hash). Returns {file name: "wrote" | "up to date"}.
+    A file is up to date when ``manifest.json`` records its sha256 (which still matches), the same
+    recipe version and the same sources (by sha256; machine-independent, so committed files stay
+    valid on a fresh clone). Returns {file name: "wrote" | "up to date"}.
     """
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     try:
@@ -406,8 +441,8 @@ def prepare(force: bool = False, verbose: bool = True) -> dict[str, str]:
     result = {}
     for name, (sources, write) in _targets().items():
         path = DATA_DIR / name
-        src = {label: [p, os.path.getsize(p), int(os.path.getmtime(p))]
-               for label, p in sources().items()}
+        # Sources by content, not path or mtime: the manifest holds on any machine.
+        src = {label: _sha256(Path(p)) for label, p in sources().items()}
         key = {"recipe": _RECIPE_VERSION, "sources": src}
         entry = manifest.get(name)
         if (not force and entry and path.exists() and {k: entry.get(k) for k in key} == key

