@@ -1,0 +1,289 @@
+"""One full Quiet-STaR optimizer step, path by path, against the reference and against the floor.
+
+Paths (schedule / attention backend / LM-head backend):
+  reference  sequential / reference / reference    the reference algorithm: dense masks, full logits
+  fast       the device's fast path: sample-then-train / triton / triton on CUDA,
+             sample-then-train / split / chunked on CPU
+  mixed      other combinations (see PATHS)
+  floor      the stock model's own causal-LM forward+backward (chunked cross-entropy) over the same
+             number of trained tokens, B*T + B*P*T*L, plus M no-grad forwards over B*P*T tokens (the
+             sampling passes): what training those tokens plainly costs.
+
+Every path runs in its own child process (so its peak memory is its own: peak RSS on CPU,
+torch.cuda.max_memory_allocated on CUDA), on the same model, rows and seed. Agreement with the
+reference is measured on the same sampled thoughts (sampled once, by the reference sampler): the
+relative difference of the loss and the cosine of the flattened gradients. Step time includes the
+path's own sampling, the forward+backward and the AdamW step (median of --repeats after a warm-up).
+
+Model FLOPs (MFU, GPU only): with N the number of non-embedding parameters plus the LM head's d*V,
+a trained token costs 6N and a sampled token 2N (matmul FLOPs only, attention scores ignored), so
+  FLOPs/step = 6 N (B*T + B*P*T*L) + 2 N (M * B*P*T);  MFU = FLOPs/step / time / peak (989 TFLOP/s
+  dense bf16 for an H100 SXM).
+
+    python benchmarks/bench_train_step.py --model smollm2-135m --B 2 --T 128     # CPU, as committed
+    python benchmarks/bench_train_step.py --model smollm2-135m --B 8 --T 256     # GPU, paper shape
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PATHS = {
+    # name: (schedule, attention, lm_head)
+    "reference": ("sequential", "reference", "reference"),
+    "fast-cpu": ("sample-then-train", "split", "chunked"),
+    "fast-gpu": ("sample-then-train", "triton", "triton"),
+    "stt-reference": ("sample-then-train", "reference", "reference"),
+    "stt-split-reference": ("sample-then-train", "split", "reference"),
+    "stt-reference-chunked": ("sample-then-train", "reference", "chunked"),
+    "sequential-chunked": ("sequential", "reference", "chunked"),
+    "stt-flex-chunked": ("sample-then-train", "flex", "chunked"),
+    "stt-triton-chunked": ("sample-then-train", "triton", "chunked"),
+    "floor": None,
+}
+CPU_PATHS = ["floor", "fast-cpu", "stt-split-reference", "stt-reference-chunked", "stt-reference", "reference"]
+GPU_PATHS = ["floor", "fast-gpu", "stt-triton-chunked", "stt-flex-chunked", "stt-reference", "reference"]
+H100_PEAK_BF16 = 989e12
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(args, device):
+    import torch
+    from quietstar import ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
+    from quietstar import data as qdata
+    from quietstar.train import document_separator, load_tokenizer, marker_init_id
+    torch.manual_seed(args.seed)
+    mc = ModelConfig(name=args.model) if args.model != "mistral-1b" else ModelConfig(
+        name="tiny", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+        intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False)
+    tok = load_tokenizer(mc if args.model != "mistral-1b" else ModelConfig(name="tiny"))
+    lm = build_decoder(mc).to(device)
+    th = ThoughtConfig(M=args.M, K=args.K, P=args.P)
+    model = QuietStarModel(lm, th, marker_init_id=marker_init_id(tok, th.marker_init_text)).to(device)
+    docs = qdata.load_documents("math", "train")[: 64]
+    rows, valid = qdata.pack_rows(qdata.tokenize_documents(docs, tok), args.T, sep_id=document_separator(tok))
+    ids, vn = rows[: args.B].to(device), valid[: args.B].to(device)
+    return model, ids, vn
+
+
+def child(args) -> dict:
+    import torch
+    from quietstar import Backends, LossConfig
+    from quietstar.thoughts import quietstar_forward, sample_thoughts
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model, ids, vn = build(args, device)
+    params = [p for p in model.parameters()]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    loss_cfg = LossConfig()
+    tmp = Path(args.tmp)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:   # reset VmHWM, so that the peak is this path's, not the model loading's
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+    base_mem = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib()
+    res = {"path": args.child}
+    th = model.thought
+    B, T = ids.shape
+
+    if args.child == "sample":
+        with autocast:
+            thoughts = sample_thoughts(model, ids, Backends("reference", "reference"),
+                                       torch.Generator(device=device).manual_seed(args.seed))
+        torch.save(thoughts.cpu(), tmp / "thoughts.pt")
+        return res
+
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    if args.child == "floor":
+        from kernels.lm_head_chunked import token_logprob_chunked
+        lm = model.lm
+        n_rows = B * (1 + th.P * th.L)
+        rows = ids.repeat(1 + th.P * th.L, 1)                         # (B*(1+P*L), T): the trained tokens
+        tgt = torch.roll(rows, -1, dims=1)
+
+        def step():
+            with torch.no_grad(), autocast:
+                for _ in range(th.M):
+                    lm.model(input_ids=ids.repeat(th.P, 1))           # M no-grad passes over B*P*T tokens
+            with autocast:
+                h = lm.model(input_ids=rows).last_hidden_state.reshape(n_rows * T, -1)
+                lp = token_logprob_chunked(h, lm.lm_head.weight, tgt.reshape(-1))
+                loss = -lp.mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        schedule, attn, head = PATHS[args.child]
+        backends = Backends(attn, head)
+        thoughts = torch.load(tmp / "thoughts.pt").to(device)
+        # agreement: loss and gradients on the shared thoughts
+        with autocast:
+            loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, thoughts=thoughts)
+        loss.backward()
+        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
+        opt.zero_grad(set_to_none=True)
+        res["loss"] = float(loss)
+        if args.child == "reference":
+            torch.save(g.cpu(), tmp / "ref_grad.pt")
+        elif (tmp / "ref_grad.pt").exists():
+            gr = torch.load(tmp / "ref_grad.pt").to(device)
+            res["grad_cosine"] = float(torch.nn.functional.cosine_similarity(g.double(), gr.double(), dim=0))
+            res["ref_loss"] = json.loads((tmp / "reference.json").read_text())["loss"]
+            res["loss_rel_diff"] = abs(res["loss"] - res["ref_loss"]) / abs(res["ref_loss"])
+        del g
+        gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+        def step():
+            with autocast:
+                loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, gen)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(args.warmup + args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    res["step_ms"] = 1000 * statistics.median(times)
+    res["step_ms_all"] = [1000 * t for t in times]
+    trained = B * T + B * th.P * T * th.L
+    res["trained_tokens"] = trained
+    res["tok_per_s"] = trained / (res["step_ms"] / 1000)
+    if cuda:
+        res["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        res["peak_extra_mib"] = res["peak_mib"] - base_mem
+        lm = model.lm
+        n_emb = lm.model.embed_tokens.weight.numel()
+        N = sum(p.numel() for p in lm.parameters()) - n_emb + (0 if lm.config.tie_word_embeddings else 0)
+        N = N + (lm.lm_head.weight.numel() if lm.config.tie_word_embeddings else 0)
+        flops = 6 * N * trained + 2 * N * th.M * B * th.P * T
+        res["mfu"] = flops / (res["step_ms"] / 1000) / H100_PEAK_BF16
+    else:
+        res["peak_rss_mib"] = peak_rss_mib()
+        res["peak_extra_mib"] = res["peak_rss_mib"] - base_mem
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, mistral-1b (random init) or a folder")
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--T", type=int, default=128)
+    p.add_argument("--M", type=int, default=9)
+    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--P", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paths", default=None, help="comma-separated; default: the device's list")
+    p.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and
+                   __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default=None, help="file name stem of the results")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        res = child(args)
+        Path(args.tmp, f"{args.child}.json").write_text(json.dumps(res))
+        return
+
+    import tempfile
+    import torch
+    paths = args.paths.split(",") if args.paths else (GPU_PATHS if args.device == "cuda" else CPU_PATHS)
+    for name in paths:
+        if name not in PATHS:
+            raise SystemExit(f"--paths: unknown path {name!r}; known: {', '.join(PATHS)}")
+    # the reference runs first among the Quiet-STaR paths: the others compare with its gradients
+    paths = sorted(paths, key=lambda n: (n != "floor", n != "reference"))
+    tmp = tempfile.mkdtemp(prefix="qs_bench_")
+    base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
+    results = []
+    for name in ["sample"] + paths:
+        t0 = time.time()
+        r = subprocess.run(base + ["--child", name, "--tmp", tmp], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"[{name}] FAILED\n{r.stderr[-3000:]}", file=sys.stderr)
+            results.append({"path": name, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "?"})
+            continue
+        if name == "sample":
+            continue
+        res = json.loads(Path(tmp, f"{name}.json").read_text())
+        res["config"] = "floor" if PATHS[name] is None else "/".join(PATHS[name])
+        res["wall_s"] = time.time() - t0
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    floor = next((r for r in results if r["path"] == "floor" and "step_ms" in r), None)
+    ref = next((r for r in results if r["path"] == "reference" and "step_ms" in r), None)
+    for r in results:
+        if "step_ms" in r and floor:
+            r["time_vs_floor"] = r["step_ms"] / floor["step_ms"]
+            r["mem_vs_floor"] = r["peak_extra_mib"] / floor["peak_extra_mib"]
+        if "step_ms" in r and ref:
+            r["speedup_vs_reference"] = ref["step_ms"] / r["step_ms"]
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "transformers": __import__("transformers").__version__,
+            "shape": {k: getattr(args, k) for k in ("model", "B", "T", "M", "K", "P")},
+            "repeats": args.repeats, "warmup": args.warmup}
+    stem = args.tag or f"train_step_{args.device}_{args.model}_B{args.B}_T{args.T}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    lines = [f"# Quiet-STaR train step: {meta['shape']}", "",
+             f"{meta['date']}, {meta['device']} ({meta['cpu_count']} cores), torch {meta['torch']}, "
+             f"triton {meta['triton']}, transformers {meta['transformers']}; median of {args.repeats} after "
+             f"{args.warmup} warm-up", "",
+             "| path | schedule/attention/lm-head | step ms | tok/s | peak extra MiB | x floor time | x floor mem "
+             "| x faster than reference | loss rel diff | grad cosine |" + (" MFU |" if args.device == "cuda" else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else "")]
+    for r in results:
+        if "step_ms" not in r:
+            lines.append(f"| {r['path']} | failed: {r.get('error', '?')} |")
+            continue
+        f = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")
+        lines.append(f"| {r['path']} | {r['config']} | {r['step_ms']:.0f} | {r['tok_per_s']:.0f} | "
+                     f"{r['peak_extra_mib']:.0f} | {f('time_vs_floor', '{:.2f}')} | {f('mem_vs_floor', '{:.2f}')} | "
+                     f"{f('speedup_vs_reference', '{:.2f}')} | {f('loss_rel_diff', '{:.1e}')} | "
+                     f"{f('grad_cosine', '{:.6f}')} |" + (f" {f('mfu', '{:.1%}')} |" if args.device == "cuda" else ""))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
