@@ -240,6 +240,23 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     bar = tqdm(range(start, tc.steps), desc="quietstar", disable=not progress or rank != 0, initial=start,
                total=tc.steps)
     last = {}
+    eval_rows = None
+    if tc.eval_rows > 0:
+        eval_rows = [x[: tc.eval_rows] for x in load_rows(tc.data, tok, tc.seq_len, split="heldout")]
+
+    def evaluate(step: int) -> None:
+        from .evaluate import heldout_losses
+        g = torch.Generator(device=device).manual_seed(tc.seed + 12345)   # same thoughts' randomness each time
+        ev = heldout_losses(model, *eval_rows, backends, tc.batch_size, g, device, autocast)
+        ev["step"] = step
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"eval": ev}) + "\n")
+            tqdm.write(f"eval @ step {step}: held-out NLL without thoughts {ev['heldout_nll_base']:.4f}, "
+                       f"with thoughts {ev['heldout_nll_thought']:.4f} ({ev['heldout_targets']} targets)")
+
+    if eval_rows is not None and start == 0:
+        evaluate(0)
     # micro-batch i of the run is a pure function of (seed, i, rank): a resumed run reads the same rows
     stream = data.batches((rows, valid), tc.batch_size, tc.seed, rank, world, start_step=start * tc.grad_accum)
     for step in bar:
@@ -286,6 +303,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                            f"{rec['ms']:.0f} ms | {rec['tok_per_s']:.0f} tok/s")
             if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
                 save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, generator, cfg)
+    if eval_rows is not None:
+        evaluate(tc.steps)
     ckpt = out / "final.pt"
     if rank == 0:
         save_checkpoint(ckpt, model, opt, sched, tc.steps, generator, cfg)
