@@ -8,14 +8,18 @@ from .reference import (
 )
 
 # Until the Triton kernels land, the public names point at the references.
-thought_attention = thought_attention_ref
-thought_attention_step = thought_attention_step_ref
-mixed_logprob = mixed_logprob_ref
-token_logprob = token_logprob_ref
-sample_thought_tokens = sample_thought_tokens_ref
+from .thought_attention import ThoughtAttentionFunction, thought_attention  # noqa: E402
+from .thought_attention import thought_attention_step  # noqa: E402
+from .lm_head import mixed_logprob, sample_thought_tokens, token_logprob  # noqa: E402
+from .lm_head_chunked import (  # noqa: E402
+    mixed_logprob_chunked,
+    sample_thought_tokens_chunked,
+    token_logprob_chunked,
+)
 
 __all__ = [
     "thought_attention", "thought_attention_step", "mixed_logprob", "token_logprob", "sample_thought_tokens",
     "thought_attention_ref", "thought_attention_step_ref", "mixed_logprob_ref", "token_logprob_ref",
     "sample_thought_tokens_ref",
+    "mixed_logprob_chunked", "token_logprob_chunked", "sample_thought_tokens_chunked",
 ]

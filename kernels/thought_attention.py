@@ -47,6 +47,7 @@ speed are only checked on a GPU. Block sizes are a fixed heuristic per (D, dtype
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -71,6 +72,8 @@ _MAX_L = 64
 # ----------------------------------------------------------------------------------------------
 # @triton.jit helpers
 # ----------------------------------------------------------------------------------------------
+# Loop bounds round with `x - x % B` instead of `(x // B) * B` (same value for x >= 0): triton-sanitizer
+# (triton-viz 3.0) must evaluate loop bounds concretely and has no integer division for that.
 @triton.jit
 def _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC: tl.constexpr):
     """Fold one block of log2-domain scores qk (BLOCK_M, BLOCK_N) and values v (BLOCK_N, D) in."""
@@ -106,8 +109,8 @@ def _thought_attn_fwd_kernel(
     stride_kcb, stride_kch, stride_kct, stride_kcl, stride_kcd,
     stride_vcb, stride_vch, stride_vct, stride_vcl, stride_vcd,
     stride_ob, stride_oh, stride_ot, stride_ol, stride_od,
-    H, G, T, L, D, POS, NUM_TILES,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    H, G, T, L, POS, NUM_TILES,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # heaviest tiles (largest t, most base keys) first
     tile = NUM_TILES - 1 - tl.program_id(0)
@@ -138,7 +141,7 @@ def _thought_attn_fwd_kernel(
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
     n = tl.arange(0, BLOCK_N)
     # base keys strictly below the tile's first position: visible to every row, no mask
-    n_full = (t_lo // BLOCK_N) * BLOCK_N
+    n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
         s = start + n
         k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
@@ -188,8 +191,8 @@ def _thought_attn_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_ot, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dol, stride_dod,
-    H, T, L, D,
-    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    H, T, L,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """delta[b, h, t*L + l] = sum_d dO * O (fp32), the softmax-backward row correction."""
     bh = tl.program_id(1)
@@ -219,8 +222,8 @@ def _thought_attn_bwd_dq_kernel(
     stride_vcb, stride_vch, stride_vct, stride_vcl, stride_vcd,
     stride_dob, stride_doh, stride_dot, stride_dol, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dql, stride_dqd,
-    H, G, T, L, D, POS, NUM_TILES,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    H, G, T, L, POS, NUM_TILES,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dQ = scale * sum_k dS_k k with P = exp(scale q.k - lse), dS = P * (dO.v - delta)."""
     tile = NUM_TILES - 1 - tl.program_id(0)
@@ -254,7 +257,7 @@ def _thought_attn_bwd_dq_kernel(
     kb_base = KB + b64 * stride_kbb + hk64 * stride_kbh
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
     n = tl.arange(0, BLOCK_N)
-    n_full = (t_lo // BLOCK_N) * BLOCK_N
+    n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
         s = start + n
         k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
@@ -304,8 +307,8 @@ def _thought_attn_bwd_dkv_chain_kernel(
     stride_dob, stride_doh, stride_dot, stride_dol, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvl, stride_dvd,
-    H, H_KV, G, T, L, D, POS,
-    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    H, H_KV, G, T, L, POS,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Chain dK/dV of the tile's positions, summed over the G query heads of the group.
 
@@ -367,8 +370,8 @@ def _thought_attn_bwd_dkv_base_kernel(
     stride_dob, stride_doh, stride_dot, stride_dol, stride_dod,
     stride_dks, stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvs, stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    H, H_KV, G, T, L, D, HEADS_PER_PROG,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    H, H_KV, G, T, L, HEADS_PER_PROG,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Base dK/dV of BLOCK_N base keys from every query row (t, l), t >= s, of HEADS_PER_PROG heads.
 
@@ -401,7 +404,8 @@ def _thought_attn_bwd_dkv_base_kernel(
     row0 = s0 * L
     diag_end = tl.minimum(s0 + BLOCK_N, T) * L
     # first row block that lies entirely below the diagonal
-    unmasked_start = row0 + ((diag_end - row0 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    n_diag = diag_end - row0 + BLOCK_M - 1
+    unmasked_start = row0 + n_diag - n_diag % BLOCK_M     # row0 + cdiv(diag_end - row0, BLOCK_M) * BLOCK_M
     rr = tl.arange(0, BLOCK_M)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
@@ -467,8 +471,8 @@ def _thought_attn_step_kernel(
     stride_kcb, stride_kch, stride_kct, stride_kcl, stride_kcd,
     stride_vcb, stride_vch, stride_vct, stride_vcl, stride_vcd,
     stride_ob, stride_oh, stride_ot, stride_od,
-    H_KV, G, T, D, POS, NUM_TILES,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    H_KV, G, T, POS, NUM_TILES,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Rows r = p * G + g: position t0 + p, query head hk * G + g; keys: base s <= t, chain 0..step."""
     tile = NUM_TILES - 1 - tl.program_id(0)
@@ -500,7 +504,7 @@ def _thought_attn_step_kernel(
     kb_base = KB + b64 * stride_kbb + hk64 * stride_kbh
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
     n = tl.arange(0, BLOCK_N)
-    n_full = (t_lo // BLOCK_N) * BLOCK_N
+    n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
         s = start + n
         k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
@@ -556,16 +560,19 @@ def _d_pad(D: int) -> int:
 
 
 def _fwd_config(D: int, dtype: torch.dtype, T: int) -> dict:
-    """Forward (and dQ) tile: BLOCK_M rows of whole chains, BLOCK_N base keys per step.
+    """Forward tile: BLOCK_M rows of whole chains, BLOCK_N base keys per step.
 
     BLOCK_M = 64 keeps the dense chain block (cost ~ BLOCK_M / (T/2) of the base part) small at
     T = 256; at T >= 1024 a 128-row tile halves the base K/V traffic for a few % more chain work.
+    Warps/stages: the largest choices without register spills in the sm_90 compile
+    (h100_compile_cases), not yet timed on an H100.
     """
-    wide = dtype == torch.float32
-    if T >= 1024 and not wide:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 if _d_pad(D) <= 64 else 2)
-    return dict(BLOCK_M=64, BLOCK_N=64 if _d_pad(D) <= 64 or not wide else 32, num_warps=4,
-                num_stages=2 if wide else 3)
+    d_pad = _d_pad(D)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if d_pad <= 64 else 8, num_stages=2)
+    if T >= 1024:
+        return dict(BLOCK_M=128, BLOCK_N=64 if d_pad <= 64 else 32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=3)
 
 
 def _bwd_dq_config(D: int, dtype: torch.dtype, T: int) -> dict:
@@ -574,19 +581,24 @@ def _bwd_dq_config(D: int, dtype: torch.dtype, T: int) -> dict:
                 num_warps=4 if _d_pad(D) <= 64 else 8, num_stages=2)
 
 
-def _bwd_chain_config(D: int, dtype: torch.dtype, T: int) -> dict:
-    return dict(BLOCK_M=64, num_warps=4 if _d_pad(D) <= 64 else 8, num_stages=2)
+def _bwd_chain_config(D: int, dtype: torch.dtype, L: int) -> dict:
+    # the tile must hold a whole chain (BLOCK_M >= L); 32 rows avoid spills at D = 128
+    small = _d_pad(D) > 64 or dtype == torch.float32
+    return dict(BLOCK_M=32 if (small and L <= 32) else 64, num_warps=8, num_stages=2)
 
 
 def _bwd_base_config(D: int, dtype: torch.dtype, T: int) -> dict:
-    wide = dtype == torch.float32
-    return dict(BLOCK_M=32 if (_d_pad(D) > 64 or wide) else 64, BLOCK_N=64,
-                num_warps=4 if _d_pad(D) <= 64 else 8, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+    if _d_pad(D) <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def _step_config(D: int, dtype: torch.dtype, G: int) -> dict:
-    return dict(BLOCK_M=max(64, triton.next_power_of_2(G)), BLOCK_N=64 if _d_pad(D) <= 64 else 32,
-                num_warps=4, num_stages=2)
+    d_pad = _d_pad(D)
+    return dict(BLOCK_M=max(64, triton.next_power_of_2(G)), BLOCK_N=64 if d_pad <= 64 else 32,
+                num_warps=4 if d_pad <= 64 else 8, num_stages=2)
 
 
 def _preprocess_config(D: int) -> dict:
@@ -655,8 +667,8 @@ def thought_attention_fwd(q, k_base, v_base, k_chain, v_chain, scale=None):
         q, k_base, v_base, k_chain, v_chain, o, lse,
         scale,
         *q.stride(), *k_base.stride(), *v_base.stride(), *k_chain.stride(), *v_chain.stride(), *o.stride(),
-        H, G, T, L, D, pos, num_tiles,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=_d_pad(D), DOT_PREC=_dot_prec(q.dtype),
+        H, G, T, L, pos, num_tiles,
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=_d_pad(D), DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
@@ -674,8 +686,8 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
     delta = torch.empty((B, H, T, L), device=dev, dtype=torch.float32)
     cfg = _preprocess_config(D)
     _thought_attn_bwd_preprocess_kernel[(triton.cdiv(T * L, cfg["BLOCK_M"]), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, T, L, D,
-        BLOCK_M=cfg["BLOCK_M"], D_PAD=d_pad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        o, do, delta, *o.stride(), *do.stride(), H, T, L,
+        D=D, BLOCK_M=cfg["BLOCK_M"], D_PAD=d_pad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
     dq = torch.empty((B, H, T, L, D), device=dev, dtype=dt)
@@ -687,22 +699,22 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
         scale,
         *q.stride(), *k_base.stride(), *v_base.stride(), *k_chain.stride(), *v_chain.stride(),
         *do.stride(), *dq.stride(),
-        H, G, T, L, D, pos, num_tiles,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec,
+        H, G, T, L, pos, num_tiles,
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
     dk_chain = torch.empty((B, H_KV, T, L, D), device=dev, dtype=dt)
     dv_chain = torch.empty((B, H_KV, T, L, D), device=dev, dtype=dt)
-    cfg = _bwd_chain_config(D, dt, T)
+    cfg = _bwd_chain_config(D, dt, L)
     pos = cfg["BLOCK_M"] // L
     _thought_attn_bwd_dkv_chain_kernel[(triton.cdiv(T, pos), B * H_KV)](
         q, k_chain, v_chain, do, lse, delta, dk_chain, dv_chain,
         scale,
         *q.stride(), *k_chain.stride(), *v_chain.stride(), *do.stride(), *dk_chain.stride(),
         *dv_chain.stride(),
-        H, H_KV, G, T, L, D, pos,
-        BLOCK_M=cfg["BLOCK_M"], D_PAD=d_pad, DOT_PREC=prec,
+        H, H_KV, G, T, L, pos,
+        D=D, BLOCK_M=cfg["BLOCK_M"], D_PAD=d_pad, DOT_PREC=prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -719,8 +731,8 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
         scale,
         *q.stride(), *k_base.stride(), *v_base.stride(), *do.stride(), *dk_base.stride(),
         *dv_base.stride(),
-        H, H_KV, G, T, L, D, G // split,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec,
+        H, H_KV, G, T, L, G // split,
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split == 1:
@@ -749,8 +761,8 @@ def thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, sca
         q, k_base, v_base, k_chain, v_chain, out,
         scale, step,
         *q.stride(), *k_base.stride(), *v_base.stride(), *k_chain.stride(), *v_chain.stride(), *out.stride(),
-        H_KV, G, T, D, pos, num_tiles,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=_d_pad(D), DOT_PREC=_dot_prec(q.dtype),
+        H_KV, G, T, pos, num_tiles,
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=_d_pad(D), DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -811,27 +823,58 @@ _BENCH_SHAPES = (
 )
 
 
-def _signature(fn, ptr_types: dict, float_args=("sm_scale",)) -> tuple[dict, list]:
-    """(signature of the non-constexpr args, names of the constexpr args) of a @triton.jit fn."""
-    sig, constexpr_names = {}, []
-    for param in fn.params:
-        if param.is_constexpr:
-            constexpr_names.append(param.name)
-        elif param.name in ptr_types:
-            sig[param.name] = ptr_types[param.name]
-        elif param.name in float_args:
-            sig[param.name] = "fp32"
+def _params(fn) -> list[tuple[str, bool]]:
+    """(name, is tl.constexpr) of every argument of a @triton.jit function, also under TRITON_INTERPRET."""
+    if hasattr(fn, "params"):
+        return [(p.name, p.is_constexpr) for p in fn.params]
+    sig = inspect.signature(fn.fn)            # triton's InterpretedFunction wraps the Python function
+    return [(n, p.annotation is tl.constexpr or "constexpr" in str(p.annotation)) for n, p in sig.parameters.items()]
+
+
+def _signature(fn, ptr_types: dict, float_args=("sm_scale",)) -> tuple[dict, list, dict, list]:
+    """Mirror of the JIT's specialization of a launch at the benchmark shapes.
+
+    Returns (signature of the non-constexpr args, names of the tl.constexpr args, runtime
+    specializations, args divisible by 16). At runtime triton turns an int argument equal to 1
+    into a constexpr and marks 16-byte-aligned pointers and ints divisible by 16 with
+    tt.divisibility=16; at the benchmark shapes (contiguous or [pos, step]-strided tensors,
+    D = 64 / 128) every head-dim stride is 1 and every other stride a multiple of 16, while sizes
+    (T, L, G, POS, ...) need not be. Without these the static compile sees unaligned scalar loads
+    that no real launch uses (255 registers and spills instead of ~170).
+    """
+    sig, constexpr_names, specialized, div16 = {}, [], {}, []
+    for name, is_constexpr in _params(fn):
+        if is_constexpr:
+            constexpr_names.append(name)
+        elif name.startswith("stride_") and name.endswith("d"):
+            specialized[name] = 1
+        elif name in ptr_types:
+            sig[name] = ptr_types[name]
+            div16.append(name)
+        elif name in float_args:
+            sig[name] = "fp32"
         else:
-            sig[param.name] = "i32"
-    return sig, constexpr_names
+            sig[name] = "i32"
+            if name.startswith("stride_"):
+                div16.append(name)
+    return sig, constexpr_names, specialized, div16
 
 
 def h100_compile_cases() -> list[dict]:
-    """One case per (kernel, config the launchers choose at the benchmark shapes, bf16/fp16)."""
+    """One case per (kernel, config the launchers choose at the benchmark shapes, bf16/fp16).
+
+    Each case: kernel, config (readable), fn (the raw @triton.jit function), signature (triton
+    type of every argument that is not a constexpr at runtime), constexprs (the tl.constexpr
+    arguments plus the int arguments the JIT specializes to constexpr because they equal 1: the
+    head-dim strides), divisible_by_16 (the args the JIT marks tt.divisibility=16 at these shapes:
+    pointers and the other strides), num_warps, num_stages, has_dot. Configs come from the
+    launchers' own heuristics, so they cannot drift.
+    """
     cases, seen = [], set()
 
     def add(kernel, fn, ptr_types, constexprs, cfg, has_dot, dtype):
-        sig, names = _signature(fn, ptr_types)
+        constexprs = dict(D=D, **constexprs)
+        sig, names, specialized, div16 = _signature(fn, ptr_types)
         assert set(names) == set(constexprs), (kernel, names, constexprs)
         config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k != "DOT_PREC")
         config += f",warps={cfg['num_warps']},stages={cfg['num_stages']},{_TL_TYPE[dtype]}"
@@ -841,7 +884,8 @@ def h100_compile_cases() -> list[dict]:
         if key in seen:
             return
         seen.add(key)
-        cases.append(dict(kernel=kernel, config=config, fn=fn, signature=sig, constexprs=dict(constexprs),
+        cases.append(dict(kernel=kernel, config=config, fn=fn, signature=sig,
+                          constexprs={**constexprs, **specialized}, divisible_by_16=div16,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], has_dot=has_dot))
 
     for dtype in (torch.bfloat16, torch.float16):
@@ -860,7 +904,7 @@ def h100_compile_cases() -> list[dict]:
             add("thought_attn_bwd_dq", _thought_attn_bwd_dq_kernel,
                 dict(Q=x, KB=x, VB=x, KC=x, VC=x, DO=x, LSE=f32, DELTA=f32, DQ=x),
                 dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=dp, DOT_PREC=prec), cfg, True, dtype)
-            cfg = _bwd_chain_config(D, dtype, T)
+            cfg = _bwd_chain_config(D, dtype, L)
             add("thought_attn_bwd_dkv_chain", _thought_attn_bwd_dkv_chain_kernel,
                 dict(Q=x, KC=x, VC=x, DO=x, LSE=f32, DELTA=f32, DKC=x, DVC=x),
                 dict(BLOCK_M=cfg["BLOCK_M"], D_PAD=dp, DOT_PREC=prec), cfg, True, dtype)
