@@ -11,7 +11,7 @@ V = 97
 
 def tiny_model(seed=0, M=3, K=2, P=2, mixing_scale=0.3, **tkw):
     torch.manual_seed(seed)
-    mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+    mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
                      vocab_size=V, max_position_embeddings=64)
     model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=M, K=K, P=P, **tkw), marker_init_id=5)
     if mixing_scale:
