@@ -7,9 +7,13 @@ Both base dK/dV reductions run (one program per GQA group, fp32 partials per hea
 sanitizer does not compute values, so nothing here asserts on them.
 """
 import importlib
+import os
 import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _viz_patches  # noqa: E402,F401  (triton-viz 3.0 modelling fixes; see that module)
+import torch  # noqa: E402
 
 ta = importlib.import_module("kernels.thought_attention")
 
