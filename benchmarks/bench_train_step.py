@@ -73,23 +73,52 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def build(args, device):
+def build(args, device, tmp: Path):
+    """The model, B rows of T tokens and their target mask; the same in every child process.
+
+    The first child caches the decoder's weights under `tmp` (SmolLM2's GGUF takes ~15 s to
+    dequantise), the others load them. Rows come from the embedded corpus (MATH train text); where it
+    has not been prepared (a bare GPU machine), random tokens stand in, and the results say so."""
     import torch
     from quietstar import ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
     from quietstar import data as qdata
     from quietstar.train import document_separator, load_tokenizer, marker_init_id
     torch.manual_seed(args.seed)
-    mc = ModelConfig(name=args.model) if args.model != "mistral-1b" else ModelConfig(
-        name="tiny", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-        intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False)
-    tok = load_tokenizer(mc if args.model != "mistral-1b" else ModelConfig(name="tiny"))
-    lm = build_decoder(mc).to(device)
+    if args.model == "mistral-1b":   # the issue's ~1B random-init Mistral-style model
+        mc = ModelConfig(name="tiny", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                         intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False)
+    else:
+        mc = ModelConfig(name=args.model)
+    cache = tmp / "decoder.pt"
+    if cache.exists():
+        from transformers import AutoModelForCausalLM
+        from quietstar import attention
+        from quietstar.model import check_decoder
+        attention.register()              # the saved config names the "quietstar" attention
+        cfg = torch.load(tmp / "decoder_config.pt", weights_only=False)
+        with torch.device(device):
+            lm = AutoModelForCausalLM.from_config(cfg)
+        lm.load_state_dict(torch.load(cache, weights_only=True, map_location=device))
+        check_decoder(lm)
+        lm.config._attn_implementation = attention.register()
+    else:
+        lm = build_decoder(mc)
+        torch.save(lm.state_dict(), cache)
+        torch.save(lm.config, tmp / "decoder_config.pt")
+    lm = lm.to(device)
     th = ThoughtConfig(M=args.M, K=args.K, P=args.P)
-    model = QuietStarModel(lm, th, marker_init_id=marker_init_id(tok, th.marker_init_text)).to(device)
-    docs = qdata.load_documents("math", "train")[: 64]
-    rows, valid = qdata.pack_rows(qdata.tokenize_documents(docs, tok), args.T, sep_id=document_separator(tok))
-    ids, vn = rows[: args.B].to(device), valid[: args.B].to(device)
-    return model, ids, vn
+    try:
+        tok = load_tokenizer(mc)
+        docs = qdata.load_documents("default", "train")[:64]
+        rows, valid = qdata.pack_rows(qdata.tokenize_documents(docs, tok), args.T, sep_id=document_separator(tok))
+        init_id, data = marker_init_id(tok, th.marker_init_text), "MATH train rows"
+    except (FileNotFoundError, ImportError) as e:
+        g = torch.Generator().manual_seed(args.seed)
+        rows = torch.randint(3, lm.config.vocab_size, (args.B, args.T), generator=g)
+        valid = torch.ones(args.B, args.T, dtype=torch.bool)
+        init_id, data = 3, f"random tokens ({type(e).__name__}: {e})"
+    model = QuietStarModel(lm, th, marker_init_id=init_id).to(device)
+    return model, rows[: args.B].to(device), valid[: args.B].to(device), data
 
 
 def child(args) -> dict:
@@ -98,7 +127,7 @@ def child(args) -> dict:
     from quietstar.thoughts import quietstar_forward, sample_thoughts
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model, ids, vn = build(args, device)
+    model, ids, vn, data = build(args, device, Path(args.tmp))
     params = [p for p in model.parameters()]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     loss_cfg = LossConfig()
@@ -112,7 +141,7 @@ def child(args) -> dict:
         except OSError:
             pass
     base_mem = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib()
-    res = {"path": args.child}
+    res = {"path": args.child, "data": data}
     th = model.thought
     B, T = ids.shape
 
@@ -260,7 +289,8 @@ def main():
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "transformers": __import__("transformers").__version__,
             "shape": {k: getattr(args, k) for k in ("model", "B", "T", "M", "K", "P")},
-            "repeats": args.repeats, "warmup": args.warmup}
+            "repeats": args.repeats, "warmup": args.warmup,
+            "data": next((r["data"] for r in results if "data" in r), "?")}
     stem = args.tag or f"train_step_{args.device}_{args.model}_B{args.B}_T{args.T}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +298,7 @@ def main():
     lines = [f"# Quiet-STaR train step: {meta['shape']}", "",
              f"{meta['date']}, {meta['device']} ({meta['cpu_count']} cores), torch {meta['torch']}, "
              f"triton {meta['triton']}, transformers {meta['transformers']}; median of {args.repeats} after "
-             f"{args.warmup} warm-up", "",
+             f"{args.warmup} warm-up; data: {meta['data']}", "",
              "| path | schedule/attention/lm-head | step ms | tok/s | peak extra MiB | x floor time | x floor mem "
              "| x faster than reference | loss rel diff | grad cosine |" + (" MFU |" if args.device == "cuda" else ""),
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else "")]
