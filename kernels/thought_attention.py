@@ -96,6 +96,37 @@ def _tile_rows(tile, POS, L, T, BLOCK_M: tl.constexpr):
     return t, l, valid, p
 
 
+@triton.jit
+def _attend_base_prefix(acc, m_i, l_i, q, t, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt, stride_vbd,
+                        d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fold base keys 0..t_hi-1 into the online softmax of rows at positions t (t_lo <= t < t_hi).
+
+    Keys strictly below the tile's first position t_lo are visible to every row: no mask. The
+    blocks from there to t_hi get the causal mask s <= t; key 0 of the first block is visible to
+    every row, so no row is ever fully masked and m_i stays finite."""
+    n = tl.arange(0, BLOCK_N)
+    n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        s = start + n
+        k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
+                    mask=d_ok[None, :], other=0.0)
+        v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
+                    mask=d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC)
+    for start in range(n_full, t_hi, BLOCK_N):
+        s = start + n
+        s_ok = s < T
+        k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.where(s[None, :] <= t[:, None], qk, float("-inf"))
+        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC)
+    return acc, m_i, l_i
+
+
 # ----------------------------------------------------------------------------------------------
 # forward kernel
 # ----------------------------------------------------------------------------------------------
@@ -139,29 +170,8 @@ def _thought_attn_fwd_kernel(
 
     kb_base = KB + b64 * stride_kbb + hk64 * stride_kbh
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
-    n = tl.arange(0, BLOCK_N)
-    # base keys strictly below the tile's first position: visible to every row, no mask
-    n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        s = start + n
-        k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
-                    mask=d_ok[None, :], other=0.0)
-        v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
-                    mask=d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC)
-    # the diagonal: causal mask s <= t (key 0 of the first block is visible to every row,
-    # so no row is ever fully masked and m_i stays finite)
-    for start in range(n_full, t_hi, BLOCK_N):
-        s = start + n
-        s_ok = s < T
-        k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        qk = tl.where(s[None, :] <= t[:, None], qk, float("-inf"))
-        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC)
+    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt,
+                                        stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC)
 
     # chain keys of the tile's positions: same index set as the rows (j = p' * L + m)
     kc_ptrs = (KC + b64 * stride_kcb + hk64 * stride_kch + t[:, None].to(tl.int64) * stride_kct
@@ -503,26 +513,8 @@ def _thought_attn_step_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     kb_base = KB + b64 * stride_kbb + hk64 * stride_kbh
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
-    n = tl.arange(0, BLOCK_N)
-    n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        s = start + n
-        k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
-                    mask=d_ok[None, :], other=0.0)
-        v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
-                    mask=d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC)
-    for start in range(n_full, t_hi, BLOCK_N):
-        s = start + n
-        s_ok = s < T
-        k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        qk = tl.where(s[None, :] <= t[:, None], qk, float("-inf"))
-        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC)
+    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt,
+                                        stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC)
 
     # chain keys (t, 0..step): one key per row per iteration, a gather on CUDA cores
     qf = q.to(tl.float32)

@@ -105,29 +105,71 @@ def causal_attention(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def _split_parallel(q, kb, vb, kc, vc, scale):
-    """Thought attention without any mask over T*L keys: base part by SDPA with a (T*L, T) causal
-    mask, chain part as an L x L block per position, merged by their log-sum-exps."""
+def _split_scores(q, kbx, kcx, scale):
+    """Masked fp32 scores of the split pattern: base (B, H, T*L, T) and chain (B, H, T, L, L)."""
     B, H, T, L, D = q.shape
-    g = H // kb.shape[1]
-    kbx, vbx = ref._expand_kv(kb, g), ref._expand_kv(vb, g)             # (B, H, T, D)
-    kcx, vcx = ref._expand_kv(kc, g), ref._expand_kv(vc, g)             # (B, H, T, L, D)
-    qf = q.reshape(B, H, T * L, D)
-    # base part: scores (B, H, T*L, T), row (t, l) sees s <= t
-    sb = torch.matmul(qf, kbx.transpose(-1, -2)).float() * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
     t = torch.arange(T, device=q.device)
-    sb = sb.masked_fill(~(t[None, :] <= t.repeat_interleave(L)[:, None]), float("-inf"))
-    # chain part: scores (B, H, T, L, L), (t, l) sees (t, m <= l)
-    sc = torch.matmul(q, kcx.transpose(-1, -2)).float() * scale
     li = torch.arange(L, device=q.device)
-    sc = sc.masked_fill(~(li[None, :] <= li[:, None]), float("-inf"))
-    lse_b = torch.logsumexp(sb, dim=-1)                                  # (B, H, T*L)
-    lse_c = torch.logsumexp(sc, dim=-1).reshape(B, H, T * L)
-    lse = torch.logaddexp(lse_b, lse_c)
-    pb = torch.exp(sb - lse[..., None]).to(q.dtype)
-    pc = torch.exp(sc - lse.view(B, H, T, L)[..., None]).to(q.dtype)
-    o = torch.matmul(pb, vbx).view(B, H, T, L, D) + torch.matmul(pc, vcx)
-    return o
+    sb = torch.matmul(q.reshape(B, H, T * L, D), kbx.transpose(-1, -2)).to(acc) * scale
+    sb = sb.masked_fill(~(t[None, :] <= t.repeat_interleave(L)[:, None]), float("-inf"))   # (t, l) sees s <= t
+    sc = torch.matmul(q, kcx.transpose(-1, -2)).to(acc) * scale
+    sc = sc.masked_fill(~(li[None, :] <= li[:, None]), float("-inf"))                      # (t, l) sees (t, m <= l)
+    return sb, sc
+
+
+class SplitThoughtAttention(torch.autograd.Function):
+    """Thought attention in plain PyTorch without any mask over T*L keys, and memory-lean like flash
+    attention: the base part is a (T*L, T) causal block, the chain part an L x L block per position,
+    merged by their log-sum-exps; backward recomputes the scores from (q, k, v, o, lse) instead of
+    keeping them (which would cost B*H*T*L*T floats per layer)."""
+
+    @staticmethod
+    def forward(ctx, q, kb, vb, kc, vc, scale):
+        B, H, T, L, D = q.shape
+        g = H // kb.shape[1]
+        kbx, vbx, kcx, vcx = (ref._expand_kv(x, g) for x in (kb, vb, kc, vc))
+        sb, sc = _split_scores(q, kbx, kcx, scale)
+        lse = torch.logaddexp(torch.logsumexp(sb, -1), torch.logsumexp(sc, -1).reshape(B, H, T * L))   # (B, H, T*L)
+        pb = torch.exp(sb - lse[..., None]).to(q.dtype)
+        pc = torch.exp(sc - lse.view(B, H, T, L)[..., None]).to(q.dtype)
+        o = torch.matmul(pb, vbx).view(B, H, T, L, D) + torch.matmul(pc, vcx)
+        ctx.save_for_backward(q, kb, vb, kc, vc, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, kb, vb, kc, vc, o, lse = ctx.saved_tensors
+        scale = ctx.scale
+        B, H, T, L, D = q.shape
+        H_KV = kb.shape[1]
+        g = H // H_KV
+        kbx, vbx, kcx, vcx = (ref._expand_kv(x, g) for x in (kb, vb, kc, vc))
+        sb, sc = _split_scores(q, kbx, kcx, scale)
+        pb = torch.exp(sb - lse[..., None])                                   # (B, H, T*L, T) fp32
+        pc = torch.exp(sc - lse.view(B, H, T, L)[..., None])                  # (B, H, T, L, L)
+        del sb, sc
+        do = do.contiguous()
+        delta = (do.to(lse.dtype) * o.to(lse.dtype)).sum(-1)                  # (B, H, T, L)
+        dof = do.reshape(B, H, T * L, D)
+        # dS = P * (dO V^T - delta); dQ = scale dS K; dK = scale dS^T Q; dV = P^T dO
+        dsb = pb * (torch.matmul(dof, vbx.transpose(-1, -2)).float() - delta.reshape(B, H, T * L, 1))
+        dsc = pc * (torch.matmul(do, vcx.transpose(-1, -2)).float() - delta[..., None])
+        dvb = torch.matmul(pb.to(do.dtype).transpose(-1, -2), dof)            # (B, H, T, D)
+        dvc = torch.matmul(pc.to(do.dtype).transpose(-1, -2), do)             # (B, H, T, L, D)
+        del pb, pc
+        dsb, dsc = dsb.to(q.dtype), dsc.to(q.dtype)
+        dq = (torch.matmul(dsb, kbx).view(B, H, T, L, D) + torch.matmul(dsc, kcx)) * scale
+        dkb = torch.matmul(dsb.transpose(-1, -2), q.reshape(B, H, T * L, D)) * scale
+        dkc = torch.matmul(dsc.transpose(-1, -2), q) * scale
+        # sum the G query heads of each KV head
+        fold = lambda x: x.unflatten(1, (H_KV, g)).sum(2) if g > 1 else x
+        return dq, fold(dkb), fold(dvb), fold(dkc), fold(dvc), None
+
+
+def _split_parallel(q, kb, vb, kc, vc, scale):
+    return SplitThoughtAttention.apply(q, kb, vb, kc, vc, scale)
 
 
 _FLEX = {}
