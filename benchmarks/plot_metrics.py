@@ -32,7 +32,7 @@ def main():
         ax[0, 0].plot([e["step"] for e in evals], [e["heldout_nll_thought"] for e in evals], "s--",
                       label="held-out NLL, with thought")
     ax[0, 0].set_title("losses (nats/token)")
-    ax[0, 0].legend(fontsize=8)
+    ax[0, 0].legend(fontsize=7, framealpha=0.5)
     ax[0, 1].plot(x, [r["policy"] for r in steps])
     ax[0, 1].set_title("REINFORCE term L_policy")
     ax[1, 0].plot(x, [r["w_mean"] for r in steps], label="mean w")
