@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import banned_ids_tensor, check_lm_head_inputs, check_temperature
+from .reference import banned_ids_tensor, check_lm_head_inputs, check_mixed_logprob_inputs, check_temperature
 
 __all__ = [
     "mixed_logprob",
@@ -687,18 +687,7 @@ def mixed_logprob(h_talk, h_base, w, weight, target, ignore_index=-100):
     Equals ``mixed_logprob_ref`` without allocating the (N, V) logits; differentiable in h_talk,
     h_base, w and weight with per-row upstream gradients.
     """
-    N, d, V = check_lm_head_inputs(h_talk, weight, target, h_name="h_talk")
-    check_lm_head_inputs(h_base, weight, h_name="h_base")
-    if h_base.shape != h_talk.shape:
-        raise ValueError(f"h_base must have h_talk's shape {tuple(h_talk.shape)}, got {tuple(h_base.shape)}")
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise TypeError(f"w must be a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
-    if w.shape != (N,):
-        raise ValueError(f"w must be (N={N},), got shape {tuple(w.shape)}")
-    if w.device != h_talk.device:
-        raise ValueError(f"w is on {w.device} but h_talk is on {h_talk.device}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    N, d, V = check_mixed_logprob_inputs(h_talk, h_base, w, weight, target, ignore_index)
     _check_kernel_tensors(h_talk=h_talk, h_base=h_base, w=w, weight=weight)
     return MixedLogprobFunction.apply(h_talk, h_base, w, weight, target, ignore_index)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import banned_ids_tensor, check_lm_head_inputs, check_temperature
+from .reference import banned_ids_tensor, check_lm_head_inputs, check_mixed_logprob_inputs, check_temperature
 
 __all__ = ["mixed_logprob_chunked", "token_logprob_chunked", "sample_thought_tokens_chunked"]
 
@@ -113,16 +113,7 @@ class _ChunkedLogprobFunction(torch.autograd.Function):
 
 def mixed_logprob_chunked(h_talk, h_base, w, weight, target, ignore_index=-100, *, chunk_size=None):
     """mixed_logprob_ref(h_talk, h_base, w, weight, target, ignore_index) computed chunk x V at a time."""
-    N, d, V = check_lm_head_inputs(h_talk, weight, target, h_name="h_talk")
-    check_lm_head_inputs(h_base, weight, h_name="h_base")
-    if h_base.shape != h_talk.shape:
-        raise ValueError(f"h_base must have h_talk's shape {tuple(h_talk.shape)}, got {tuple(h_base.shape)}")
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise TypeError(f"w must be a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
-    if w.shape != (N,):
-        raise ValueError(f"w must be (N={N},), got shape {tuple(w.shape)}")
-    if w.device != h_talk.device:
-        raise ValueError(f"w is on {w.device} but h_talk is on {h_talk.device}")
+    N, d, V = check_mixed_logprob_inputs(h_talk, h_base, w, weight, target, ignore_index)
     none = torch.empty(0, dtype=torch.int64, device=h_talk.device)
     return _ChunkedLogprobFunction.apply(h_talk, h_base, w, weight, target, none, 1.0, ignore_index,
                                          _chunk_rows(N, V, chunk_size))

@@ -171,6 +171,23 @@ def check_lm_head_inputs(h, weight, target=None, *, h_name="h"):
     return h.shape[0], h.shape[1], weight.shape[0]
 
 
+def check_mixed_logprob_inputs(h_talk, h_base, w, weight, target, ignore_index):
+    """Validate the inputs of mixed_logprob (any implementation); returns (N, d, V)."""
+    N, d, V = check_lm_head_inputs(h_talk, weight, target, h_name="h_talk")
+    check_lm_head_inputs(h_base, weight, h_name="h_base")
+    if h_base.shape != h_talk.shape:
+        raise ValueError(f"h_base must have h_talk's shape {tuple(h_talk.shape)}, got {tuple(h_base.shape)}")
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+    if w.shape != (N,):
+        raise ValueError(f"w must be (N={N},), got shape {tuple(w.shape)}")
+    if w.device != h_talk.device:
+        raise ValueError(f"w is on {w.device} but h_talk is on {h_talk.device}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return N, d, V
+
+
 def check_temperature(temperature) -> float:
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
@@ -192,13 +209,7 @@ def banned_ids_tensor(banned_ids: Sequence[int] | torch.Tensor, V: int, device) 
 
 def mixed_logprob_ref(h_talk, h_base, w, weight, target, ignore_index=-100):
     """logp[i] = log_softmax((1 - w_i) W h_base_i + w_i W h_talk_i)[target_i], 0 where ignored. float32 (N,)."""
-    N, d, V = check_lm_head_inputs(h_talk, weight, target, h_name="h_talk")
-    check_lm_head_inputs(h_base, weight, h_name="h_base")
-    if h_base.shape != h_talk.shape:
-        raise ValueError(f"h_base must have h_talk's shape {tuple(h_talk.shape)}, got {tuple(h_base.shape)}")
-    _check_float("w", w)
-    if w.shape != (N,):
-        raise ValueError(f"w must be (N={N},), got shape {tuple(w.shape)}")
+    check_mixed_logprob_inputs(h_talk, h_base, w, weight, target, ignore_index)
     wf = w.float()[:, None]
     logits = (1 - wf) * (h_base.float() @ weight.float().T) + wf * (h_talk.float() @ weight.float().T)
     valid = target != ignore_index
