@@ -40,9 +40,22 @@ def lm_head_ops(name: str) -> SimpleNamespace:
                                sample=c.sample_thought_tokens_chunked)
     if name == "triton":
         import kernels
-        return SimpleNamespace(mixed_logprob=kernels.mixed_logprob, token_logprob=kernels.token_logprob,
-                               sample=kernels.sample_thought_tokens)
+        return SimpleNamespace(mixed_logprob=_autocast(kernels.mixed_logprob), token_logprob=_autocast(
+            kernels.token_logprob), sample=_autocast(kernels.sample_thought_tokens))
     raise ValueError(f"lm_head must be reference, chunked or triton, got {name!r}")
+
+
+def _autocast(fn):
+    """Under CUDA autocast, feed a Triton LM-head op the autocast dtype, as an nn.Linear LM head would
+    get (the final-norm hidden states and the fp32 master weight are float32 otherwise); gradients flow
+    back through the casts to the fp32 tensors."""
+    def wrapped(*args, **kwargs):
+        if torch.is_autocast_enabled("cuda"):
+            dt = torch.get_autocast_dtype("cuda")
+            args = tuple(a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        return fn(*args, **kwargs)
+    wrapped.__name__ = getattr(fn, "__name__", "op")
+    return wrapped
 
 
 @dataclass
