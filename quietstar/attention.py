@@ -97,12 +97,9 @@ class Layout:
 # per-backend primitives
 # ----------------------------------------------------------------------------------------------
 def causal_attention(q, k, v, scale):
-    """Causal self-attention with GQA: q (B, H, S, D), k/v (B, H_KV, S, D) -> (B, H, S, D)."""
-    g = q.shape[1] // k.shape[1]
-    if g > 1:
-        k = k.repeat_interleave(g, dim=1)
-        v = v.repeat_interleave(g, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    """Causal self-attention with GQA: q (B, H, S, D), k/v (B, H_KV, S, D) -> (B, H, S, D).
+    K/V are not expanded to all heads (SDPA's enable_gqa), so the flash kernels run and nothing is copied."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _split_scores(q, kbx, kcx, scale):
