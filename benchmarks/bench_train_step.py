@@ -57,18 +57,11 @@ GPU_PATHS = ["floor", "fast-gpu", "stt-triton-chunked", "stt-flex-chunked", "stt
 H100_PEAK_BF16 = 989e12
 
 
-def peak_rss_mib() -> float:
+def _status_mib(key: str) -> float:
+    """A memory line of /proc/self/status (VmHWM: peak RSS, VmRSS: current RSS) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -140,7 +133,7 @@ def child(args) -> dict:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
-    base_mem = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib()
+    base_mem = torch.cuda.memory_allocated() / 2**20 if cuda else _status_mib("VmRSS")
     res = {"path": args.child, "data": data}
     th = model.thought
     B, T = ids.shape
@@ -222,7 +215,7 @@ def child(args) -> dict:
         flops = 6 * N * trained + 2 * N * th.M * B * th.P * T
         res["mfu"] = flops / (res["step_ms"] / 1000) / H100_PEAK_BF16
     else:
-        res["peak_rss_mib"] = peak_rss_mib()
+        res["peak_rss_mib"] = _status_mib("VmHWM")
         res["peak_extra_mib"] = res["peak_rss_mib"] - base_mem
     return res
 
