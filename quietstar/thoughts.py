@@ -67,7 +67,7 @@ class Backends:
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
-def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None, V: int) -> torch.Tensor:
+def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None) -> torch.Tensor:
     """Validate a batch; return valid_next (B, T) bool: True where target x_{t+1} is scored."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must be an int64 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
@@ -258,7 +258,7 @@ def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next
                       backends: Backends = Backends(), generator: torch.Generator | None = None,
                       thoughts: torch.Tensor | None = None, denominators: dict | None = None):
     """Sample thoughts (unless given), run the chains by `schedule`, return (loss, metrics, extras)."""
-    valid_next = check_batch(input_ids, valid_next, model.lm_head_weight.shape[0])
+    valid_next = check_batch(input_ids, valid_next)
     model.check_lengths(input_ids.shape[1])
     th = model.thought
     B, T = input_ids.shape

@@ -209,7 +209,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
 
     # model: fp32 master weights
     lm = build_decoder(cfg.model, dtype=torch.float32)
-    if lm.config.vocab_size != len(tok) and lm.config.vocab_size < len(tok):
+    if lm.config.vocab_size < len(tok):
         raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}")
     model = QuietStarModel(lm, cfg.thought, marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text))
     model.check_lengths(tc.seq_len)
@@ -267,7 +267,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
             den = None
             if world > 1:   # divide by global counts / world: the averaged gradient is the big batch's
                 import torch.distributed as dist
-                c = target_counts(check_batch(ids, vn, 0), cfg.thought.K, cfg.thought.P)
+                c = target_counts(check_batch(ids, vn), cfg.thought.K, cfg.thought.P)
                 flat = torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
                 dist.all_reduce(flat)
                 den = dict(zip(("n_base", "n_talk", "n_pol"), flat / world))
