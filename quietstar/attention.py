@@ -1,9 +1,8 @@
 """Thought attention plugged into a stock Hugging Face decoder through `AttentionInterface`.
 
-The model is never forked: `register()` adds an attention function named "quietstar" (and a mask
-function that builds nothing), and every call of `model.model(...)` passes a `qs_layout` keyword
-(a `Layout`) that reaches the attention function of every layer. The layout says what the tokens of
-this call are:
+The model is never forked: `register()` adds an attention function named "quietstar", and every
+call of `model.model(...)` passes a `qs_layout` keyword (a `Layout`) that reaches the attention
+function of every layer. The layout says what the tokens of this call are:
 
 - ``causal``: ordinary text; plain causal attention (also what a `Layout`-less call does).
 - ``parallel``: [T base tokens | P x T x L chain tokens], chain of pass p, position t, index l at
@@ -302,9 +301,12 @@ def quietstar_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 def register() -> str:
-    """Register the "quietstar" attention (and a mask function that builds no mask); return its name."""
+    """Register the "quietstar" attention and return its name.
+
+    No mask function is registered on purpose: for an attention name without one, transformers'
+    mask preparation exits at once (mask None). With one, it would inspect the position ids of every
+    call for packed sequences (chain positions are not consecutive) and read the answer back to the
+    host: a device sync per model call, which stalls the launch-bound sampling loop on a GPU."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(NAME, quietstar_attention)
-    AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)
     return NAME

@@ -182,3 +182,22 @@ def test_split_attention_gradcheck():
     B, H, H_KV, T, L, D = 1, 4, 2, 3, 3, 4
     x = (mk(B, H, T, L, D), mk(B, H_KV, T, D), mk(B, H_KV, T, D), mk(B, H_KV, T, L, D), mk(B, H_KV, T, L, D))
     assert torch.autograd.gradcheck(lambda *a: _split_parallel(*a, 0.3), x)
+
+
+def test_model_calls_build_no_mask_and_never_read_positions_back(monkeypatch):
+    """transformers' mask preparation would inspect the (non-consecutive) chain positions of every
+    call for packed sequences and read the answer back to the host (a device sync per call on a GPU).
+    With no mask function registered for "quietstar" it must not run at all."""
+    import transformers.masking_utils as mu
+
+    def boom(*args, **kwargs):
+        raise AssertionError("find_packed_sequence_indices was called: a host sync per model call")
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", boom)
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 9))
+    thoughts = sample_thoughts(model, ids, Backends("reference", "reference"), torch.Generator().manual_seed(0))
+    loss, _, _ = quietstar_forward(model, ids, None, LossConfig(), "sample-then-train", Backends("split", "chunked"),
+                                   thoughts=thoughts)
+    loss.backward()
+    model.lm(ids, use_cache=False, position_ids=torch.arange(9)[None] * 2)
