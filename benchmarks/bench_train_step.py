@@ -4,13 +4,16 @@ Paths (schedule / attention backend / LM-head backend):
   reference  sequential / reference / reference    the reference algorithm: dense masks, full logits
   fast       the device's fast path: sample-then-train / triton / triton on CUDA,
              sample-then-train / split / chunked on CPU
+  fast-gpu-graphs  the GPU fast path with the sampling loop replayed from a CUDA graph (--cuda-graphs)
   mixed      other combinations (see PATHS)
   floor      the stock model's own causal-LM forward+backward (chunked cross-entropy) over the same
              number of trained tokens, B*T + B*P*T*L, plus M no-grad forwards over B*P*T tokens (the
              sampling passes): what training those tokens plainly costs.
 
 Every path runs in its own child process (so its peak memory is its own: peak RSS on CPU,
-torch.cuda.max_memory_allocated on CUDA), on the same model, rows and seed. Agreement with the
+torch.cuda.max_memory_allocated on CUDA), on the same model, rows and seed. Peak memory is
+measured over the timed steps only (from the memory in use when they start), not over model loading
+nor over the agreement pass below, which the floor does not have. Agreement with the
 reference is measured on the same sampled thoughts (sampled once, by the reference sampler): the
 relative difference of the loss and the cosine of the flattened gradients. Step time includes the
 path's own sampling, the forward+backward and the AdamW step (median of --repeats after a warm-up).
@@ -44,6 +47,7 @@ PATHS = {
     "reference": ("sequential", "reference", "reference"),
     "fast-cpu": ("sample-then-train", "split", "chunked"),
     "fast-gpu": ("sample-then-train", "triton", "triton"),
+    "fast-gpu-graphs": ("sample-then-train", "triton", "triton"),      # + the sampling loop in a CUDA graph
     "stt-reference": ("sample-then-train", "reference", "reference"),
     "stt-split-reference": ("sample-then-train", "split", "reference"),
     "stt-reference-chunked": ("sample-then-train", "reference", "chunked"),
@@ -53,7 +57,8 @@ PATHS = {
     "floor": None,
 }
 CPU_PATHS = ["floor", "fast-cpu", "stt-split-reference", "stt-reference-chunked", "stt-reference", "reference"]
-GPU_PATHS = ["floor", "fast-gpu", "stt-triton-chunked", "stt-flex-chunked", "stt-reference", "reference"]
+GRAPHED = {"fast-gpu-graphs"}
+GPU_PATHS = ["floor", "fast-gpu", "fast-gpu-graphs", "stt-triton-chunked", "stt-flex-chunked", "stt-reference", "reference"]
 H100_PEAK_BF16 = 989e12
 
 
@@ -64,6 +69,31 @@ def _status_mib(key: str) -> float:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def start_peak_window(cuda: bool) -> float:
+    """Start measuring peak memory for the timed steps only (after loading and the agreement pass,
+    which the floor does not have); return the memory in use now (MiB).
+
+    CPU: freed heap is first handed back to the OS (glibc malloc_trim), so that the resident set is
+    what is live; then VmHWM (peak RSS) is reset to VmRSS. GPU: the allocator's peak is reset."""
+    import gc
+    import torch
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_mib("VmRSS")
 
 
 def build(args, device, tmp: Path):
@@ -114,6 +144,28 @@ def build(args, device, tmp: Path):
     return model, rows[: args.B].to(device), valid[: args.B].to(device), data
 
 
+def agreement(args, model, ids, vn, loss_cfg, schedule, backends, autocast, tmp: Path) -> dict:
+    """Loss and flattened gradients on the shared thoughts; the reference saves its gradients, the
+    other paths compare with them (relative loss difference, cosine). All buffers die on return."""
+    import torch
+    from quietstar.thoughts import quietstar_forward
+    thoughts = torch.load(tmp / "thoughts.pt").to(ids.device)
+    with autocast:
+        loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, thoughts=thoughts)
+    loss.backward()
+    g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
+                   for p in model.parameters()])
+    res = {"loss": float(loss)}
+    if args.child == "reference":
+        torch.save(g.cpu(), tmp / "ref_grad.pt")
+    elif (tmp / "ref_grad.pt").exists():
+        gr = torch.load(tmp / "ref_grad.pt").to(ids.device)
+        res["grad_cosine"] = float(torch.nn.functional.cosine_similarity(g.double(), gr.double(), dim=0))
+        res["ref_loss"] = json.loads((tmp / "reference.json").read_text())["loss"]
+        res["loss_rel_diff"] = abs(res["loss"] - res["ref_loss"]) / abs(res["ref_loss"])
+    return res
+
+
 def child(args) -> dict:
     import torch
     from quietstar import Backends, LossConfig
@@ -126,14 +178,6 @@ def child(args) -> dict:
     loss_cfg = LossConfig()
     tmp = Path(args.tmp)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:   # reset VmHWM, so that the peak is this path's, not the model loading's
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-    base_mem = torch.cuda.memory_allocated() / 2**20 if cuda else _status_mib("VmRSS")
     res = {"path": args.child, "data": data}
     th = model.thought
     B, T = ids.shape
@@ -167,31 +211,23 @@ def child(args) -> dict:
     else:
         schedule, attn, head = PATHS[args.child]
         backends = Backends(attn, head)
-        thoughts = torch.load(tmp / "thoughts.pt").to(device)
-        # agreement: loss and gradients on the shared thoughts
-        with autocast:
-            loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, thoughts=thoughts)
-        loss.backward()
-        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
+        res.update(agreement(args, model, ids, vn, loss_cfg, schedule, backends, autocast, tmp))
         opt.zero_grad(set_to_none=True)
-        res["loss"] = float(loss)
-        if args.child == "reference":
-            torch.save(g.cpu(), tmp / "ref_grad.pt")
-        elif (tmp / "ref_grad.pt").exists():
-            gr = torch.load(tmp / "ref_grad.pt").to(device)
-            res["grad_cosine"] = float(torch.nn.functional.cosine_similarity(g.double(), gr.double(), dim=0))
-            res["ref_loss"] = json.loads((tmp / "reference.json").read_text())["loss"]
-            res["loss_rel_diff"] = abs(res["loss"] - res["ref_loss"]) / abs(res["ref_loss"])
-        del g
         gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        sampler = None
+        if args.child in GRAPHED:
+            from quietstar.graphs import GraphedSampler
+            sampler = GraphedSampler(model, backends, gen)
 
         def step():
             with autocast:
-                loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, gen)
+                thoughts = sampler(ids) if sampler is not None else None
+                loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, gen, thoughts=thoughts)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    base_mem = start_peak_window(cuda)
     times = []
     for i in range(args.warmup + args.repeats):
         sync()

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command for a lent H100: GPU tests + every benchmark, all results and logs under OUTDIR.
 #
-#   bash benchmarks/gpu_suite.sh OUTDIR
+#   bash benchmarks/gpu_suite.sh OUTDIR          # part "main": GPU tests, kernels, the paper-shape train step
+#   bash benchmarks/gpu_suite.sh OUTDIR train    # part "train": the other train-step rows (~1B model, T=1024)
 #
+# Each part fits one 10-minute device call.
 # Installs peer wheels (liger-kernel, cut-cross-entropy, ...) from .whl/ at the repository root when
 # that folder exists (the GPU machine has no internet), prints nvidia-smi and versions, then runs
 # each stage under its own timeout so the whole run stays under 8 minutes. A failing or timed-out
@@ -11,7 +13,9 @@
 # Override a stage's timeout with e.g. T_ATTN=200; pass extra benchmark flags with ATTN_ARGS / LM_ARGS /
 # TRAIN_ARGS.
 set -u
-OUT="${1:?usage: benchmarks/gpu_suite.sh OUTDIR}"
+OUT="${1:?usage: benchmarks/gpu_suite.sh OUTDIR [main|train]}"
+PART="${2:-main}"
+case "$PART" in main|train) ;; *) echo "unknown part $PART: main or train" >&2; exit 2;; esac
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 mkdir -p "$OUT"
@@ -67,10 +71,12 @@ stage() {   # stage NAME TIMEOUT_S CMD...
   NAMES+=("$name"); RCS+=("$rc"); SECS+=("$(( $(date +%s) - t0 ))")
 }
 
+if [ "$PART" = main ]; then
 stage gpu_tests "$T_TESTS" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 # (the H100 static check is CPU-only compile work; it runs in CI: benchmarks/h100_static_check.py)
 stage bench_thought_attention "$T_ATTN" "$PY" benchmarks/bench_thought_attention.py --out "$OUT" ${ATTN_ARGS:-}
 stage bench_lm_head "$T_LM" "$PY" benchmarks/bench_lm_head.py --out "$OUT" ${LM_ARGS:-}
+fi
 # ---------------------------------------------------------------------------------------------
 # TRAIN-STEP BENCHMARK (benchmarks/bench_train_step.py, written by the lead): one Quiet-STaR optimizer
 # step per path at the paper shape. Override its flags with TRAIN_ARGS; T_TRAIN=0 skips it.
@@ -82,8 +88,15 @@ if [ -f benchmarks/bench_train_step.py ] && [ "$T_TRAIN" -gt 0 ]; then
   else
     TRAIN_MODEL="mistral-1b"
   fi
-  stage bench_train_step "$T_TRAIN" "$PY" benchmarks/bench_train_step.py --out "$OUT" \
-    ${TRAIN_ARGS:---model $TRAIN_MODEL --B 8 --T 256 --paths floor,fast-gpu,stt-triton-chunked,reference --repeats 3}
+  if [ "$PART" = main ]; then
+    stage bench_train_step "$T_TRAIN" "$PY" benchmarks/bench_train_step.py --out "$OUT" \
+      ${TRAIN_ARGS:---model $TRAIN_MODEL --B 8 --T 256 --paths floor,fast-gpu,fast-gpu-graphs,stt-triton-chunked,reference --repeats 3}
+  else   # the issue's other rows: the ~1B random-init Mistral at the paper shape, and T=1024
+    stage bench_train_step_1b "${T_TRAIN_1B:-240}" "$PY" benchmarks/bench_train_step.py --out "$OUT" \
+      --model mistral-1b --B 8 --T 256 --paths floor,fast-gpu,fast-gpu-graphs,reference --repeats 3
+    stage bench_train_step_t1024 "${T_TRAIN_1K:-240}" "$PY" benchmarks/bench_train_step.py --out "$OUT" \
+      --model $TRAIN_MODEL --B 2 --T 1024 --paths floor,fast-gpu,fast-gpu-graphs,reference --repeats 3
+  fi
 fi
 
 {

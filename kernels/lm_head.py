@@ -10,7 +10,7 @@ Three ops on hidden states h (N, d) and the LM-head weight W (V, d) (``weight``)
 * ``token_logprob(h, weight, target, temperature=1.0, banned_ids=())``
   equals ``torch.log_softmax((h.float() @ weight.float().T / temperature).index_fill(1, banned, -inf),
   -1).gather(1, target[:, None])[:, 0]``, float32 (N,).
-* ``sample_thought_tokens(h, weight, temperature=1.0, banned_ids=(), generator=None)``: one exact
+* ``sample_thought_tokens(h, weight, temperature=1.0, banned_ids=(), generator=None, *, seed=None)``: one exact
   sample per row of softmax(W h / temperature) over the non-banned ids, by Gumbel-max, int64 (N,).
 
 Math. z = W h_mix / tau (tau = temperature, 1 for the mixed op), lse = log sum_v exp z_v,
@@ -50,7 +50,8 @@ Sampling (``_sample_kernel``): same GEMM grid; Gumbel noise is drawn inside the 
 counter-based Philox (tl.randint) at counter offset row * V + col (int64), keyed by a 64-bit seed
 read from device memory. The seed is drawn from ``generator`` by a one-element torch.randint on the
 device of h (no host sync; it advances the generator, so the same generator state gives the same
-tokens). u = (2k + 1) 2^-24 with k the top 23 bits of the Philox output lies strictly inside (0, 1),
+tokens), or passed in as ``seed`` (a (1,) int64 device tensor: a CUDA graph reads its keys from a
+static buffer filled before each replay). u = (2k + 1) 2^-24 with k the top 23 bits of the Philox output lies strictly inside (0, 1),
 G = -log(-log u). Each program keeps a running (max, argmax) per row over its V blocks;
 ``_sample_combine_kernel`` takes the argmax over the partial maxima (first index on ties).
 
@@ -616,7 +617,18 @@ def _draw_seed(generator, device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
 
 
-def _sample(h, weight, banned, inv_temp, generator):
+def _check_seed(seed, generator, device) -> None:
+    if generator is not None:
+        raise ValueError("pass either seed or generator to sample_thought_tokens, not both")
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or tuple(seed.shape) != (1,):
+        raise ValueError(f"seed must be a (1,) int64 tensor, got "
+                         f"{tuple(seed.shape) if isinstance(seed, torch.Tensor) else type(seed).__name__} "
+                         f"{getattr(seed, 'dtype', '')}")
+    if seed.device != device:
+        raise ValueError(f"seed is on {seed.device} but h is on {device}")
+
+
+def _sample(h, weight, banned, inv_temp, generator, seed=None):
     N, d = h.shape
     V = weight.shape[0]
     interpret = _interpreting()
@@ -624,7 +636,8 @@ def _sample(h, weight, banned, inv_temp, generator):
     cfg, ccfg = cfgs["sample"], cfgs["combine"]
     bpp = _blocks_per_prog(N, V, cfg, interpret)
     num_groups = triton.cdiv(triton.cdiv(V, cfg["BLOCK_V"]), bpp)
-    seed = _draw_seed(generator, h.device)
+    if seed is None:
+        seed = _draw_seed(generator, h.device)
     val_part = torch.empty((num_groups, N), device=h.device, dtype=torch.float32)
     idx_part = torch.empty((num_groups, N), device=h.device, dtype=torch.int32)
     n_banned = banned.numel()
@@ -705,17 +718,21 @@ def token_logprob(h, weight, target, temperature=1.0, banned_ids=()):
 
 
 @torch.no_grad()
-def sample_thought_tokens(h, weight, temperature=1.0, banned_ids=(), generator=None):
+def sample_thought_tokens(h, weight, temperature=1.0, banned_ids=(), generator=None, *, seed=None):
     """One exact sample per row from softmax(W h / temperature) without the banned ids; int64 (N,).
 
     In law equal to ``sample_thought_tokens_ref`` (Gumbel-max), without the (N, V) logits; the
-    Gumbel noise is Philox inside the kernel, keyed by a seed drawn from ``generator`` on device.
+    Gumbel noise is Philox inside the kernel, keyed by a seed drawn from ``generator`` on device,
+    or by ``seed`` when given: a (1,) int64 tensor on h's device (what a CUDA graph captures; the
+    generator path equals ``seed=torch.randint(0, 2**62, (1,), generator=generator, device=h.device)``).
     """
     N, d, V = check_lm_head_inputs(h, weight)
     temperature = check_temperature(temperature)
     _check_kernel_tensors(h=h, weight=weight)
+    if seed is not None:
+        _check_seed(seed, generator, h.device)
     banned = _banned_on_device(banned_ids, V, h.device)
-    return _sample(h, weight, banned, 1.0 / temperature, generator)
+    return _sample(h, weight, banned, 1.0 / temperature, generator, seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,6 +145,10 @@ class TrainConfig:
     """Path of a checkpoint to continue from exactly."""
     eval_rows: int = 0
     """Held-out rows scored (with and without thoughts) at the start and end (0: none)."""
+    cuda_graphs: bool = False
+    """Capture the thought-sampling loop in a CUDA graph and replay it each step (CUDA, --lm-head
+    triton; quietstar/graphs.py): removes the kernel-launch overhead that dominates sampling at
+    small models; the same thoughts as without. Its caches stay allocated between steps."""
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "grad_accum", "seq_len"):

@@ -116,11 +116,25 @@ def chain_embeddings(model: QuietStarModel, input_ids: torch.Tensor, thoughts: t
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Backends,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample M thought tokens for every (pass, position): (B, P, T, M) int64, tokenwise in parallel."""
+                    generator: torch.Generator | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample M thought tokens for every (pass, position): (B, P, T, M) int64, tokenwise in parallel.
+
+    The noise comes from `generator`, or with the Triton LM head from `seeds`: an (M,) int64 tensor
+    on the device whose entry l keys step l's Philox noise (a CUDA graph reads them from a static
+    buffer; quietstar/graphs.py). Drawing them as M one-element randints from a generator gives
+    exactly the tokens of the generator path."""
     th = model.thought
     B, T = input_ids.shape
     P, M, L = th.P, th.M, th.L
+    if seeds is not None:
+        if backends.lm_head != "triton":
+            raise ValueError(f"seeds need the triton LM head (its sampler is keyed by a device seed); "
+                             f"lm_head={backends.lm_head!r} takes a generator")
+        if generator is not None:
+            raise ValueError("pass either seeds or generator to sample_thoughts, not both")
+        if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or tuple(seeds.shape) != (M,):
+            raise ValueError(f"seeds must be an (M={M},) int64 tensor, got "
+                             f"{tuple(getattr(seeds, 'shape', ()))} {getattr(seeds, 'dtype', type(seeds).__name__)}")
     ops = lm_head_ops(backends.lm_head)
     W = model.lm_head_weight
     cache = ThoughtCache(P=P, T=T, L=M)                 # indices 0..M-1 are the ones that sample
@@ -133,8 +147,8 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
     for l in range(M):
         p_l = pos[:, l].repeat(P)[None].expand(B, P * T)
         h = model.hidden(emb, p_l, Layout("step", backends.attention, step=l, cache=cache))   # (B, P*T, d)
-        s = ops.sample(h.reshape(B * P * T, -1), W, temperature=th.tau_sample, banned_ids=model.banned_ids,
-                       generator=generator)
+        noise = {"generator": generator} if seeds is None else {"seed": seeds[l:l + 1]}
+        s = ops.sample(h.reshape(B * P * T, -1), W, temperature=th.tau_sample, banned_ids=model.banned_ids, **noise)
         thoughts[..., l] = s.view(B, P, T)
         emb = model.embed(s.view(B, P * T))
     return thoughts
@@ -243,11 +257,15 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     policy = -(adv * lp_s.mean(-1) * pos_valid).sum() / n_pol
 
     loss = loss_cfg.beta_base * nll_base + loss_cfg.beta_talk * nll_talk + loss_cfg.beta_policy * policy
-    wv = w.detach()[valid_p].float()
+    # w statistics over the scored talk targets by masked sums (boolean indexing would sync with the host)
+    vf = valid_p.float()
+    n_w = vf.sum().clamp_min(1)
+    wd = w.detach().float()
+    w_mean = (wd * vf).sum() / n_w
     metrics = {
         "loss": loss.detach(), "nll_base": nll_base.detach(), "nll_talk": nll_talk.detach(),
-        "policy": policy.detach(), "w_mean": wv.mean() if wv.numel() else wv.new_zeros(()),
-        "w_std": wv.std(unbiased=False) if wv.numel() else wv.new_zeros(()),
+        "policy": policy.detach(), "w_mean": w_mean,
+        "w_std": (((wd - w_mean) ** 2 * vf).sum() / n_w).sqrt(),
         "reward": (reward * pos_valid).sum() / n_pol,
     }
     return loss, metrics, SimpleNamespace(lp_base=lp_base.view(B, T), lp_mix=lp_mix, w=w)

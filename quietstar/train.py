@@ -96,6 +96,13 @@ def config_from_args(argv=None) -> Config:
         train.attention = "triton" if cuda else "split"
     if args["lm_head"] is None:
         train.lm_head = "triton" if cuda else "chunked"
+    if train.cuda_graphs:
+        from .graphs import GRAPH_ATTENTION
+        if not cuda:
+            raise ValueError("--cuda-graphs needs a CUDA GPU (and --device cuda or auto)")
+        if train.lm_head != "triton" or train.attention not in GRAPH_ATTENTION:
+            raise ValueError(f"--cuda-graphs needs --lm-head triton and --attention in {GRAPH_ATTENTION}, got "
+                             f"--lm-head {train.lm_head} --attention {train.attention}")
     return Config(model=ModelConfig(**mkw), thought=ThoughtConfig(**pick(ThoughtConfig)),
                   loss=LossConfig(**lkw), train=train)
 
@@ -223,6 +230,10 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1 + rank)
+    sampler = None
+    if tc.cuda_graphs:
+        from .graphs import GraphedSampler
+        sampler = GraphedSampler(model, backends, generator)
     start = 0
     if tc.resume:
         ck = torch.load(tc.resume, map_location=device, weights_only=False)
@@ -273,7 +284,9 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                 den = dict(zip(("n_base", "n_talk", "n_pol"), flat / world))
             sync = world == 1 or micro == tc.grad_accum - 1
             with autocast, (contextlib.nullcontext() if sync else fwd.no_sync()):
-                loss, m, _ = fwd(ids, vn, cfg.loss, tc.schedule, backends, generator, denominators=den)
+                thoughts = sampler(ids) if sampler is not None else None      # else sampled inside
+                loss, m, _ = fwd(ids, vn, cfg.loss, tc.schedule, backends, generator, thoughts=thoughts,
+                                 denominators=den)
                 (loss / tc.grad_accum).backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum

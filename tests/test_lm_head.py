@@ -213,6 +213,23 @@ def test_sampler_reproducible_seeded_and_never_banned():
         assert not torch.isin(toks, torch.tensor(banned)).any(), "a banned id was sampled"
 
 
+def test_sampler_explicit_seed_equals_generator_draw():
+    """seed= (the CUDA-graph path) is the key the generator path would draw: same tokens."""
+    gen = torch.Generator().manual_seed(0)
+    h, W = torch.randn(40, 24, generator=gen), torch.randn(300, 24, generator=gen) * 0.1
+    banned = (3, 64)
+    a = sample_thought_tokens(h, W, 0.7, banned, torch.Generator().manual_seed(5))
+    seed = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5), dtype=torch.int64)
+    assert torch.equal(sample_thought_tokens(h, W, 0.7, banned, seed=seed), a)
+    other = sample_thought_tokens(h, W, 0.7, banned, seed=seed + 1)
+    assert (other != a).float().mean() > 0.5, "the seed must key the noise"
+    with pytest.raises(ValueError, match="seed or generator"):
+        sample_thought_tokens(h, W, 0.7, banned, torch.Generator(), seed=seed)
+    for bad in (seed.int(), seed.repeat(2), 5):
+        with pytest.raises(ValueError, match="seed must be a \\(1,\\) int64"):
+            sample_thought_tokens(h, W, seed=bad)
+
+
 @pytest.mark.parametrize("sampler", [sample_thought_tokens, sample_thought_tokens_chunked],
                          ids=["triton", "chunked"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

@@ -201,3 +201,19 @@ def test_model_calls_build_no_mask_and_never_read_positions_back(monkeypatch):
                                    thoughts=thoughts)
     loss.backward()
     model.lm(ids, use_cache=False, position_ids=torch.arange(9)[None] * 2)
+
+
+def test_w_metrics_are_over_scored_targets():
+    """w_mean / w_std (masked sums, no host sync) equal the statistics of w at the scored talk targets."""
+    from quietstar.thoughts import check_batch, talk_validity
+    model = tiny_model(K=3)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 4:] = False
+    _, metrics, ex = quietstar_forward(model, ids, valid, LossConfig(), "sample-then-train", Backends("split", "chunked"),
+                                       torch.Generator().manual_seed(0))
+    _, valid_tk = talk_validity(check_batch(ids, valid), 3)
+    wv = ex.w.detach()[valid_tk[:, None].expand_as(ex.w)]
+    assert wv.numel() < ex.w.numel() and wv.std() > 0
+    torch.testing.assert_close(metrics["w_mean"], wv.mean())
+    torch.testing.assert_close(metrics["w_std"], wv.std(unbiased=False))

@@ -52,3 +52,28 @@ def test_cli_defaults_and_errors():
         config_from_args(["--attention", "dense"])
     with pytest.raises(ValueError, match="TrainConfig.seq_len"):
         config_from_args(["--seq-len", "1"])
+    assert cfg.train.cuda_graphs is False
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--cuda-graphs needs --lm-head triton"):
+            config_from_args(["--cuda-graphs", "--lm-head", "chunked"])
+        assert config_from_args(["--cuda-graphs"]).train.cuda_graphs
+    else:
+        with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA GPU"):
+            config_from_args(["--cuda-graphs"])
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_the_same_run(tmp_path):
+    """--cuda-graphs replays the sampling loop: the same thoughts, so the same losses and weights."""
+    args = TINY[:-4]
+    args[args.index("--model-head-dim") + 1] = "16"          # the Triton kernels take D = 16, 32, ..., 128
+    common = args + ["--lm-head", "triton", "--attention", "triton", "--steps", "4", "--lr", "3e-3",
+                     "--device", "cuda"]
+    eager = train(config_from_args(common + ["--out-dir", str(tmp_path / "e")]), progress=False)
+    graphed = train(config_from_args(common + ["--cuda-graphs", "--out-dir", str(tmp_path / "g")]), progress=False)
+    a, b = read_metrics(eager["metrics"]), read_metrics(graphed["metrics"])
+    for ra, rb in zip(a, b):
+        for k in ("loss", "nll_base", "nll_talk", "policy", "reward"):
+            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
+    sa, sb = eager["model"].state_dict(), graphed["model"].state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
