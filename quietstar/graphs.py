@@ -13,18 +13,22 @@ What is static and what is not:
   one one-element draw per step, exactly the draws the eager loop makes; so a generator state gives
   the same thoughts with and without the graph, and checkpoints resume either way;
 - the parameters are read where they live: in-place updates (optimizer steps, `load_state_dict`)
-  are seen by the next replay; replacing a parameter tensor by a new one is not (capture again by
-  making a new sampler);
-- the K/V caches and activations of the loop live in the graph's private memory pool, which stays
-  reserved between replays (the eager loop frees them before training): peak memory grows by
-  about the sampling loop's own peak.
+  are seen by the next replay. Each call compares (on the host) the parameters' and buffers'
+  addresses, dtypes and shapes and the ThoughtConfig with those at capture, and captures again when
+  anything differs (`model.to(...)`, `load_state_dict(assign=True)`, a new temperature);
+- the K/V caches and activations of the loop live in one private memory pool shared by all captured
+  shapes, which stays reserved between replays (the eager loop frees them before training): peak
+  memory grows by about the sampling loop's own peak. At most MAX_GRAPHS shapes are kept.
 
 Needs CUDA and the Triton LM head (its sampler takes a device seed); attention triton, split or
-reference (FlexAttention is compiled by torch.compile, which this module does not capture).
+reference (FlexAttention is compiled by torch.compile, which this module does not capture); RoPE
+whose frequencies do not depend on the positions seen (not "dynamic" / "longrope", which read the
+largest position back to the host on every call).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from types import SimpleNamespace
 
 import torch
@@ -32,6 +36,7 @@ import torch
 from .thoughts import Backends, sample_thoughts
 
 GRAPH_ATTENTION = ("triton", "split", "reference")
+MAX_GRAPHS = 8
 
 
 class GraphedSampler:
@@ -55,8 +60,22 @@ class GraphedSampler:
             raise ValueError(f"generator must be a CUDA generator, got one on {generator.device}")
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (Triton must compile before capture), got {warmup}")
+        rope = getattr(getattr(model.lm.model, "rotary_emb", None), "rope_type", "default")
+        if "dynamic" in str(rope) or rope == "longrope":
+            raise ValueError(f"CUDA-graph sampling cannot capture rope_type={rope!r}: its frequencies are "
+                             "updated from the largest position on every call (a host sync)")
         self.model, self.backends, self.generator, self.warmup = model, backends, generator, warmup
         self.graphs: dict = {}
+        self.pool = self.stream = None
+        self.fingerprint = None
+        self.last = None
+
+    def _fingerprint(self):
+        """What the captured kernels bake in: every parameter's and buffer's address, dtype and shape,
+        and the thought settings (M, temperature, banned ids, ...)."""
+        ts = [(t.data_ptr(), t.dtype, tuple(t.shape)) for t in self.model.parameters()]
+        ts += [(t.data_ptr(), t.dtype, tuple(t.shape)) for t in self.model.buffers()]
+        return tuple(ts), dataclasses.astuple(self.model.thought), self.model.banned_ids
 
     @staticmethod
     def _autocast_dtype():
@@ -69,19 +88,26 @@ class GraphedSampler:
             contextlib.nullcontext()
 
     def _capture(self, input_ids: torch.Tensor, key) -> SimpleNamespace:
+        from kernels.lm_head import _banned_on_device
         M = self.model.thought.M
+        dev = input_ids.device
         ids = input_ids.clone()
-        seeds = torch.zeros(M, dtype=torch.int64, device=input_ids.device)
-        side = torch.cuda.Stream(device=input_ids.device)
-        side.wait_stream(torch.cuda.current_stream())
+        seeds = torch.zeros(M, dtype=torch.int64, device=dev)
+        # the graph reads the banned-id tensor by address: hold it here, not only in the kernel's cache
+        banned = _banned_on_device(self.model.banned_ids, self.model.lm_head_weight.shape[0], dev)
+        if self.pool is None:
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=dev)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), self._autocast(key[1]):
             for _ in range(self.warmup):
                 sample_thoughts(self.model, ids, self.backends, seeds=seeds)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), self._autocast(key[1]):
+        # one pool for every shape: replays run one at a time and their outputs are cloned at once
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream), self._autocast(key[1]):
             thoughts = sample_thoughts(self.model, ids, self.backends, seeds=seeds)
-        return SimpleNamespace(graph=graph, ids=ids, seeds=seeds, thoughts=thoughts)
+        return SimpleNamespace(graph=graph, ids=ids, seeds=seeds, thoughts=thoughts, banned=banned)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.device.type != "cuda":
@@ -89,17 +115,29 @@ class GraphedSampler:
                              f"{getattr(input_ids, 'device', type(input_ids).__name__)}")
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise ValueError(f"input_ids must be (B, T) int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
-        key = (tuple(input_ids.shape), self._autocast_dtype(), input_ids.device)
-        g = self.graphs.get(key)
-        if g is None:
-            g = self.graphs[key] = self._capture(input_ids, key)
-        g.ids.copy_(input_ids)
-        for l in range(g.seeds.numel()):          # the eager loop's draws: one (1,) key per step
-            torch.randint(0, 2**62, (1,), generator=self.generator, device=g.seeds.device, dtype=torch.int64,
-                          out=g.seeds[l:l + 1])
-        g.graph.replay()
-        return g.thoughts.clone()
+        fp = self._fingerprint()
+        if fp != self.fingerprint or len(self.graphs) >= MAX_GRAPHS and self._key(input_ids) not in self.graphs:
+            self.graphs.clear()                   # free the old graphs (and their pool) before capturing anew
+            self.pool = self.stream = self.last = None
+            self.fingerprint = fp
+        key = self._key(input_ids)
+        with torch.cuda.device(input_ids.device):
+            g = self.graphs.get(key)
+            if g is None:
+                g = self.graphs[key] = self._capture(input_ids, key)
+            g.ids.copy_(input_ids)
+            for l in range(g.seeds.numel()):      # the eager loop's draws: one (1,) key per step
+                torch.randint(0, 2**62, (1,), generator=self.generator, device=g.seeds.device, dtype=torch.int64,
+                              out=g.seeds[l:l + 1])
+            g.graph.replay()
+            self.last = g
+            return g.thoughts.clone()
 
-    def last_seeds(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The keys of the last replay for this input shape (to recompute it eagerly, in tests)."""
-        return self.graphs[(tuple(input_ids.shape), self._autocast_dtype(), input_ids.device)].seeds.clone()
+    def _key(self, input_ids: torch.Tensor):
+        return tuple(input_ids.shape), self._autocast_dtype(), input_ids.device
+
+    def last_seeds(self) -> torch.Tensor:
+        """The Philox keys of the last replay (to recompute it eagerly: `sample_thoughts(..., seeds=...)`)."""
+        if self.last is None:
+            raise RuntimeError("no replay yet")
+        return self.last.seeds.clone()

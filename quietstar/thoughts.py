@@ -137,6 +137,8 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
                              f"{tuple(getattr(seeds, 'shape', ()))} {getattr(seeds, 'dtype', type(seeds).__name__)}")
     ops = lm_head_ops(backends.lm_head)
     W = model.lm_head_weight
+    if backends.lm_head == "triton" and W.is_cuda and torch.is_autocast_enabled("cuda"):
+        W = W.to(torch.get_autocast_dtype("cuda"))     # once, not in each of the M sampler calls
     cache = ThoughtCache(P=P, T=T, L=M)                 # indices 0..M-1 are the ones that sample
     pos_base = torch.arange(T, device=input_ids.device)[None].expand(B, T)
     model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache))

@@ -1,6 +1,8 @@
 """CUDA-graph sampling (quietstar/graphs.py): the keyed sampling loop it captures equals the
 generator path (CPU, interpreter), bad set-ups are refused, and on a GPU the replayed graph gives
 exactly the eager loop's thoughts, across new inputs, parameter updates and autocast."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,6 +52,27 @@ def test_graphed_sampler_refuses_bad_setup():
             GraphedSampler(model, Backends("triton", "triton"))
 
 
+def test_recapture_fingerprint(monkeypatch):
+    """What a graph bakes in: in-place updates keep the capture, replaced tensors or settings do not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # the constructor only; nothing runs on CUDA
+    model = tiny_model(M=3)
+    s = GraphedSampler(model, Backends("triton", "triton"))
+    fp = s._fingerprint()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert s._fingerprint() == fp
+    model.lm.model.embed_tokens.weight.data = model.lm.model.embed_tokens.weight.data.clone()
+    fp2 = s._fingerprint()
+    assert fp2 != fp
+    model.thought = dataclasses.replace(model.thought, tau_sample=0.5)
+    assert s._fingerprint() != fp2
+    model.lm.config.rope_parameters = {**model.lm.config.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
+    model.lm.model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        GraphedSampler(model, Backends("triton", "triton"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("attention", ["triton", "split"])
@@ -75,5 +98,14 @@ def test_graph_replay_equals_eager_loop(attention, autocast):
     ids = torch.randint(0, V, (1, 12), device=dev)
     with ctx():
         got = sampler(ids)
-        want = sample_thoughts(model, ids, be, seeds=sampler.last_seeds(ids))
+        want = sample_thoughts(model, ids, be, seeds=sampler.last_seeds())
     assert torch.equal(got, want) and len(sampler.graphs) == 2
+    # what the graph bakes in changes: a new temperature, a parameter replaced by a new tensor
+    model.thought = dataclasses.replace(model.thought, tau_sample=0.5)
+    with torch.no_grad():
+        model.mixing_head.net[0].weight = torch.nn.Parameter(model.mixing_head.net[0].weight * 1.0)
+        model.lm.model.embed_tokens.weight.data = model.lm.model.embed_tokens.weight.data * 2.0
+    with ctx():
+        got = sampler(ids)
+        want = sample_thoughts(model, ids, be, seeds=sampler.last_seeds())
+    assert torch.equal(got, want) and len(sampler.graphs) == 1, "a changed model must be captured again"
