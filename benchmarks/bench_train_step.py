@@ -23,7 +23,8 @@ a trained token costs 6N and a sampled token 2N (matmul FLOPs only, attention sc
   FLOPs/step = 6 N (B*T + B*P*T*L) + 2 N (M * B*P*T);  MFU = FLOPs/step / time / peak (989 TFLOP/s
   dense bf16 for an H100 SXM).
 
-    python benchmarks/bench_train_step.py --model smollm2-135m --B 2 --T 128     # CPU, as committed
+    python benchmarks/bench_train_step.py --model smollm2-135m --B 1 --T 128     # CPU, as committed (B=2: the
+                                                                                 # reference needs > 24 GiB)
     python benchmarks/bench_train_step.py --model smollm2-135m --B 8 --T 256     # GPU, paper shape
 """
 from __future__ import annotations
