@@ -256,6 +256,17 @@ def _triton_step(q, kb, vb, kc, vc, step, scale):
 # ----------------------------------------------------------------------------------------------
 # the function registered with transformers
 # ----------------------------------------------------------------------------------------------
+def attention_dtype(query, key, value) -> torch.dtype:
+    """The one dtype the attention backends get. Under autocast RoPE hands over fp32 q and k (the
+    residual stream's cos/sin times the bf16 projections) with a bf16 v; SDPA would cast all three to
+    the autocast dtype itself, the Triton kernels and FlexAttention need it done: the autocast dtype,
+    else the promoted dtype of the three."""
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+
+
 def quietstar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         qs_layout: Layout | None = None, **kwargs):
     """query (B, H, S, D), key/value (B, H_KV, S, D) after RoPE -> (B, S, H, D), None."""
@@ -264,6 +275,9 @@ def quietstar_attention(module, query, key, value, attention_mask, scaling=None,
     if attention_mask is not None:
         raise ValueError("quietstar attention takes no attention_mask: padding is handled by the target mask")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    dt = attention_dtype(query, key, value)
+    if (query.dtype, key.dtype, value.dtype) != (dt, dt, dt):
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     lay = qs_layout
     if lay is None or lay.mode == "causal":
         o = causal_attention(query, key, value, scale)

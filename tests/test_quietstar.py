@@ -217,3 +217,32 @@ def test_w_metrics_are_over_scored_targets():
     assert wv.numel() < ex.w.numel() and wv.std() > 0
     torch.testing.assert_close(metrics["w_mean"], wv.mean())
     torch.testing.assert_close(metrics["w_std"], wv.std(unbiased=False))
+
+
+def test_autocast_hands_one_dtype_to_the_attention_backends(monkeypatch):
+    """Under autocast, RoPE returns fp32 q/k next to a bf16 v; the Triton kernels (which refuse mixed
+    dtypes) must get all three in the autocast dtype, for sampling and for training."""
+    import kernels
+    from kernels import reference as ref
+    seen = []
+
+    def parallel(q, kb, vb, kc, vc, scale=None):
+        seen.append({x.dtype for x in (q, kb, vb, kc, vc)})
+        return ref.thought_attention_ref(q, kb, vb, kc, vc, scale=scale)
+
+    def step(q, kb, vb, kc, vc, st, scale=None):
+        seen.append({x.dtype for x in (q, kb, vb, kc, vc)})
+        return ref.thought_attention_step_ref(q, kb, vb, kc, vc, st, scale=scale)
+
+    monkeypatch.setattr(kernels, "thought_attention", parallel)
+    monkeypatch.setattr(kernels, "thought_attention_step", step)
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = quietstar_forward(model, ids, None, LossConfig(), "sample-then-train",
+                                       Backends("triton", "chunked"), torch.Generator().manual_seed(0))
+    loss.backward()
+    # 2 layers x P=2 passes: M=3 sampling steps, then one parallel training pass
+    assert len(seen) == 2 * 2 * 3 + 2 * 2
+    assert all(s == {torch.bfloat16} for s in seen), seen
+    assert torch.isfinite(loss) and model.lm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
