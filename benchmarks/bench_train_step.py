@@ -246,8 +246,8 @@ def child(args) -> dict:
         res["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         res["peak_extra_mib"] = res["peak_mib"] - base_mem
         lm = model.lm
-        n_emb = lm.model.embed_tokens.weight.numel()
-        N = sum(p.numel() for p in lm.parameters()) - n_emb + (0 if lm.config.tie_word_embeddings else 0)
+        # non-embedding parameters + the LM head (parameters() counts a tied weight once)
+        N = sum(p.numel() for p in lm.parameters()) - lm.model.embed_tokens.weight.numel()
         N = N + (lm.lm_head.weight.numel() if lm.config.tie_word_embeddings else 0)
         flops = 6 * N * trained + 2 * N * th.M * B * th.P * T
         res["mfu"] = flops / (res["step_ms"] / 1000) / H100_PEAK_BF16
