@@ -51,9 +51,10 @@ counter-based Philox (tl.randint) at counter offset row * V + col (int64), keyed
 read from device memory. The seed is drawn from ``generator`` by a one-element torch.randint on the
 device of h (no host sync; it advances the generator, so the same generator state gives the same
 tokens), or passed in as ``seed`` (a (1,) int64 device tensor: a CUDA graph reads its keys from a
-static buffer filled before each replay). u = (2k + 1) 2^-24 with k the top 23 bits of the Philox output lies strictly inside (0, 1),
-G = -log(-log u). Each program keeps a running (max, argmax) per row over its V blocks;
-``_sample_combine_kernel`` takes the argmax over the partial maxima (first index on ties).
+static buffer filled before each replay). u = (2k + 1) 2^-24 with k the top 23 bits of the Philox
+output lies strictly inside (0, 1), G = -log(-log u). Each program keeps a running (max, argmax)
+per row over its V blocks; ``_sample_combine_kernel`` takes the argmax over the partial maxima
+(first index on ties).
 
 Banned ids (at most _MAX_BANNED) are loaded once per program as a small vector and each tile's
 columns are compared against it. Launchers validate; kernels validate nothing. Target values are not

@@ -116,11 +116,11 @@ class GraphedSampler:
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise ValueError(f"input_ids must be (B, T) int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
         fp = self._fingerprint()
-        if fp != self.fingerprint or len(self.graphs) >= MAX_GRAPHS and self._key(input_ids) not in self.graphs:
+        key = (tuple(input_ids.shape), self._autocast_dtype(), input_ids.device)
+        if fp != self.fingerprint or len(self.graphs) >= MAX_GRAPHS and key not in self.graphs:
             self.graphs.clear()                   # free the old graphs (and their pool) before capturing anew
             self.pool = self.stream = self.last = None
             self.fingerprint = fp
-        key = self._key(input_ids)
         with torch.cuda.device(input_ids.device):
             g = self.graphs.get(key)
             if g is None:
@@ -132,9 +132,6 @@ class GraphedSampler:
             g.graph.replay()
             self.last = g
             return g.thoughts.clone()
-
-    def _key(self, input_ids: torch.Tensor):
-        return tuple(input_ids.shape), self._autocast_dtype(), input_ids.device
 
     def last_seeds(self) -> torch.Tensor:
         """The Philox keys of the last replay (to recompute it eagerly: `sample_thoughts(..., seeds=...)`)."""
