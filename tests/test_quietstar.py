@@ -246,3 +246,30 @@ def test_autocast_hands_one_dtype_to_the_attention_backends(monkeypatch):
     assert len(seen) == 2 * 2 * 3 + 2 * 2
     assert all(s == {torch.bfloat16} for s in seen), seen
     assert torch.isfinite(loss) and model.lm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_gpu_fused_path_matches_reference(autocast):
+    """The default GPU path (sample-then-train, Triton attention, Triton LM head) against the reference
+    (sequential, dense masks, full logits) on the same thoughts, as `quietstar-train` runs them."""
+    model = tiny_model(P=2).cuda()
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    valid = torch.ones(2, 40, dtype=torch.bool, device="cuda")
+    valid[0, 7] = False
+    ctx = (lambda: torch.autocast("cuda", dtype=autocast)) if autocast else torch.enable_grad
+    with ctx():
+        thoughts = sample_thoughts(model, ids, Backends("triton", "triton"), torch.Generator("cuda").manual_seed(1))
+    results = {}
+    for name, sched, be in (("ref", "sequential", Backends("reference", "reference")),
+                            ("fused", "sample-then-train", Backends("triton", "triton"))):
+        model.zero_grad(set_to_none=True)
+        with ctx():
+            loss, _, _ = quietstar_forward(model, ids, valid, LossConfig(beta_policy=3.0), sched, be, thoughts=thoughts)
+        loss.backward()
+        results[name] = (loss.detach().double(), torch.cat([p.grad.double().flatten() for p in model.parameters()]))
+    (lr, gr), (lf, gf) = results["ref"], results["fused"]
+    rel = ((lf - lr).abs() / lr.abs()).item()
+    cos = torch.nn.functional.cosine_similarity(gf, gr, dim=0).item()
+    tol_loss, tol_cos = (1e-5, 0.99999) if autocast is None else (1e-2, 0.99)
+    assert rel < tol_loss and cos > tol_cos, (rel, cos)
