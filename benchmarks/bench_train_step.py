@@ -282,7 +282,6 @@ def main():
         return
 
     import tempfile
-    import torch
     paths = args.paths.split(",") if args.paths else (GPU_PATHS if args.device == "cuda" else CPU_PATHS)
     for name in paths:
         if name not in PATHS:
@@ -306,6 +305,13 @@ def main():
         res["wall_s"] = time.time() - t0
         results.append(res)
         print(json.dumps(res), flush=True)
+        write_results(args, results)          # after every path: a timed-out run keeps what it measured
+    print(write_results(args, results))
+
+
+def write_results(args, results: list) -> str:
+    """Ratios to the floor and the reference, then `<stem>.json` and `<stem>.md`; returns the table."""
+    import torch
     floor = next((r for r in results if r["path"] == "floor" and "step_ms" in r), None)
     ref = next((r for r in results if r["path"] == "reference" and "step_ms" in r), None)
     for r in results:
@@ -325,13 +331,14 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    cuda = args.device == "cuda"
     lines = [f"# Quiet-STaR train step: {meta['shape']}", "",
              f"{meta['date']}, {meta['device']} ({meta['cpu_count']} cores), torch {meta['torch']}, "
              f"triton {meta['triton']}, transformers {meta['transformers']}; median of {args.repeats} after "
              f"{args.warmup} warm-up; data: {meta['data']}", "",
              "| path | schedule/attention/lm-head | step ms | tok/s | peak extra MiB | x floor time | x floor mem "
-             "| x faster than reference | loss rel diff | grad cosine |" + (" MFU |" if args.device == "cuda" else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else "")]
+             "| x faster than reference | loss rel diff | grad cosine |" + (" MFU |" if cuda else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in results:
         if "step_ms" not in r:
             lines.append(f"| {r['path']} | failed: {r.get('error', '?')} |")
@@ -340,9 +347,9 @@ def main():
         lines.append(f"| {r['path']} | {r['config']} | {r['step_ms']:.0f} | {r['tok_per_s']:.0f} | "
                      f"{r['peak_extra_mib']:.0f} | {f('time_vs_floor', '{:.2f}')} | {f('mem_vs_floor', '{:.2f}')} | "
                      f"{f('speedup_vs_reference', '{:.2f}')} | {f('loss_rel_diff', '{:.1e}')} | "
-                     f"{f('grad_cosine', '{:.6f}')} |" + (f" {f('mfu', '{:.1%}')} |" if args.device == "cuda" else ""))
+                     f"{f('grad_cosine', '{:.6f}')} |" + (f" {f('mfu', '{:.1%}')} |" if cuda else ""))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

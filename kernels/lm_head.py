@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
 
 import torch
 import triton

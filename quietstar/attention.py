@@ -287,8 +287,7 @@ def quietstar_attention(module, query, key, value, attention_mask, scaling=None,
         o = causal_attention(query, key, value, scale)
     elif lay.mode == "parallel":
         T, L, P = lay.T, lay.L, lay.P
-        B, H, S, D = query.shape
-        H_KV = key.shape[1]
+        S = query.shape[2]
         if S != T + P * T * L:
             raise ValueError(f"parallel layout expects T + P*T*L = {T + P * T * L} tokens, got {S}")
         kb, vb = key[:, :, :T], value[:, :, :T]

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from .attention import Layout, ThoughtCache
-from .config import LossConfig, ThoughtConfig
+from .config import LossConfig
 from .model import QuietStarModel
 
 
@@ -224,7 +224,6 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     M, K = th.M, th.K
     ops = lm_head_ops(backends.lm_head)
     W = model.lm_head_weight
-    dev = input_ids.device
     ignore = -100
 
     # NLL_base: the base pass predicting x_{t+1}; mixed_logprob with w = 0 is plain log_softmax.
