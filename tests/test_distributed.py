@@ -31,9 +31,16 @@ def run(args, out, nproc=1):
     return torch.load(out / "final.pt", weights_only=False)
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """2 steps on 2 ranks x B=1, with a checkpoint after step 1: (final checkpoint, its folder)."""
+    out = tmp_path_factory.mktemp("two")
+    return run(["--batch-size", "1", "--ckpt-every", "1"], out, nproc=2), out
+
+
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_with_doubled_batch(tmp_path):
-    two = run(["--batch-size", "1"], tmp_path / "two", nproc=2)
+def test_two_ranks_equal_one_rank_with_doubled_batch(two_ranks, tmp_path):
+    two = two_ranks[0]
     one = run(["--batch-size", "2"], tmp_path / "one")
     half = run(["--batch-size", "1"], tmp_path / "half")
     a, b, c = two["model"], one["model"], half["model"]
@@ -42,3 +49,18 @@ def test_two_ranks_equal_one_rank_with_doubled_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
     # the comparison can fail: one rank with the undoubled batch is a different update
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_ranks_resumes_on_one(two_ranks, tmp_path):
+    """A 2-rank checkpoint (rank 0's full state dicts) continues on 1 rank with the doubled batch and
+    ends where the 2-rank run ended."""
+    two, out = two_ranks
+    resumed = run(["--batch-size", "2", "--resume", str(out / "step000001.pt")], tmp_path / "resumed")
+    assert resumed["step"] == two["step"] == 2
+    for k in two["model"]:
+        torch.testing.assert_close(resumed["model"][k], two["model"][k], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{k}: {m}")
+    # and the checkpoint matters: resuming from step 1 is not the same as stopping there
+    ck1 = torch.load(out / "step000001.pt", weights_only=False)["model"]
+    assert max((ck1[k] - two["model"][k]).abs().max().item() for k in ck1) > 1e-4
