@@ -18,8 +18,9 @@ reference is measured on the same sampled thoughts (sampled once, by the referen
 relative difference of the loss and the cosine of the flattened gradients. Step time includes the
 path's own sampling, the forward+backward and the AdamW step (median of --repeats after a warm-up).
 
-Model FLOPs (MFU, GPU only): with N the number of non-embedding parameters plus the LM head's d*V,
-a trained token costs 6N and a sampled token 2N (matmul FLOPs only, attention scores ignored), so
+Model FLOPs (MFU, GPU only; quietstar/flops.py, the same as the training log's): with N the number of
+non-embedding parameters plus the LM head's d*V, a trained token costs 6N and a sampled token 2N
+(matmul FLOPs only, attention scores ignored), so
   FLOPs/step = 6 N (B*T + B*P*T*L) + 2 N (M * B*P*T);  MFU = FLOPs/step / time / peak (989 TFLOP/s
   dense bf16 for an H100 SXM).
 
@@ -60,7 +61,6 @@ PATHS = {
 CPU_PATHS = ["floor", "fast-cpu", "stt-split-reference", "stt-reference-chunked", "stt-reference", "reference"]
 GRAPHED = {"fast-gpu-graphs"}
 GPU_PATHS = ["floor", "fast-gpu", "fast-gpu-graphs", "stt-triton-chunked", "stt-flex-chunked", "stt-reference", "reference"]
-H100_PEAK_BF16 = 989e12
 
 
 def _status_mib(key: str) -> float:
@@ -245,12 +245,10 @@ def child(args) -> dict:
     if cuda:
         res["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         res["peak_extra_mib"] = res["peak_mib"] - base_mem
-        lm = model.lm
-        # non-embedding parameters + the LM head (parameters() counts a tied weight once)
-        N = sum(p.numel() for p in lm.parameters()) - lm.model.embed_tokens.weight.numel()
-        N = N + (lm.lm_head.weight.numel() if lm.config.tie_word_embeddings else 0)
-        flops = 6 * N * trained + 2 * N * th.M * B * th.P * T
-        res["mfu"] = flops / (res["step_ms"] / 1000) / H100_PEAK_BF16
+        from quietstar.flops import peak_bf16_flops, step_flops
+        peak = peak_bf16_flops(device)
+        if peak:
+            res["mfu"] = step_flops(model.lm, B, T, th.M, th.P, th.L) / (res["step_ms"] / 1000) / peak
     else:
         res["peak_rss_mib"] = _status_mib("VmHWM")
         res["peak_extra_mib"] = res["peak_rss_mib"] - base_mem

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import data
 from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESET, Config, LossConfig,
                      ModelConfig, ThoughtConfig, TrainConfig)
+from .flops import peak_bf16_flops, step_flops
 from .model import QuietStarModel, build_decoder
 from .thoughts import Backends, check_batch, target_counts
 
@@ -248,6 +249,9 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     tokens_per_micro = tc.batch_size * tc.seq_len * (1 + cfg.thought.P * cfg.thought.L)
+    th = cfg.thought
+    flops_per_rank_step = step_flops(lm, tc.batch_size, tc.seq_len, th.M, th.P, th.L) * tc.grad_accum
+    peak = peak_bf16_flops(device)                 # None off CUDA or on an unknown GPU: no MFU
     bar = tqdm(range(start, tc.steps), desc="quietstar", disable=not progress or rank != 0, initial=start,
                total=tc.steps)
     last = {}
@@ -305,6 +309,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         dt = time.perf_counter() - t0
         rec.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(gnorm), ms=1000 * dt,
                    tok_per_s=tokens_per_micro * tc.grad_accum * world / dt)
+        if peak:
+            rec["mfu"] = flops_per_rank_step / dt / peak
         last = rec
         if rank == 0:
             with open(metrics_path, "a") as f:
@@ -313,7 +319,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                 tqdm.write(f"step {step + 1:5d} | loss {rec['loss']:.4f} | base {rec['nll_base']:.4f} | "
                            f"talk {rec['nll_talk']:.4f} | policy {rec['policy']:+.3e} | "
                            f"w {rec['w_mean']:+.3f}±{rec['w_std']:.3f} | reward {rec['reward']:+.3f} | "
-                           f"{rec['ms']:.0f} ms | {rec['tok_per_s']:.0f} tok/s")
+                           f"{rec['ms']:.0f} ms | {rec['tok_per_s']:.0f} tok/s"
+                           + (f" | MFU {rec['mfu']:.1%}" if "mfu" in rec else ""))
             if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
                 save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, generator, cfg)
     if eval_rows is not None:
