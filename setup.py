@@ -23,7 +23,8 @@ setup(
         "gguf==0.19.0",       # reads the SmolLM2 GGUF (pure Python)
     ],
     extras_require={
-        "dev": ["pytest>=8", "triton-viz==3.0", "matplotlib>=3.8"],
+        # pytest-xdist / pytest-timeout: the GPU suite's test stage (and its CPU rehearsal) uses both
+        "dev": ["pytest>=8", "pytest-xdist==3.8.0", "pytest-timeout==2.4.0", "triton-viz==3.0", "matplotlib>=3.8"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["quietstar-train=quietstar.train:main"]},

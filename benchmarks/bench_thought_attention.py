@@ -202,6 +202,46 @@ def make_proxy(k, v, causal):
         return expanded
 
 
+# One mask_mod closure (and block mask) per shape, shared by every case and call: torch.compile guards
+# on the mask_mod's identity, so a new closure per setup would recompile flex for each case.
+_MASKS = {}
+
+
+def parallel_block_mask(T, L, device):
+    key = ("parallel", T, L, str(device))
+    if key not in _MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, qi, kv):       # query (t, l) = qi; keys [base 0..T-1 | chain (s, m) at T + s*L + m]
+            t, l = qi // L, qi % L
+            c = kv - T
+            return torch.where(kv < T, kv <= t, ((c // L) == t) & ((c % L) <= l))
+        t0 = time.perf_counter()
+        bm = create_block_mask(mask_mod, None, None, T * L, T + T * L, device=device)
+        _sync(torch.device(device))
+        _MASKS[key] = (bm, time.perf_counter() - t0)
+    return _MASKS[key]
+
+
+def sampling_block_masks(T, L, device):
+    """(step_buf, [block mask of step l], build s): one mask_mod for all steps, the step read from step_buf."""
+    key = ("sampling", T, L, str(device))
+    if key not in _MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+        step_buf = torch.zeros((), dtype=torch.int32, device=device)
+
+        def mask_mod(b, h, qi, kv):       # keys [base | step 0 | step 1 ...], chain (m, s) at T + m*T + s
+            c = kv - T
+            return torch.where(kv < T, kv <= qi, ((c % T) == qi) & ((c // T) <= step_buf))
+        masks, t0 = [], time.perf_counter()
+        for l in range(L):
+            step_buf.fill_(l)
+            masks.append(create_block_mask(mask_mod, None, None, T, T + L * T, device=device))
+        _sync(torch.device(device))
+        _MASKS[key] = (step_buf, masks, time.perf_counter() - t0)
+    return _MASKS[key]
+
+
 class State:
     def __init__(self, run, leaves=(), grads=None, mask_build_s=None, note=""):
         self.run, self.leaves, self.grads, self.mask_build_s, self.note = run, list(leaves), grads, mask_build_s, note
@@ -232,16 +272,7 @@ def setup_parallel(provider, x, s: Shape, need_grad: bool, smoke: bool) -> State
                 o = F.scaled_dot_product_attention(q, _expand(k, g), _expand(v, g), attn_mask=mask)
                 return o.reshape(B, H, T, L, D)
             return State(run, [q, k, v], grads, build)
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def mask_mod(b, h, qi, kv):
-            t, l = qi // L, qi % L
-            c = kv - T
-            return torch.where(kv < T, kv <= t, ((c // L) == t) & ((c % L) <= l))
-        bm = create_block_mask(mask_mod, None, None, T * L, T + T * L, device=q.device)
-        if q.is_cuda:
-            torch.cuda.synchronize()
-        build = time.perf_counter() - t0
+        bm, build = parallel_block_mask(T, L, q.device)    # build time of its first construction
         fx = flex_compiled(smoke)
         run = lambda: fx(q, k, v, block_mask=bm, enable_gqa=True).reshape(B, H, T, L, D)  # noqa: E731
         return State(run, [q, k, v], grads, build)
@@ -287,19 +318,7 @@ def setup_sampling(provider, x, s: Shape, smoke: bool) -> State:
             return outs
         return State(run, mask_build_s=build)
     if provider == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-        step_buf = torch.zeros((), dtype=torch.int32, device=qs.device)
-
-        def mask_mod(b, h, qi, kv):
-            c = kv - T
-            return torch.where(kv < T, kv <= qi, ((c % T) == qi) & ((c // T) <= step_buf))
-        masks = []
-        for l in range(L):
-            step_buf.fill_(l)
-            masks.append(create_block_mask(mask_mod, None, None, T, T + L * T, device=qs.device))
-        if qs.is_cuda:
-            torch.cuda.synchronize()
-        build = time.perf_counter() - t0
+        step_buf, masks, build = sampling_block_masks(T, L, qs.device)
         fx = flex_compiled(smoke)
 
         def run():
@@ -482,6 +501,40 @@ def write_results(rows, env, out_dir: Path, stem: str):
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
+def compile_only(cases, providers, shape_filter, device, smoke) -> int:
+    """First calls only (compile / JIT), untimed; returns the number of paths that raised."""
+    dtype = torch.float32 if smoke else torch.bfloat16
+    failed = 0
+    for case in cases:
+        shapes = (SMOKE_SAMPLING if case == "sampling" else SMOKE_PARALLEL) if smoke else \
+                 (SAMPLING_SHAPES if case == "sampling" else PARALLEL_SHAPES)
+        for s in shapes:
+            if shape_filter and shape_filter not in s.name:
+                continue
+            x = make_inputs(s, case, dtype, device)
+            for provider in providers:
+                if smoke and provider == "flex" and case in ("bwd", "fwdbwd") and device.type == "cpu":
+                    continue
+                need_grad = case in ("bwd", "fwdbwd")
+                t0 = time.perf_counter()
+                try:
+                    st = (setup_sampling(provider, x, s, smoke) if case == "sampling"
+                          else setup_parallel(provider, x, s, need_grad, smoke))
+                    with torch.set_grad_enabled(need_grad):
+                        out = st.run()
+                    if need_grad:
+                        out.backward(torch.randn_like(out))
+                    _sync(device)
+                    status = "compiled"
+                except Exception as e:  # noqa: BLE001 - the timed run reports it properly
+                    failed += 1
+                    status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                print(f"compile-only {case:<9} {s.name:<40} {provider:<5} {time.perf_counter() - t0:6.1f}s {status}",
+                      flush=True)
+            del x
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU: every provider path at tiny shapes, checked")
@@ -489,6 +542,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--shapes", default="", help="only shapes whose name contains this substring")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="GPU: only the first call (and backward) of flex and ours per selected case and shape, "
+                         "untimed, nothing written: fills torch.compile's and Triton's on-disk caches, e.g. in "
+                         "the background while other work runs (the GPU suite does this during its tests)")
     args = ap.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     providers = [p for p in args.providers.split(",") if p]
@@ -501,6 +558,8 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     smoke = args.smoke
+    if args.compile_only:
+        return compile_only(cases, [p for p in providers if p in ("flex", "ours")], args.shapes, device, smoke)
     dtype = torch.float32 if smoke else torch.bfloat16     # bf16 tl.dot is wrong in the interpreter
     stem = "thought_attention_smoke" if smoke else "thought_attention"
     env = environment(device, smoke)

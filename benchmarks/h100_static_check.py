@@ -194,7 +194,7 @@ def compile_case(case: dict, workdir: str) -> dict:
            "num_warps": case.get("num_warps"), "num_stages": case.get("num_stages"),
            "has_dot": case.get("has_dot"), "registers": None, "smem_bytes": None, "static_smem_bytes": None,
            "local_bytes": None, "stack_bytes": None, "tc_ops": None, "tc_breakdown": None,
-           "compile_s": None, "status": None, "errors": []}
+           "compile_s": None, "status": None, "errors": [], "notes": []}
     missing = [k for k in REQUIRED_KEYS if k not in case]
     if missing:
         row["errors"].append(f"case lacks keys {missing}")
@@ -226,9 +226,15 @@ def compile_case(case: dict, workdir: str) -> dict:
                static_smem_bytes=usage.get("SHARED"), local_bytes=usage.get("LOCAL"),
                stack_bytes=usage.get("STACK"), tc_ops=sum(tc.values()), tc_breakdown=tc)
     codes = []
-    if row["local_bytes"] or row["stack_bytes"]:
+    # a case may allow a few bytes of stack where a GPU measurement showed the config faster anyway
+    allowed = int(case.get("max_stack_bytes") or 0)
+    if row["local_bytes"] or (row["stack_bytes"] or 0) > allowed:
         codes.append("spills")
-        row["errors"].append(f"spills: LOCAL={row['local_bytes']} STACK={row['stack_bytes']} bytes")
+        row["errors"].append(f"spills: LOCAL={row['local_bytes']} STACK={row['stack_bytes']} bytes"
+                             + (f" (allowed stack: {allowed})" if allowed else ""))
+    elif row["stack_bytes"]:
+        row["notes"].append(f"STACK={row['stack_bytes']} bytes, within this case's allowance of {allowed} "
+                            "(measured faster on a GPU than the spill-free configs; see the launcher's comment)")
     if row["smem_bytes"] > SMEM_LIMIT:
         codes.append("smem > 227 KB")
         row["errors"].append(f"shared memory {row['smem_bytes']} B > {SMEM_LIMIT} B (227 KB)")
@@ -272,7 +278,8 @@ def write_report(rows, skipped, meta, out: Path):
         f"{'fresh' if meta['fresh_cache'] else 'warm'} triton cache)",
         "",
         "Registers per thread; smem = dynamic shared memory bytes the launch requests (limit 232448 = 227 KB); "
-        "static smem from cuobjdump; local/stack = spill bytes (must be 0); TC = HGMMA + HMMA instructions "
+        "static smem from cuobjdump; local/stack = spill bytes (must be 0, but for a stack allowance a case states "
+        "where a GPU measurement chose the config); TC = HGMMA + HMMA instructions "
         "in the SASS (must be > 0 when the kernel has a tl.dot).",
         "",
         "| module | kernel | config | warps | stages | registers | smem B | static smem B | local/stack B | TC ops "
@@ -296,6 +303,9 @@ def write_report(rows, skipped, meta, out: Path):
                   "stride of a contiguous dim), the JIT compiles it as a constexpr, which lets loads vectorise; "
                   "put it in 'constexprs' with value 1 to check the kernel the GPU runs (seen here: that changed "
                   "a thought-attention forward from 255 registers + spills to 181 and none)."]
+    notes = [(r, n) for r in rows for n in r.get("notes", [])]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {r['kernel']} / {r['config']}: {n}" for r, n in notes]
     errors = [(r, e) for r in rows for e in r["errors"]]
     if errors:
         lines += ["", "Failures:", ""] + [f"- {r['kernel']} / {r['config']}: {e}" for r, e in errors]

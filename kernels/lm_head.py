@@ -1,71 +1,58 @@
-"""Fused LM-head kernels that never materialise the (N, V) logits (SPEC sections 4, 5, 7).
+"""LM-head ops that never materialise the (N, V) logits (SPEC sections 4, 5, 7).
 
 Three ops on hidden states h (N, d) and the LM-head weight W (V, d) (``weight``):
 
 * ``mixed_logprob(h_talk, h_base, w, weight, target, ignore_index=-100)``
-  equals ``torch.log_softmax(((1 - w)[:, None] * h_base + w[:, None] * h_talk).float() @ weight.float().T,
-  -1).gather(1, target[:, None])[:, 0]`` (0 where target == ignore_index), float32 (N,).
-  Mixing is linear in the logits, so the kernels mix the hidden states in their prologue,
-  h_mix = h_base + w * (h_talk - h_base), and run one GEMM over W tiles.
+  equals ``torch.log_softmax(((1 - w)[:, None] * h_base + w[:, None] * h_talk) @ weight.T, -1)
+  .gather(1, target[:, None])[:, 0]`` (fp32, 0 where target == ignore_index), float32 (N,).
+  Mixing is linear in the logits, so the hidden states are mixed first,
+  h_mix = h_base + w * (h_talk - h_base) (in fp32, stored in W's dtype), and W is applied once.
 * ``token_logprob(h, weight, target, temperature=1.0, banned_ids=())``
-  equals ``torch.log_softmax((h.float() @ weight.float().T / temperature).index_fill(1, banned, -inf),
-  -1).gather(1, target[:, None])[:, 0]``, float32 (N,).
+  equals ``torch.log_softmax((h @ weight.T / temperature).index_fill(1, banned, -inf), -1)
+  .gather(1, target[:, None])[:, 0]``, float32 (N,).
 * ``sample_thought_tokens(h, weight, temperature=1.0, banned_ids=(), generator=None, *, seed=None)``: one exact
   sample per row of softmax(W h / temperature) over the non-banned ids, by Gumbel-max, int64 (N,).
 
 Math. z = W h_mix / tau (tau = temperature, 1 for the mixed op), lse = log sum_v exp z_v,
 logp = z_target - lse. With an upstream gradient g_i per row (REINFORCE advantages are per row):
     dL/dz_iv = G_iv = g_i (1[v = t_i] - softmax(z_i)_v) / tau     (0 on banned ids and ignored rows)
-    dh_mix = G W,  dW = G^T h_mix  (accumulated in fp32, then cast to W's dtype)
+    dh_mix = G W,  dW = G^T h_mix
     dh_talk = w dh_mix,  dh_base = (1 - w) dh_mix,  dw_i = <dh_mix_i, h_talk_i - h_base_i>.
 w may have any sign (it is not clamped).
 
-Forward (``_lm_head_fwd_kernel``): a GEMM grid over (row block, group of V blocks), launched in
-grouped order (GROUP row blocks sweep the V groups together so their h rows and W tiles stay in
-L2). Each program loops over its V blocks; each logit tile (BLOCK_N, BLOCK_V) is a tl.dot loop over
-d in BLOCK_K chunks (bf16/fp16 tensor cores, fp32 accumulate) and feeds an online (max, sum-exp)
-and the target-logit gather (a compare against the column ids of the tile, never an indirect
-load). Per-(V group, row) partials, (N * V / (BLOCK_V * blocks_per_prog)) floats, are merged by
-``_lse_combine_kernel``, which writes lse (saved for backward) and logp.
-
-Backward: the upstream gradient is only known in backward and differs per row, so the grad-logit
-tile has to be recomputed (4 GEMMs in all: forward, recompute, dh, dW; the floor at N=8192,
-d=4096, V=32000 is 4 x 2.7 ms at 798 TFLOP/s). dh reduces G over V and dW reduces G over rows,
-and neither a (BLOCK_N, d) nor a (BLOCK_V, d) fp32 accumulator fits on chip at d=4096, so a
-single fused kernel would need fp32 atomics for both (about 67 GB of atomic traffic at the
-Mistral shape) or a logit recompute per d block. We chose instead, per chunk of C rows
-(C x V x elem <= _GRAD_CHUNK_BYTES, 256 MiB; C = N when that fits, i.e. the buffer is then the
-small N x V of a small problem):
-  1. ``_lm_head_grad_logits_kernel``: recompute the logit tile (tl.dot over d), write G in W's
-     dtype into a (C, V) buffer (reused across chunks);
-  2. ``_lm_head_dh_kernel``: dh_mix = G @ W, a GEMM grid over (row block, d block) looping over V,
-     with the epilogue writing dh_talk, dh_base and per-d-block partial dots for dw (summed
-     afterwards: deterministic, no atomics);
-  3. ``_lm_head_dw_kernel``: dW (+)= G^T @ h_mix, a GEMM grid over (V block, d block) looping over
-     the chunk's rows, mixing h in its prologue, accumulating into an fp32 buffer across chunks
-     (written straight in W's dtype when there is one chunk).
-Peak extra memory: C x V in W's dtype + V x d fp32 (only when W is 16-bit and N > C).
-
-Sampling (``_sample_kernel``): same GEMM grid; Gumbel noise is drawn inside the kernel with
-counter-based Philox (tl.randint) at counter offset row * V + col (int64), keyed by a 64-bit seed
-read from device memory. The seed is drawn from ``generator`` by a one-element torch.randint on the
-device of h (no host sync; it advances the generator, so the same generator state gives the same
-tokens), or passed in as ``seed`` (a (1,) int64 device tensor: a CUDA graph reads its keys from a
-static buffer filled before each replay). u = (2k + 1) 2^-24 with k the top 23 bits of the Philox
-output lies strictly inside (0, 1), G = -log(-log u). Each program keeps a running (max, argmax)
-per row over its V blocks; ``_sample_combine_kernel`` takes the argmax over the partial maxima
-(first index on ties).
+Design. The GEMMs with W are the whole cost (2 N d V FLOPs each) and cuBLAS runs them at ~700 TFLOP/s
+on an H200 (benchmarks/gpu_profile.py), where the former all-Triton GEMM kernels of this file reached
+200-400 (29 ms fwd+bwd at N=8192 d=4096 V=32000 against 3 ms per cuBLAS GEMM). So the logits are made
+chunk by chunk by torch.mm into ONE reused buffer of at most _CHUNK_BYTES (64 MiB: R rows x Vc vocabulary
+columns, R = N unless N is huge), and Triton kernels do everything that touches the logits once:
+  forward   per chunk: Z = h_mix W_v^T; ``_lse_chunk_kernel`` folds Z into a running per-row (max, sum-exp,
+            target logit) in fp32 (the target logit read by a compare against the column ids, never an
+            indirect load); lse and logp at the end.
+  backward  per chunk: Z = h_mix W_v^T again; ``_grad_chunk_kernel`` overwrites Z with G in W's dtype;
+            dW_v = G^T h_mix (torch.mm, written once: exact, no accumulation across chunks when R = N);
+            dh_mix += G W_v accumulated in fp32 (one bf16 rounding of each chunk's product when
+            torch.addmm with out_dtype=float32 is not available: CPU); ``_mix_grad_kernel`` then writes
+            dh_talk, dh_base and dw in one pass.
+  sampling  per chunk: Z = h W_v^T; ``_sample_chunk_kernel`` adds Gumbel noise drawn in the kernel with
+            counter-based Philox (tl.randint) at counter offset row * V + column (int64), keyed by a 64-bit
+            seed read from device memory, and keeps a running (max, argmax) per row (first index on ties).
+            The seed is drawn from ``generator`` by a one-element torch.randint on h's device (no host sync;
+            it advances the generator, so the same generator state gives the same tokens), or passed in as
+            ``seed`` (a (1,) int64 device tensor: a CUDA graph reads its keys from a static buffer).
+            u = (2k + 1) 2^-24 with k the top 23 bits of the Philox output lies strictly inside (0, 1),
+            G = -log(-log u).
+Logits are rounded to W's dtype by the GEMM (as an F.linear LM head, Liger and Cut Cross-Entropy do);
+everything after the GEMM is fp32. Peak extra memory: the chunk buffer, h_mix (N x d in W's dtype), the
+fp32 dh_mix accumulator (N x d) in backward, and the outputs.
 
 Banned ids (at most _MAX_BANNED) are loaded once per program as a small vector and each tile's
 columns are compared against it. Launchers validate; kernels validate nothing. Target values are not
 range-checked on the host (that would sync): an out-of-range target that is not ignore_index gives
 NaN; a banned target gives -inf (as the reference).
 
-Limits: fp32/fp16/bf16 (W's dtype sets the tensor-core dtype; h is cast to it in the prologue);
-fp32 dots use input_precision="ieee" (as torch's default fp32 matmul); CUDA tensors, or CPU tensors
-under TRITON_INTERPRET=1 (there tl.dot on bf16 is wrong: test fp32/fp16 on CPU). Offsets are int64.
-Compiled for sm_90 without spills (see ``h100_compile_cases``); speed is measured on the GPU by
-the benchmarks, not here.
+Limits: fp32/fp16/bf16 (W's dtype sets the GEMM dtype; h is cast to it); fp32 GEMMs are IEEE fp32 (torch's
+default, no tf32); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (torch.mm on the CPU, the Triton
+kernels in the interpreter). Offsets are int64. Deterministic: no atomics, fixed chunk order.
 """
 from __future__ import annotations
 
@@ -87,58 +74,14 @@ __all__ = [
     "h100_compile_cases",
 ]
 
-_MAX_BANNED = 128                      # banned ids are one (BLOCK_B,) vector per program
-_GRAD_CHUNK_BYTES = 256 * 2**20        # cap on the (C, V) grad-logit buffer of the backward
-_NUM_SMS_H100 = 132
+_MAX_BANNED = 128                # banned ids are one (BLOCK_B,) vector per program
+_CHUNK_BYTES = 64 * 2**20        # the (R, Vc) logit / grad-logit buffer, in W's dtype
+_MIN_VC = 256                    # fewest vocabulary columns per chunk (rows are split below that)
 
 
 # ----------------------------------------------------------------------------------------------
 # jit helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
-    """Map a flat program id to (a, b) tiles so GROUP consecutive a-tiles sweep all b together."""
-    per_group = GROUP * num_b
-    group = pid // per_group
-    first_a = group * GROUP
-    size = tl.minimum(num_a - first_a, GROUP)
-    a = first_a + (pid % per_group) % size
-    b = (pid % per_group) // size
-    return a, b
-
-
-@triton.jit
-def _hidden_tile(h_ptr, h2_ptr, w_row, rows, ks, N, d,
-                 stride_hn, stride_hd, stride_h2n, stride_h2d, MIX: tl.constexpr):
-    """(len(rows), len(ks)) tile of h, or of h_mix = h2 + w (h - h2) in fp32 when MIX (h = h_talk, h2 = h_base)."""
-    mask = (rows[:, None] < N) & (ks[None, :] < d)
-    r64 = rows.to(tl.int64)[:, None]
-    h = tl.load(h_ptr + r64 * stride_hn + ks[None, :] * stride_hd, mask=mask, other=0.0)
-    if MIX:
-        hb = tl.load(h2_ptr + r64 * stride_h2n + ks[None, :] * stride_h2d, mask=mask, other=0.0).to(tl.float32)
-        return hb + w_row[:, None] * (h.to(tl.float32) - hb)
-    else:
-        return h
-
-
-@triton.jit
-def _logits_tile(h_ptr, h2_ptr, w_row, weight_ptr, rows, cols, N, V, d,
-                 stride_hn, stride_hd, stride_h2n, stride_h2d, stride_wv, stride_wd,
-                 MIX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """fp32 (BLOCK_N, BLOCK_V) tile of h_mix W^T, looping over d in BLOCK_K chunks."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    c64 = cols.to(tl.int64)[None, :]
-    for k0 in range(0, d, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        h = _hidden_tile(h_ptr, h2_ptr, w_row, rows, ks, N, d,
-                         stride_hn, stride_hd, stride_h2n, stride_h2d, MIX)
-        wt = tl.load(weight_ptr + c64 * stride_wv + ks[:, None] * stride_wd,
-                     mask=(cols[None, :] < V) & (ks[:, None] < d), other=0.0)      # (BLOCK_K, BLOCK_V)
-        acc = tl.dot(h.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
 @triton.jit
 def _load_banned(banned_ptr, n_banned, BLOCK_B: tl.constexpr):
     ids = tl.arange(0, BLOCK_B)
@@ -159,40 +102,46 @@ def _allowed_cols(cols, V, banned, HAS_BANNED: tl.constexpr):
 # forward kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _lm_head_fwd_kernel(
-    h_ptr, h2_ptr, w_ptr, weight_ptr, target_ptr, banned_ptr,
-    m_part_ptr, s_part_ptr, t_part_ptr,
-    N, V, d, n_banned, blocks_per_prog, inv_temp,
-    stride_hn, stride_hd, stride_h2n, stride_h2d, stride_w, stride_wv, stride_wd, stride_t, stride_pg,
-    MIX: tl.constexpr, HAS_BANNED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-    GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _mix_kernel(
+    h_ptr, h2_ptr, w_ptr, out_ptr, N, d,
+    stride_hn, stride_hd, stride_h2n, stride_h2d, stride_w, stride_on, stride_od,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial (max, sum exp(z - max), z_target) of rows' logits over one group of V blocks."""
-    num_vb = tl.cdiv(V, BLOCK_V)
-    num_groups = tl.cdiv(num_vb, blocks_per_prog)
-    pid_n, pid_g = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_groups, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    if MIX:
-        w_row = tl.load(w_ptr + rows * stride_w, mask=row_ok, other=0.0).to(tl.float32)
-    else:
-        w_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    """h_mix = h2 + w (h - h2) in fp32, stored in out's dtype (h = h_talk, h2 = h_base)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (ds[None, :] < d)
+    r64 = rows.to(tl.int64)[:, None]
+    w = tl.load(w_ptr + rows * stride_w, mask=rows < N, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + r64 * stride_hn + ds[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
+    hb = tl.load(h2_ptr + r64 * stride_h2n + ds[None, :] * stride_h2d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r64 * stride_on + ds[None, :] * stride_od,
+             (hb + w[:, None] * (h - hb)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lse_chunk_kernel(
+    z_ptr, target_ptr, banned_ptr, m_ptr, s_ptr, t_ptr,
+    R, Vc, v0, V, n_banned, inv_temp,
+    stride_zr, stride_zv, stride_t,
+    HAS_BANNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Fold one logit chunk (R rows, vocabulary columns v0 .. v0 + Vc - 1) into the rows' running
+    (max m, sum exp(z - m), target logit t), all fp32, z = logit / tau with banned columns at -inf."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    r64 = rows.to(tl.int64)[:, None]
     tgt = tl.load(target_ptr + rows * stride_t, mask=row_ok, other=-1)
     banned = _load_banned(banned_ptr, n_banned, BLOCK_B)
-
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # a constant trip count (the last group's blocks past V are fully masked): the loop bounds
-    # stay free of the grouped-order division, which triton-sanitizer cannot evaluate symbolically
-    for j in range(0, blocks_per_prog):
-        vb = pid_g * blocks_per_prog + j
-        cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _logits_tile(h_ptr, h2_ptr, w_row, weight_ptr, rows, cols, N, V, d,
-                         stride_hn, stride_hd, stride_h2n, stride_h2d, stride_wv, stride_wd,
-                         MIX, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
-        ok = _allowed_cols(cols, V, banned, HAS_BANNED)
+    m = tl.load(m_ptr + rows, mask=row_ok, other=float("-inf"))
+    s = tl.load(s_ptr + rows, mask=row_ok, other=0.0)
+    t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)
+    for c0 in range(0, Vc, BLOCK_V):
+        cc = c0 + tl.arange(0, BLOCK_V)
+        cols = v0 + cc
+        ok = (cc < Vc) & _allowed_cols(cols, V, banned, HAS_BANNED)
+        z = tl.load(z_ptr + r64 * stride_zr + cc[None, :] * stride_zv, mask=row_ok[:, None] & (cc < Vc)[None, :],
+                    other=0.0).to(tl.float32) * inv_temp
         z = tl.where(ok[None, :], z, float("-inf"))
         # online log-sum-exp; m_ref keeps exp() finite while a row has seen only -inf
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -200,294 +149,277 @@ def _lm_head_fwd_kernel(
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
         m = m_new
         t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    out = pid_g * stride_pg + rows
-    tl.store(m_part_ptr + out, m, mask=row_ok)
-    tl.store(s_part_ptr + out, s, mask=row_ok)
-    tl.store(t_part_ptr + out, t, mask=row_ok)
+    tl.store(m_ptr + rows, m, mask=row_ok)
+    tl.store(s_ptr + rows, s, mask=row_ok)
+    tl.store(t_ptr + rows, t, mask=row_ok)
 
 
 @triton.jit
-def _lse_combine_kernel(
-    m_part_ptr, s_part_ptr, t_part_ptr, target_ptr, lse_ptr, out_ptr,
-    N, V, n_parts, ignore_index, stride_t, stride_pg,
-    HAS_IGNORE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+def _sample_chunk_kernel(
+    z_ptr, banned_ptr, seed_ptr, best_ptr, idx_ptr,
+    R, Vc, v0, V, row0, n_banned, inv_temp,
+    stride_zr, stride_zv,
+    HAS_BANNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """lse = log sum_p s_p exp(m_p), logp = z_target - lse (0 if ignored, NaN if target out of range)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for p0 in range(0, n_parts, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        mask = (ps[:, None] < n_parts) & row_ok[None, :]
-        offs = ps[:, None] * stride_pg + rows[None, :]
-        mp = tl.load(m_part_ptr + offs, mask=mask, other=float("-inf"))
-        sp = tl.load(s_part_ptr + offs, mask=mask, other=0.0)
-        tp = tl.load(t_part_ptr + offs, mask=mask, other=0.0)
-        m_new = tl.maximum(m, tl.max(mp, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(sp * tl.exp(mp - m_ref[None, :]), axis=0)
-        m = m_new
-        t += tl.sum(tp, axis=0)
-    lse = m + tl.log(tl.where(row_ok, s, 1.0))
-    tgt = tl.load(target_ptr + rows * stride_t, mask=row_ok, other=0)
-    logp = tl.where((tgt >= 0) & (tgt < V), t - lse, float("nan"))
-    if HAS_IGNORE:
-        logp = tl.where(tgt == ignore_index, 0.0, logp)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(out_ptr + rows, logp, mask=row_ok)
-
-
-@triton.jit
-def _sample_kernel(
-    h_ptr, weight_ptr, banned_ptr, seed_ptr, val_part_ptr, idx_part_ptr,
-    N, V, d, n_banned, blocks_per_prog, inv_temp,
-    stride_hn, stride_hd, stride_wv, stride_wd, stride_pg,
-    HAS_BANNED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-    GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Partial Gumbel-max (max of z / tau + G, its column) of rows over one group of V blocks."""
-    num_vb = tl.cdiv(V, BLOCK_V)
-    num_groups = tl.cdiv(num_vb, blocks_per_prog)
-    pid_n, pid_g = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_groups, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    no_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    """Fold one logit chunk into the rows' running Gumbel-max (max of z / tau + G, its column)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    r64 = rows.to(tl.int64)[:, None]
     banned = _load_banned(banned_ptr, n_banned, BLOCK_B)
     seed = tl.load(seed_ptr)
-    best = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    best_idx = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    # a constant trip count (the last group's blocks past V are fully masked): the loop bounds
-    # stay free of the grouped-order division, which triton-sanitizer cannot evaluate symbolically
-    for j in range(0, blocks_per_prog):
-        vb = pid_g * blocks_per_prog + j
-        cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _logits_tile(h_ptr, h_ptr, no_w, weight_ptr, rows, cols, N, V, d,
-                         stride_hn, stride_hd, stride_hn, stride_hd, stride_wv, stride_wd,
-                         False, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
-        # one Philox counter per (row, col): independent uniforms for every logit of the call
-        offs = rows.to(tl.int64)[:, None] * V + cols[None, :]
-        r = tl.randint(seed, offs)
+    best = tl.load(best_ptr + rows, mask=row_ok, other=float("-inf"))
+    best_idx = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    grow = (row0 + rows).to(tl.int64)[:, None]
+    for c0 in range(0, Vc, BLOCK_V):
+        cc = c0 + tl.arange(0, BLOCK_V)
+        cols = v0 + cc
+        ok = (cc < Vc) & _allowed_cols(cols, V, banned, HAS_BANNED)
+        z = tl.load(z_ptr + r64 * stride_zr + cc[None, :] * stride_zv, mask=row_ok[:, None] & (cc < Vc)[None, :],
+                    other=0.0).to(tl.float32) * inv_temp
+        # one Philox counter per (row, column) of the whole call: independent uniforms for every logit
+        r = tl.randint(seed, grow * V + cols[None, :])
         u = ((r >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08     # (2k+1) 2^-24 in (0, 1)
-        y = z - tl.log(-tl.log(u))
-        ok = _allowed_cols(cols, V, banned, HAS_BANNED)
-        y = tl.where(ok[None, :], y, float("-inf"))
+        y = tl.where(ok[None, :], z - tl.log(-tl.log(u)), float("-inf"))
         tile_best = tl.max(y, axis=1)
         tile_arg = tl.argmax(y, axis=1).to(tl.int32)
         better = tile_best > best
         best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, vb * BLOCK_V + tile_arg, best_idx)
-    out = pid_g * stride_pg + rows
-    tl.store(val_part_ptr + out, best, mask=row_ok)
-    tl.store(idx_part_ptr + out, best_idx, mask=row_ok)
-
-
-@triton.jit
-def _sample_combine_kernel(
-    val_part_ptr, idx_part_ptr, token_ptr, N, n_parts, stride_pg,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """token = idx of the largest partial maximum (first partial on ties: the lowest column)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    best = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    best_idx = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for p0 in range(0, n_parts, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        mask = (ps[:, None] < n_parts) & row_ok[None, :]
-        offs = ps[:, None] * stride_pg + rows[None, :]
-        vp = tl.load(val_part_ptr + offs, mask=mask, other=float("-inf"))
-        ip = tl.load(idx_part_ptr + offs, mask=mask, other=0)
-        chunk_best = tl.max(vp, axis=0)
-        chunk_arg = tl.argmax(vp, axis=0)
-        chunk_idx = tl.sum(tl.where(ps[:, None] == p0 + chunk_arg[None, :], ip, 0), axis=0)
-        better = chunk_best > best
-        best = tl.where(better, chunk_best, best)
-        best_idx = tl.where(better, chunk_idx, best_idx)
-    tl.store(token_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
+        best_idx = tl.where(better, v0 + c0 + tile_arg, best_idx)
+    tl.store(best_ptr + rows, best, mask=row_ok)
+    tl.store(idx_ptr + rows, best_idx, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # backward kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _lm_head_grad_logits_kernel(
-    h_ptr, h2_ptr, w_ptr, weight_ptr, target_ptr, banned_ptr, lse_ptr, g_ptr, G_ptr,
-    N, V, d, n_banned, inv_temp, ignore_index,
-    stride_hn, stride_hd, stride_h2n, stride_h2d, stride_w, stride_wv, stride_wd, stride_t, stride_g,
-    stride_Gn, stride_Gv,
-    MIX: tl.constexpr, HAS_BANNED: tl.constexpr, HAS_IGNORE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-    GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _grad_chunk_kernel(
+    z_ptr, target_ptr, banned_ptr, lse_ptr, g_ptr,
+    R, Vc, v0, V, n_banned, inv_temp, ignore_index,
+    stride_zr, stride_zv, stride_t, stride_g,
+    HAS_BANNED: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """G = g (onehot(target) - softmax(z)) / tau on one (BLOCK_N, BLOCK_V) tile, z recomputed."""
-    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < N
-    if MIX:
-        w_row = tl.load(w_ptr + rows * stride_w, mask=row_ok, other=0.0).to(tl.float32)
-    else:
-        w_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    """Overwrite a logit chunk with G = g (onehot(target) - softmax(z)) / tau (0 on banned columns and
+    ignored rows), in the chunk's dtype."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cc = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v0 + cc
+    row_ok = rows < R
+    mask = row_ok[:, None] & (cc < Vc)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
     tgt = tl.load(target_ptr + rows * stride_t, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0).to(tl.float32) * inv_temp
     if HAS_IGNORE:
         g = tl.where(tgt == ignore_index, 0.0, g)
-    z = _logits_tile(h_ptr, h2_ptr, w_row, weight_ptr, rows, cols, N, V, d,
-                     stride_hn, stride_hd, stride_h2n, stride_h2d, stride_wv, stride_wd,
-                     MIX, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    offs = r64 * stride_zr + cc[None, :] * stride_zv
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_temp
     p = tl.exp(z - lse[:, None])
-    onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-    grad = (g * inv_temp)[:, None] * (onehot - p)
-    banned = _load_banned(banned_ptr, n_banned, BLOCK_B)
-    ok = _allowed_cols(cols, V, banned, HAS_BANNED)
-    grad = tl.where(ok[None, :], grad, 0.0)   # banned logits are constants (-inf): no gradient
-    offs = rows.to(tl.int64)[:, None] * stride_Gn + cols[None, :] * stride_Gv
-    tl.store(G_ptr + offs, grad.to(G_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < V))
+    G = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    if HAS_BANNED:
+        banned = _load_banned(banned_ptr, n_banned, BLOCK_B)
+        G = tl.where(_allowed_cols(cols, V, banned, HAS_BANNED)[None, :], G, 0.0)
+    tl.store(z_ptr + offs, G.to(z_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _lm_head_dh_kernel(
-    G_ptr, weight_ptr, h_ptr, h2_ptr, w_ptr, dh_ptr, dh2_ptr, dw_part_ptr,
-    N, V, d,
-    stride_Gn, stride_Gv, stride_wv, stride_wd, stride_hn, stride_hd, stride_h2n, stride_h2d, stride_w,
+def _mix_grad_kernel(
+    dmix_ptr, h_ptr, h2_ptr, w_ptr, dh_ptr, dh2_ptr, dw_part_ptr, N, d,
+    stride_mn, stride_md, stride_hn, stride_hd, stride_h2n, stride_h2d, stride_w,
     stride_dhn, stride_dhd, stride_dh2n, stride_dh2d, stride_pd,
-    MIX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dh_mix = G @ W on one (BLOCK_N, BLOCK_D) tile; epilogue splits it into dh_talk, dh_base, dw."""
-    pid_n, pid_d = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(d, BLOCK_D), GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """From the fp32 dh_mix: dh_talk = w dh_mix, dh_base = (1 - w) dh_mix, and per-d-block partial dots
+    of dw_i = <dh_mix_i, h_talk_i - h_base_i> (summed by the launcher in a fixed order)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pid_d = tl.program_id(1)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    d_ok = ds < d
+    mask = row_ok[:, None] & (ds[None, :] < d)
     r64 = rows.to(tl.int64)[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_K):
-        vs = v0 + tl.arange(0, BLOCK_K)
-        a = tl.load(G_ptr + r64 * stride_Gn + vs[None, :] * stride_Gv,
-                    mask=row_ok[:, None] & (vs[None, :] < V), other=0.0)
-        b = tl.load(weight_ptr + vs.to(tl.int64)[:, None] * stride_wv + ds[None, :] * stride_wd,
-                    mask=(vs[:, None] < V) & d_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    mask = row_ok[:, None] & d_ok[None, :]
-    if MIX:
-        w_row = tl.load(w_ptr + rows * stride_w, mask=row_ok, other=0.0).to(tl.float32)
-        ht = tl.load(h_ptr + r64 * stride_hn + ds[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
-        hb = tl.load(h2_ptr + r64 * stride_h2n + ds[None, :] * stride_h2d, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + r64 * stride_dhn + ds[None, :] * stride_dhd,
-                 (w_row[:, None] * acc).to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(dh2_ptr + r64 * stride_dh2n + ds[None, :] * stride_dh2d,
-                 ((1.0 - w_row)[:, None] * acc).to(dh2_ptr.dtype.element_ty), mask=mask)
-        # dw_i = <dh_mix_i, h_talk_i - h_base_i>, one partial per d block (summed by the launcher)
-        tl.store(dw_part_ptr + pid_d * stride_pd + rows, tl.sum(acc * (ht - hb), axis=1), mask=row_ok)
-    else:
-        tl.store(dh_ptr + r64 * stride_dhn + ds[None, :] * stride_dhd, acc.to(dh_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _lm_head_dw_kernel(
-    G_ptr, h_ptr, h2_ptr, w_ptr, dW_ptr,
-    N, V, d,
-    stride_Gn, stride_Gv, stride_hn, stride_hd, stride_h2n, stride_h2d, stride_w, stride_dWv, stride_dWd,
-    MIX: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dW (+)= G^T @ h_mix on one (BLOCK_V, BLOCK_D) tile, looping over the chunk's rows."""
-    pid_v, pid_d = _grouped_tile(tl.program_id(0), tl.cdiv(V, BLOCK_V), tl.cdiv(d, BLOCK_D), GROUP)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < V
-    d_ok = ds < d
-    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        ns = n0 + tl.arange(0, BLOCK_K)
-        gt = tl.load(G_ptr + ns.to(tl.int64)[None, :] * stride_Gn + cols[:, None] * stride_Gv,
-                     mask=col_ok[:, None] & (ns[None, :] < N), other=0.0)            # (BLOCK_V, BLOCK_K)
-        if MIX:
-            w_row = tl.load(w_ptr + ns * stride_w, mask=ns < N, other=0.0).to(tl.float32)
-        else:
-            w_row = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        hm = _hidden_tile(h_ptr, h2_ptr, w_row, ns, ds, N, d,
-                          stride_hn, stride_hd, stride_h2n, stride_h2d, MIX)        # (BLOCK_K, BLOCK_D)
-        acc = tl.dot(gt, hm.to(gt.dtype), acc, input_precision=DOT_PRECISION)
-    offs = cols.to(tl.int64)[:, None] * stride_dWv + ds[None, :] * stride_dWd
-    mask = col_ok[:, None] & d_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(dW_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dW_ptr + offs, acc.to(dW_ptr.dtype.element_ty), mask=mask)
+    dm = tl.load(dmix_ptr + r64 * stride_mn + ds[None, :] * stride_md, mask=mask, other=0.0)
+    w = tl.load(w_ptr + rows * stride_w, mask=row_ok, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + r64 * stride_hn + ds[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)
+    hb = tl.load(h2_ptr + r64 * stride_h2n + ds[None, :] * stride_h2d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dh_ptr + r64 * stride_dhn + ds[None, :] * stride_dhd,
+             (w[:, None] * dm).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh2_ptr + r64 * stride_dh2n + ds[None, :] * stride_dh2d,
+             ((1.0 - w)[:, None] * dm).to(dh2_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + pid_d * stride_pd + rows, tl.sum(dm * (h - hb), axis=1), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
-# launch configuration (one heuristic, shared by the launchers and h100_compile_cases)
+# launchers
 # ----------------------------------------------------------------------------------------------
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"      # "tf32" is ignored for 16-bit operands
-
-
-def _configs(dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile sizes, warps and stages per kernel for W's dtype (shape-independent constexprs).
-
-    GPU: 128-wide tensor-core tiles, d looped in 64 (16-bit) or 32 (fp32) chunks, 3 stages
-    (16-bit: 3 * (128*64 + 64*128) * 2 B = 96 KiB of shared memory). Interpreter: the smallest
-    tiles tl.dot takes, so that the CPU tests run every loop (rows, V blocks, d chunks) several times.
-    """
-    prec = _dot_precision(dtype)
+def _configs(interpret: bool) -> dict:
+    """Tiles of the memory-bound row kernels. Interpreter: small tiles, so the CPU tests run every
+    loop (row blocks, column blocks, the column loop inside a chunk) several times."""
     if interpret:
-        tile = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32, GROUP=2, DOT_PRECISION=prec)
-        return {
-            "fwd": dict(tile, num_warps=4, num_stages=1),
-            "grad": dict(tile, num_warps=4, num_stages=1),
-            "dh": dict(BLOCK_N=16, BLOCK_D=32, BLOCK_K=64, GROUP=2, DOT_PRECISION=prec, num_warps=4, num_stages=1),
-            "dw": dict(BLOCK_V=64, BLOCK_D=32, BLOCK_K=16, GROUP=2, DOT_PRECISION=prec, num_warps=4, num_stages=1),
-            "sample": dict(tile, num_warps=4, num_stages=1),
-            "combine": dict(BLOCK_N=16, BLOCK_P=4, num_warps=4, num_stages=1),
-        }
-    wide = dtype != torch.float32
-    bk = 64 if wide else 32
-    stages = 3 if wide else 2
-    tile = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=bk, GROUP=8, DOT_PRECISION=prec)
-    return {
-        "fwd": dict(tile, num_warps=8, num_stages=stages),
-        "grad": dict(tile, num_warps=8, num_stages=stages),
-        "dh": dict(BLOCK_N=128, BLOCK_D=128, BLOCK_K=bk, GROUP=8, DOT_PRECISION=prec, num_warps=8, num_stages=stages),
-        "dw": dict(BLOCK_V=128, BLOCK_D=128, BLOCK_K=bk, GROUP=8, DOT_PRECISION=prec, num_warps=8, num_stages=stages),
-        # Philox on a 128x128 tile spills (255 registers + stack); 128x64 does not
-        "sample": dict(tile, BLOCK_V=64, num_warps=8, num_stages=stages),
-        "combine": dict(BLOCK_N=128, BLOCK_P=8, num_warps=4, num_stages=1),
-    }
+        return {"rows": dict(BLOCK_R=4, BLOCK_V=64, num_warps=4, num_stages=1),
+                "grad": dict(BLOCK_R=4, BLOCK_V=64, num_warps=4, num_stages=1),
+                "mix": dict(BLOCK_R=4, BLOCK_D=32, num_warps=4, num_stages=1)}
+    return {"rows": dict(BLOCK_R=8, BLOCK_V=512, num_warps=4, num_stages=2),
+            "grad": dict(BLOCK_R=16, BLOCK_V=256, num_warps=4, num_stages=2),
+            "mix": dict(BLOCK_R=16, BLOCK_D=256, num_warps=4, num_stages=2)}
 
 
-def _blocks_per_prog(N: int, V: int, cfg: dict, interpret: bool) -> int:
-    """V blocks per forward/sampling program: enough programs for ~8 per SM, fewer partials beyond."""
-    num_rb = triton.cdiv(N, cfg["BLOCK_N"])
-    num_vb = triton.cdiv(V, cfg["BLOCK_V"])
-    if interpret:
-        return min(3, num_vb)
-    bpp = max(1, min(8, num_rb * num_vb // (8 * _NUM_SMS_H100)))
-    return triton.cdiv(num_vb, triton.cdiv(num_vb, bpp))     # balanced groups: < 1 masked block per group
-
-
-def _grad_chunk_rows(N: int, V: int, elem: int, block_n: int) -> int:
-    rows = (_GRAD_CHUNK_BYTES // (V * elem)) // block_n * block_n
-    return min(N, max(block_n, rows))
+def _chunk_plan(N: int, V: int, elem: int) -> tuple[int, int]:
+    """(R rows, Vc columns) per logit chunk: R x Vc x elem <= _CHUNK_BYTES, all rows at once unless that
+    leaves fewer than _MIN_VC columns; Vc a multiple of _MIN_VC (or V)."""
+    cap = max(1, _CHUNK_BYTES // elem)
+    R = N if N * _MIN_VC <= cap else max(1, cap // _MIN_VC)
+    Vc = max(_MIN_VC, (cap // R) // _MIN_VC * _MIN_VC)
+    return R, min(V, Vc)
 
 
 def _banned_block(n_banned: int) -> int:
     return max(16, triton.next_power_of_2(max(n_banned, 1)))
 
 
-# ----------------------------------------------------------------------------------------------
-# launchers
-# ----------------------------------------------------------------------------------------------
+_ADDMM_F32: dict = {}
+
+
+def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for 16-bit a, b: one cuBLAS call with an fp32 output where torch has it
+    (torch.addmm(..., out_dtype=float32), CUDA), else the product in a's dtype added in fp32."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    key = a.device.type
+    if _ADDMM_F32.get(key, True) and a.device.type == "cuda":
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_F32[key] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_F32[key] = False       # this torch has no fp32-out addmm for these dtypes
+    acc += (a @ b).to(acc.dtype)
+
+
+class _NoAutocast:
+    """Run the GEMMs in the dtypes chosen here (W's), whatever autocast region the op is called in."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _hidden(h, h2, w, weight, mix):
+    """h_mix (or h) as a contiguous (N, d) tensor in W's dtype."""
+    if not mix:
+        return h.to(weight.dtype).contiguous()
+    N, d = h.shape
+    out = torch.empty((N, d), device=h.device, dtype=weight.dtype)
+    cfg = _configs(_interpreting())["mix"]
+    _mix_kernel[(triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))](
+        h, h2, w, out, N, d, h.stride(0), h.stride(1), h2.stride(0), h2.stride(1), w.stride(0),
+        out.stride(0), out.stride(1), **cfg)
+    return out
+
+
+def _chunks(N, V, weight):
+    """Yield (r0, r1, v0, v1) over the logit chunks, rows outer, vocabulary inner."""
+    R, Vc = _chunk_plan(N, V, weight.element_size())
+    for r0 in range(0, N, R):
+        for v0 in range(0, V, Vc):
+            yield r0, min(N, r0 + R), v0, min(V, v0 + Vc)
+
+
+def _logit_chunk(buf, hm, weight, r0, r1, v0, v1):
+    Z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+    torch.mm(hm[r0:r1], weight[v0:v1].T, out=Z)
+    return Z
+
+
+def _lm_head_forward(h, h2, w, weight, target, banned, inv_temp, ignore_index, mix):
+    """logp and lse, both float32 (N,)."""
+    N, d = h.shape
+    V = weight.shape[0]
+    dev = h.device
+    cfg = _configs(_interpreting())["rows"]
+    R, Vc = _chunk_plan(N, V, weight.element_size())
+    n_banned = banned.numel()
+    banned_arg = banned if n_banned else target
+    with _NoAutocast(dev):
+        hm = _hidden(h, h2, w, weight, mix)
+        buf = torch.empty(min(N, R) * Vc, device=dev, dtype=weight.dtype)
+        m = torch.full((N,), float("-inf"), device=dev, dtype=torch.float32)
+        s = torch.zeros(N, device=dev, dtype=torch.float32)
+        t = torch.zeros(N, device=dev, dtype=torch.float32)
+        for r0, r1, v0, v1 in _chunks(N, V, weight):
+            Z = _logit_chunk(buf, hm, weight, r0, r1, v0, v1)
+            tc = target[r0:r1]
+            _lse_chunk_kernel[(triton.cdiv(r1 - r0, cfg["BLOCK_R"]),)](
+                Z, tc, banned_arg, m[r0:r1], s[r0:r1], t[r0:r1],
+                r1 - r0, v1 - v0, v0, V, n_banned, inv_temp,
+                Z.stride(0), Z.stride(1), tc.stride(0),
+                HAS_BANNED=n_banned > 0, BLOCK_B=_banned_block(n_banned), **cfg)
+        lse = m + torch.log(s)
+        logp = torch.where((target >= 0) & (target < V), t - lse, torch.full_like(lse, float("nan")))
+        if mix:
+            logp = torch.where(target == ignore_index, torch.zeros_like(logp), logp)
+    return logp, lse
+
+
+def _lm_head_backward(g, h, h2, w, weight, target, banned, lse, inv_temp, ignore_index, mix):
+    """(dh, dh2 or None, dw or None, dW)."""
+    N, d = h.shape
+    V = weight.shape[0]
+    dev = h.device
+    cfgs = _configs(_interpreting())
+    gcfg = cfgs["grad"]
+    R, Vc = _chunk_plan(N, V, weight.element_size())
+    n_banned = banned.numel()
+    banned_arg = banned if n_banned else target
+    with _NoAutocast(dev):
+        hm = _hidden(h, h2, w, weight, mix)
+        buf = torch.empty(min(N, R) * Vc, device=dev, dtype=weight.dtype)
+        # dW is written once per vocabulary chunk when all rows are in one chunk; else summed in fp32
+        dW = torch.empty((V, d), device=dev, dtype=weight.dtype) if R >= N else \
+            torch.zeros((V, d), device=dev, dtype=torch.float32)
+        dmix = torch.zeros((N, d), device=dev, dtype=torch.float32)
+        for r0, r1, v0, v1 in _chunks(N, V, weight):
+            Z = _logit_chunk(buf, hm, weight, r0, r1, v0, v1)
+            tc, gc = target[r0:r1], g[r0:r1]
+            _grad_chunk_kernel[(triton.cdiv(r1 - r0, gcfg["BLOCK_R"]), triton.cdiv(v1 - v0, gcfg["BLOCK_V"]))](
+                Z, tc, banned_arg, lse[r0:r1], gc,
+                r1 - r0, v1 - v0, v0, V, n_banned, inv_temp, ignore_index,
+                Z.stride(0), Z.stride(1), tc.stride(0), gc.stride(0),
+                HAS_BANNED=n_banned > 0, HAS_IGNORE=mix, BLOCK_B=_banned_block(n_banned), **gcfg)
+            if R >= N:
+                torch.mm(Z.T, hm[r0:r1], out=dW[v0:v1])
+            else:
+                _acc_mm(dW[v0:v1], Z.T, hm[r0:r1])
+            _acc_mm(dmix[r0:r1], Z, weight[v0:v1])
+        if dW.dtype != weight.dtype:
+            dW = dW.to(weight.dtype)
+        if not mix:
+            return dmix.to(h.dtype), None, None, dW
+        mcfg = cfgs["mix"]
+        dh = torch.empty((N, d), device=dev, dtype=h.dtype)
+        dh2 = torch.empty((N, d), device=dev, dtype=h2.dtype)
+        num_db = triton.cdiv(d, mcfg["BLOCK_D"])
+        dw_part = torch.empty((num_db, N), device=dev, dtype=torch.float32)
+        _mix_grad_kernel[(triton.cdiv(N, mcfg["BLOCK_R"]), num_db)](
+            dmix, h, h2, w, dh, dh2, dw_part, N, d,
+            dmix.stride(0), dmix.stride(1), h.stride(0), h.stride(1), h2.stride(0), h2.stride(1), w.stride(0),
+            dh.stride(0), dh.stride(1), dh2.stride(0), dh2.stride(1), dw_part.stride(0), **mcfg)
+        return dh, dh2, dw_part.sum(0), dW
+
+
+
 _BANNED_CACHE: dict = {}
 
 
@@ -521,91 +453,6 @@ def _check_kernel_tensors(**tensors) -> None:
                              f"(or TRITON_INTERPRET=1); use kernels.lm_head_chunked on CPU")
 
 
-def _lm_head_forward(h, h2, w, weight, target, banned, inv_temp, ignore_index, mix):
-    """Launch forward + combine; returns (logp, lse), both float32 (N,)."""
-    N, d = h.shape
-    V = weight.shape[0]
-    interpret = _interpreting()
-    cfgs = _configs(weight.dtype, interpret)
-    cfg, ccfg = cfgs["fwd"], cfgs["combine"]
-    bpp = _blocks_per_prog(N, V, cfg, interpret)
-    num_groups = triton.cdiv(triton.cdiv(V, cfg["BLOCK_V"]), bpp)
-    m_part = torch.empty((num_groups, N), device=h.device, dtype=torch.float32)
-    s_part = torch.empty_like(m_part)
-    t_part = torch.empty_like(m_part)
-    n_banned = banned.numel()
-    banned_arg = banned if n_banned else target
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * num_groups,)
-    _lm_head_fwd_kernel[grid](
-        h, h2, w, weight, target, banned_arg, m_part, s_part, t_part,
-        N, V, d, n_banned, bpp, inv_temp,
-        h.stride(0), h.stride(1), h2.stride(0), h2.stride(1), w.stride(0), weight.stride(0), weight.stride(1),
-        target.stride(0), m_part.stride(0),
-        MIX=mix, HAS_BANNED=n_banned > 0, BLOCK_B=_banned_block(n_banned), **cfg)
-    lse = torch.empty(N, device=h.device, dtype=torch.float32)
-    logp = torch.empty(N, device=h.device, dtype=torch.float32)
-    _lse_combine_kernel[(triton.cdiv(N, ccfg["BLOCK_N"]),)](
-        m_part, s_part, t_part, target, lse, logp, N, V, num_groups, ignore_index,
-        target.stride(0), m_part.stride(0), HAS_IGNORE=mix, **ccfg)
-    return logp, lse
-
-
-def _lm_head_backward(g, h, h2, w, weight, target, banned, lse, inv_temp, ignore_index, mix):
-    """Launch the chunked backward; returns (dh, dh2 or None, dw or None, dW)."""
-    N, d = h.shape
-    V = weight.shape[0]
-    dev = h.device
-    cfgs = _configs(weight.dtype, _interpreting())
-    gcfg, hcfg, wcfg = cfgs["grad"], cfgs["dh"], cfgs["dw"]
-    C = _grad_chunk_rows(N, V, weight.element_size(), gcfg["BLOCK_N"])
-    n_chunks = triton.cdiv(N, C)
-    G_buf = torch.empty((C, V), device=dev, dtype=weight.dtype)
-    dh = torch.empty((N, d), device=dev, dtype=h.dtype)
-    dh2 = torch.empty((N, d), device=dev, dtype=h2.dtype) if mix else dh
-    num_db = triton.cdiv(d, hcfg["BLOCK_D"])
-    dw_part = torch.empty((num_db, C), device=dev, dtype=torch.float32)
-    dw = torch.empty(N, device=dev, dtype=torch.float32) if mix else None
-    # one chunk, or fp32 W: accumulate straight into dW; else an fp32 buffer cast at the end
-    direct = n_chunks == 1 or weight.dtype == torch.float32
-    dW = torch.empty((V, d), device=dev, dtype=weight.dtype if direct else torch.float32)
-    n_banned = banned.numel()
-    banned_arg = banned if n_banned else target
-    for c in range(n_chunks):
-        r0, r1 = c * C, min(N, (c + 1) * C)
-        n = r1 - r0
-        hc, h2c, tc, gc = h[r0:r1], h2[r0:r1], target[r0:r1], g[r0:r1]
-        wc = w[r0:r1] if mix else w
-        G = G_buf[:n]
-        grid = (triton.cdiv(n, gcfg["BLOCK_N"]) * triton.cdiv(V, gcfg["BLOCK_V"]),)
-        _lm_head_grad_logits_kernel[grid](
-            hc, h2c, wc, weight, tc, banned_arg, lse[r0:r1], gc, G,
-            n, V, d, n_banned, inv_temp, ignore_index,
-            hc.stride(0), hc.stride(1), h2c.stride(0), h2c.stride(1), wc.stride(0),
-            weight.stride(0), weight.stride(1), tc.stride(0), gc.stride(0), G.stride(0), G.stride(1),
-            MIX=mix, HAS_BANNED=n_banned > 0, HAS_IGNORE=mix, BLOCK_B=_banned_block(n_banned), **gcfg)
-        dhc, dh2c = dh[r0:r1], dh2[r0:r1]
-        grid = (triton.cdiv(n, hcfg["BLOCK_N"]) * num_db,)
-        _lm_head_dh_kernel[grid](
-            G, weight, hc, h2c, wc, dhc, dh2c, dw_part,
-            n, V, d,
-            G.stride(0), G.stride(1), weight.stride(0), weight.stride(1), hc.stride(0), hc.stride(1),
-            h2c.stride(0), h2c.stride(1), wc.stride(0), dhc.stride(0), dhc.stride(1),
-            dh2c.stride(0), dh2c.stride(1), dw_part.stride(0),
-            MIX=mix, **hcfg)
-        if mix:
-            torch.sum(dw_part[:, :n], dim=0, out=dw[r0:r1])
-        grid = (triton.cdiv(V, wcfg["BLOCK_V"]) * triton.cdiv(d, wcfg["BLOCK_D"]),)
-        _lm_head_dw_kernel[grid](
-            G, hc, h2c, wc, dW,
-            n, V, d,
-            G.stride(0), G.stride(1), hc.stride(0), hc.stride(1), h2c.stride(0), h2c.stride(1), wc.stride(0),
-            dW.stride(0), dW.stride(1),
-            MIX=mix, ACCUMULATE=c > 0, **wcfg)
-    if not direct:
-        dW = dW.to(weight.dtype)
-    return dh, (dh2 if mix else None), dw, dW
-
-
 def _draw_seed(generator, device) -> torch.Tensor:
     """A (1,) int64 Philox key drawn on ``device`` from ``generator`` (or the device's default one).
 
@@ -631,27 +478,26 @@ def _check_seed(seed, generator, device) -> None:
 def _sample(h, weight, banned, inv_temp, generator, seed=None):
     N, d = h.shape
     V = weight.shape[0]
-    interpret = _interpreting()
-    cfgs = _configs(weight.dtype, interpret)
-    cfg, ccfg = cfgs["sample"], cfgs["combine"]
-    bpp = _blocks_per_prog(N, V, cfg, interpret)
-    num_groups = triton.cdiv(triton.cdiv(V, cfg["BLOCK_V"]), bpp)
+    dev = h.device
+    cfg = _configs(_interpreting())["rows"]
     if seed is None:
-        seed = _draw_seed(generator, h.device)
-    val_part = torch.empty((num_groups, N), device=h.device, dtype=torch.float32)
-    idx_part = torch.empty((num_groups, N), device=h.device, dtype=torch.int32)
+        seed = _draw_seed(generator, dev)
     n_banned = banned.numel()
     banned_arg = banned if n_banned else seed
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * num_groups,)
-    _sample_kernel[grid](
-        h, weight, banned_arg, seed, val_part, idx_part,
-        N, V, d, n_banned, bpp, inv_temp,
-        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), val_part.stride(0),
-        HAS_BANNED=n_banned > 0, BLOCK_B=_banned_block(n_banned), **cfg)
-    tokens = torch.empty(N, device=h.device, dtype=torch.int64)
-    _sample_combine_kernel[(triton.cdiv(N, ccfg["BLOCK_N"]),)](
-        val_part, idx_part, tokens, N, num_groups, val_part.stride(0), **ccfg)
-    return tokens
+    R, Vc = _chunk_plan(N, V, weight.element_size())
+    with _NoAutocast(dev):
+        hm = h.to(weight.dtype).contiguous()
+        buf = torch.empty(min(N, R) * Vc, device=dev, dtype=weight.dtype)
+        best = torch.full((N,), float("-inf"), device=dev, dtype=torch.float32)
+        idx = torch.zeros(N, device=dev, dtype=torch.int32)
+        for r0, r1, v0, v1 in _chunks(N, V, weight):
+            Z = _logit_chunk(buf, hm, weight, r0, r1, v0, v1)
+            _sample_chunk_kernel[(triton.cdiv(r1 - r0, cfg["BLOCK_R"]),)](
+                Z, banned_arg, seed, best[r0:r1], idx[r0:r1],
+                r1 - r0, v1 - v0, v0, V, r0, n_banned, inv_temp,
+                Z.stride(0), Z.stride(1),
+                HAS_BANNED=n_banned > 0, BLOCK_B=_banned_block(n_banned), **cfg)
+    return idx.to(torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -773,20 +619,22 @@ class _LaunchRecorder:
         return launch
 
 
+_KERNELS = ("_mix_kernel", "_lse_chunk_kernel", "_sample_chunk_kernel", "_grad_chunk_kernel", "_mix_grad_kernel")
+
+
 def h100_compile_cases() -> list:
     """Every (kernel, configuration) the launchers launch at the benchmark shapes, for sm_90.
 
     Shapes: N in {8192, 32768}, (d, V) in {(4096, 32000), (576, 49152)}, bf16 and fp16; the mixed
     op's forward + backward, token_logprob's (with and without banned ids) and the sampler. The
-    launchers themselves run, on "meta" tensors (no memory, no GPU), with every kernel swapped for a
-    recorder, so the cases are exactly what they launch: tile constexprs from ``_configs``,
-    runtime ints as the JIT specialises them (value 1 -> constexpr, multiples of 16 -> divisible).
-    Deduplicated on (kernel, signature, constexprs, divisibility, warps, stages).
+    launchers themselves run, on "meta" tensors (no memory, no GPU; torch.mm on meta only computes
+    shapes), with every Triton kernel swapped for a recorder, so the cases are exactly what they
+    launch: tiles from ``_configs``, runtime ints as the JIT specialises them (value 1 -> constexpr,
+    multiples of 16 -> divisible). Deduplicated on (kernel, signature, constexprs, divisibility,
+    warps, stages).
     """
-    names = ("_lm_head_fwd_kernel", "_lse_combine_kernel", "_sample_kernel", "_sample_combine_kernel",
-             "_lm_head_grad_logits_kernel", "_lm_head_dh_kernel", "_lm_head_dw_kernel")
     g = globals()
-    saved = {n: g[n] for n in names}
+    saved = {n: g[n] for n in _KERNELS}
     saved_interp = g["_interpreting"]
     cases, seen = [], set()
     try:
@@ -795,7 +643,7 @@ def h100_compile_cases() -> list:
             for N in (8192, 32768):
                 for d, V in ((4096, 32000), (576, 49152)):
                     log = []
-                    for n in names:
+                    for n in _KERNELS:
                         g[n] = _LaunchRecorder(saved[n], log)
                     meta = dict(device="meta", dtype=dtype)
                     ht, hb, W = torch.empty(N, d, **meta), torch.empty(N, d, **meta), torch.empty(V, d, **meta)
@@ -803,6 +651,7 @@ def h100_compile_cases() -> list:
                     t = torch.empty(N, device="meta", dtype=torch.int64)
                     gr = torch.empty(N, device="meta", dtype=torch.float32)
                     lse = torch.empty(N, device="meta", dtype=torch.float32)
+                    seed = torch.empty(1, device="meta", dtype=torch.int64)
                     none = torch.empty(0, device="meta", dtype=torch.int64)
                     banned = torch.empty(3, device="meta", dtype=torch.int64)
                     _lm_head_forward(ht, hb, w, W, t, none, 1.0, -100, mix=True)
@@ -810,7 +659,7 @@ def h100_compile_cases() -> list:
                     for b in (none, banned):
                         _lm_head_forward(ht, ht, ht, W, t, b, 1 / 3, 0, mix=False)
                         _lm_head_backward(gr, ht, ht, ht, W, t, b, lse, 1 / 3, 0, mix=False)
-                        _sample(ht, W, b, 1.0, None)
+                        _sample(ht, W, b, 1.0, None, seed)
                     shape = f"{_TRITON_DTYPE[dtype]} N={N} d={d} V={V}"
                     for rec in log:
                         key = (rec["fn"].__name__, tuple(sorted(rec["signature"].items())),
@@ -821,8 +670,7 @@ def h100_compile_cases() -> list:
                         seen.add(key)
                         tiles = ", ".join(f"{k}={v}" for k, v in rec["constexprs"].items() if k.isupper())
                         cases.append(dict(rec, kernel=rec["fn"].__name__, config=f"first at {shape}: {tiles}",
-                                          has_dot=rec["fn"].__name__ not in ("_lse_combine_kernel",
-                                                                             "_sample_combine_kernel")))
+                                          has_dot=False))
     finally:
         g.update(saved)
         g["_interpreting"] = saved_interp

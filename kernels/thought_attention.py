@@ -554,29 +554,37 @@ def _d_pad(D: int) -> int:
 def _fwd_config(D: int, dtype: torch.dtype, T: int) -> dict:
     """Forward tile: BLOCK_M rows of whole chains, BLOCK_N base keys per step.
 
-    BLOCK_M = 64 keeps the dense chain block (cost ~ BLOCK_M / (T/2) of the base part) small at
-    T = 256; at T >= 1024 a 128-row tile halves the base K/V traffic for a few % more chain work.
-    Warps/stages: the largest choices without register spills in the sm_90 compile
-    (h100_compile_cases), not yet timed on an H100.
+    BLOCK_M = 64 keeps the dense chain block (cost ~ BLOCK_M / (T/2) of the base part) small.
+    16-bit, D = 128: swept on an H200 (benchmarks/gpu_profile.py, H=32 H_KV=8, bf16; results in
+    benchmarks/results/gpu_h200_2026-11-26/): 4 warps beat 8 at every tile (0.67 against 1.09 ms at
+    B=8 T=256 L=14; 1.00 against 1.32 ms for the former 128-row tile at B=2 T=1024 L=16).
+    D <= 64 (SmolLM2's heads): not swept yet; the T >= 1024 tile is the untimed 128-row one.
     """
     d_pad = _d_pad(D)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if d_pad <= 64 else 8, num_stages=2)
+    if d_pad > 64:    # (64, 64, 4 warps, 3 stages) is 11% faster at T = 1024 but spills 48 bytes on sm_90
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4)
     if T >= 1024:
-        return dict(BLOCK_M=128, BLOCK_N=64 if d_pad <= 64 else 32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def _bwd_dq_config(D: int, dtype: torch.dtype, T: int) -> dict:
+    # 16-bit, D = 128, H200 sweep: a 128-row tile saves 15-20% of the dQ kernel at T = 256 and 1024
+    if dtype != torch.float32 and _d_pad(D) > 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     wide = dtype == torch.float32
     return dict(BLOCK_M=64, BLOCK_N=32 if (_d_pad(D) > 64 or wide) else 64,
                 num_warps=4 if _d_pad(D) <= 64 else 8, num_stages=2)
 
 
 def _bwd_chain_config(D: int, dtype: torch.dtype, L: int) -> dict:
-    # the tile must hold a whole chain (BLOCK_M >= L); 32 rows avoid spills at D = 128
+    # the tile must hold a whole chain (BLOCK_M >= L); 32 rows avoid spills at D = 128, where 4 warps
+    # beat 8 in the H200 sweep (16-bit)
     small = _d_pad(D) > 64 or dtype == torch.float32
-    return dict(BLOCK_M=32 if (small and L <= 32) else 64, num_warps=8, num_stages=2)
+    warps = 4 if (dtype != torch.float32 and _d_pad(D) > 64 and L <= 32) else 8
+    return dict(BLOCK_M=32 if (small and L <= 32) else 64, num_warps=warps, num_stages=2)
 
 
 def _bwd_base_config(D: int, dtype: torch.dtype, T: int) -> dict:
@@ -584,7 +592,11 @@ def _bwd_base_config(D: int, dtype: torch.dtype, T: int) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
     if _d_pad(D) <= 64:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    # D = 128, H200 sweep (whole backward, this kernel's config alone changed): 2.81 against 3.34 ms at
+    # B=8 T=256 L=14 and 6.42 against 9.08 ms at B=2 T=1024 L=16 for the former (64, 32) tile. It keeps
+    # 48 bytes of stack on sm_90 (every 64-key or 128-key tile at D = 128 does: 64x64 296 B, 64x128 248 B);
+    # measured faster all the same, so the static check allows exactly that much here.
+    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, max_stack_bytes=48)
 
 
 def _step_config(D: int, dtype: torch.dtype, G: int) -> dict:
@@ -878,7 +890,8 @@ def h100_compile_cases() -> list[dict]:
         seen.add(key)
         cases.append(dict(kernel=kernel, config=config, fn=fn, signature=sig,
                           constexprs={**constexprs, **specialized}, divisible_by_16=div16,
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], has_dot=has_dot))
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], has_dot=has_dot,
+                          max_stack_bytes=cfg.get("max_stack_bytes", 0)))
 
     for dtype in (torch.bfloat16, torch.float16):
         x, f32 = "*" + _TL_TYPE[dtype], "*fp32"

@@ -44,10 +44,22 @@ def check_decoder(lm) -> None:
 
 
 def build_decoder(cfg: ModelConfig, dtype=torch.float32):
-    """The stock decoder: a random-init tiny Mistral, SmolLM2-135M, or a local HF folder."""
+    """The stock decoder: a random-init tiny Mistral, SmolLM2-135M (real, or random-init at its exact
+    shape: the same work for speed measurements, no weights needed), or a local HF folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, MistralForCausalLM
     if cfg.name == "tiny":
         lm = MistralForCausalLM(tiny_mistral_config(cfg)).to(dtype)
+    elif cfg.name == "smollm2-135m-random":
+        from .assets import smollm2_mistral_config
+        lm = MistralForCausalLM(smollm2_mistral_config()).to(dtype)
+        # HF's init zeroes the padding row (id 0, also the document separator). A token with a zero
+        # embedding keeps an exactly-zero residual stream through every layer (its attention sees only
+        # zero values before it at t = 0, MLP(0) = 0); each RMSNorm's backward then multiplies its
+        # gradient by 1/sqrt(eps) ~ 316, which overflows within a few of the 30 layers (NaN gradients,
+        # seen on CPU and GPU). The real model's row 0 is a trained, non-zero embedding: so is this one.
+        with torch.no_grad():
+            pad = lm.config.pad_token_id
+            lm.model.embed_tokens.weight[pad].normal_(0.0, lm.config.initializer_range)
     elif cfg.name == "smollm2-135m":
         from .assets import load_smollm2
         lm = load_smollm2(dtype=dtype)

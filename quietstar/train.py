@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietstar-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", dest="model_name", default=None,
-                   help='"tiny" (random-init Mistral), "smollm2-135m", or a Hugging Face Mistral/Llama folder')
+                   help='"tiny" (random-init Mistral), "smollm2-135m", "smollm2-135m-random" (its shape, random '
+                        'weights: for speed runs), or a Hugging Face Mistral/Llama folder')
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None)
     p.add_argument("--lm-head", dest="lm_head", choices=LM_HEAD_BACKENDS, default=None)
     p.add_argument("--schedule", choices=SCHEDULES, default=None)
@@ -123,7 +124,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     from . import assets
     if model_cfg.name == "tiny":
         return assets.mistral_tokenizer()
-    if model_cfg.name == "smollm2-135m":
+    if model_cfg.name in ("smollm2-135m", "smollm2-135m-random"):
         return assets.smollm2_tokenizer()
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model_cfg.name)

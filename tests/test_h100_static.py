@@ -123,6 +123,9 @@ def h100_compile_cases():
         {"kernel": "toy_spill", "config": "spills", "fn": toy_spill,
          "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32"}, "constexprs": {"BLOCK": 128},
          "num_warps": 1, "num_stages": 1, "has_dot": False},
+        {"kernel": "toy_spill", "config": "spills_beyond_allowance", "fn": toy_spill,
+         "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32"}, "constexprs": {"BLOCK": 128},
+         "num_warps": 1, "num_stages": 1, "has_dot": False, "max_stack_bytes": 8},
         {"kernel": "toy_spill", "config": "bad_signature", "fn": toy_spill,
          "signature": {"x_ptr": "*fp32"}, "constexprs": {"BLOCK": 128},
          "num_warps": 1, "num_stages": 1, "has_dot": False},
@@ -137,7 +140,8 @@ def test_checker_can_fail(tmp_path):
     log = res.stdout + res.stderr
     assert res.returncode == 1, f"the checker must fail on the bad toys (rc={res.returncode}):\n{log}"
     rows = {r["config"]: r for r in json.loads((tmp_path / "out" / "h100_static_check.json").read_text())["rows"]}
-    assert set(rows) == {"good_bf16", "fp32_ieee_no_tc", "bf16_smem_too_big", "spills", "bad_signature"}, log
+    assert set(rows) == {"good_bf16", "fp32_ieee_no_tc", "bf16_smem_too_big", "spills", "spills_beyond_allowance",
+                         "bad_signature"}, log
 
     good = rows["good_bf16"]   # a bf16 tile on sm_90 must become warpgroup MMA
     assert good["status"] == "ok", log
@@ -153,6 +157,9 @@ def test_checker_can_fail(tmp_path):
 
     spill = rows["spills"]
     assert spill["local_bytes"] + spill["stack_bytes"] > 0 and "spills" in spill["status"], spill
+
+    beyond = rows["spills_beyond_allowance"]   # an allowance below the spill does not pass it
+    assert "spills" in beyond["status"] and "allowed stack: 8" in beyond["errors"][0], beyond
 
     bad = rows["bad_signature"]
     assert bad["status"] == "FAIL: compile error" and "y_ptr" in bad["errors"][0], bad

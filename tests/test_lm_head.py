@@ -148,17 +148,36 @@ def test_mixed_logprob_matches_reference(poison, N, d, V):
     _check_mixed(mixed_logprob, N, d, V, torch.float32, "cpu", seed=N * 1000 + V)
 
 
-def test_mixed_logprob_multi_chunk_backward(poison, monkeypatch):
-    # 16 rows per backward chunk: 3 chunks at N=37, so dW accumulates across chunks (fp32 weight)
-    monkeypatch.setattr(K, "_GRAD_CHUNK_BYTES", 16 * 1003 * 4)
-    assert K._grad_chunk_rows(37, 1003, 4, 16) == 16
+@pytest.mark.parametrize("chunk_bytes,plan", [(37 * 256 * 4, (37, 256)), (16 * 64 * 4, (16, 64))],
+                         ids=["vocab-chunks", "row-and-vocab-chunks"])
+def test_mixed_logprob_multi_chunk(poison, monkeypatch, chunk_bytes, plan):
+    # 4 vocabulary chunks of all 37 rows (dW written once per chunk, dh_mix summed over chunks); or 3 row
+    # chunks x 16 vocabulary chunks (dW summed over the row chunks in fp32 too)
+    monkeypatch.setattr(K, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(K, "_MIN_VC", 64)
+    assert K._chunk_plan(37, 1003, 4) == plan
     _check_mixed(mixed_logprob, 37, 48, 1003, torch.float32, "cpu", seed=7)
+    _check_token(token_logprob, 37, 48, 1003, torch.float32, "cpu", 8, 0.7, (0, 5, 300, 1002))
 
 
 def test_mixed_logprob_fp16(poison, monkeypatch):
-    # fp16 weight with 3 chunks: exercises the fp32 dW buffer and the final cast
-    monkeypatch.setattr(K, "_GRAD_CHUNK_BYTES", 16 * 203 * 2)
+    # fp16 weight with 3 row chunks: the fp32 dW and dh_mix sums and the final casts
+    monkeypatch.setattr(K, "_CHUNK_BYTES", 16 * 64 * 2)
+    monkeypatch.setattr(K, "_MIN_VC", 64)
+    assert K._chunk_plan(37, 203, 2) == (16, 64)
     _check_mixed(mixed_logprob, 37, 32, 203, torch.float16, "cpu", seed=11)
+
+
+def test_sampler_chunks_do_not_change_the_draw(monkeypatch):
+    """The noise is keyed by (row, column) of the whole call: chunking rows and columns gives the same tokens."""
+    gen = torch.Generator().manual_seed(12)
+    h, W = torch.randn(37, 24, generator=gen), torch.randn(1003, 24, generator=gen) * 0.1
+    seed = torch.tensor([123456789], dtype=torch.int64)
+    whole = sample_thought_tokens(h, W, 0.9, (4, 700), seed=seed)
+    monkeypatch.setattr(K, "_CHUNK_BYTES", 16 * 64 * 4)
+    monkeypatch.setattr(K, "_MIN_VC", 64)
+    assert K._chunk_plan(37, 1003, 4) == (16, 64)
+    assert torch.equal(sample_thought_tokens(h, W, 0.9, (4, 700), seed=seed), whole)
 
 
 def test_mixed_logprob_strided_inputs():
@@ -347,21 +366,22 @@ def test_triton_rejects_float64_and_too_many_banned():
 # GPU (bf16, bigger shapes)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("N,d,V", [(517, 256, 5003), (64, 576, 49152)])
+@pytest.mark.parametrize("N,d,V", [(517, 256, 5003), (64, 576, 49152), (200, 4096, 32000)])
 def test_gpu_bf16_mixed_logprob(N, d, V):
     _check_mixed(mixed_logprob, N, d, V, torch.bfloat16, "cuda", seed=N + d)
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_token_logprob():
-    _check_token(token_logprob, 300, 512, 32001, torch.bfloat16, "cuda", 1, 3.0, (0, 1, 32000))
+@pytest.mark.parametrize("N,d,V", [(300, 512, 32001), (100, 4096, 32000)])
+def test_gpu_bf16_token_logprob(N, d, V):
+    _check_token(token_logprob, N, d, V, torch.bfloat16, "cuda", 1, 3.0, (0, 1, V - 1))
 
 
 @pytest.mark.gpu
 def test_gpu_bf16_multi_chunk_and_memory(monkeypatch):
-    # 4 backward chunks; peak extra memory far below the N x V fp32 logits
+    # vocabulary chunks of 2048 x 7936; peak extra memory far below the N x V fp32 logits
     N, d, V = 2048, 256, 32000
-    monkeypatch.setattr(K, "_GRAD_CHUNK_BYTES", 512 * V * 2)
+    monkeypatch.setattr(K, "_CHUNK_BYTES", 512 * V * 2)
     _check_mixed(mixed_logprob, N, d, V, torch.bfloat16, "cuda", seed=5)
     gen = torch.Generator().manual_seed(6)
     ins = [x.requires_grad_() if x.is_floating_point() and i < 4 else x
@@ -389,3 +409,22 @@ def test_gpu_sampler_law_and_big_vocab():
     p = _softmax_excluding(h0.float(), W.float(), 1.0, banned)
     counts = torch.bincount(toks, minlength=V).double()
     assert _tv(counts, p) < _tv_bound(p, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [576, 4096])
+def test_gpu_sampler_law_wide_hidden(d):
+    """The sampler at d > 64 (several d blocks per logit tile): its law is softmax(W h / tau) without banned ids."""
+    n, V, temperature = 20000, 3001, 0.8
+    gen = torch.Generator().manual_seed(d)
+    h0 = torch.randn(d, generator=gen).cuda().bfloat16()
+    W = (torch.randn(V, d, generator=gen) / math.sqrt(d) * 2).cuda().bfloat16()
+    banned = (0, int(torch.argmax(W.float() @ h0.float())), V - 1)
+    toks = sample_thought_tokens(h0.expand(n, d), W, temperature, banned, torch.Generator("cuda").manual_seed(1))
+    assert not torch.isin(toks, torch.tensor(banned, device="cuda")).any()
+    p = _softmax_excluding(h0.float().cpu(), W.float().cpu(), temperature, banned)
+    counts = torch.bincount(toks.cpu(), minlength=V).double()
+    bound = _tv_bound(p, n)
+    assert 0.5 * (_softmax_excluding(h0.float().cpu(), W.float().cpu(), temperature * 1.5, banned) - p).abs().sum() \
+        > 2 * bound, "the test must be able to tell a wrong temperature"
+    assert _tv(counts, p) < bound, f"TV {_tv(counts, p):.3f} >= {bound:.3f}"

@@ -273,3 +273,54 @@ def test_gpu_fused_path_matches_reference(autocast):
     cos = torch.nn.functional.cosine_similarity(gf, gr, dim=0).item()
     tol_loss, tol_cos = (1e-5, 0.99999) if autocast is None else (1e-2, 0.99)
     assert rel < tol_loss and cos > tol_cos, (rel, cos)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_path_matches_reference_smollm2_shape_bf16():
+    """At SmolLM2-135M's exact shape (30 layers, d=576, H=9/3, D=64, V=49152; random weights, a non-zero
+    mixing head), bf16 autocast: the default fused path against the reference on the same thoughts."""
+    torch.manual_seed(0)
+    model = QuietStarModel(build_decoder(ModelConfig(name="smollm2-135m-random")), ThoughtConfig(M=9, K=4, P=2),
+                           marker_init_id=5).cuda()
+    with torch.no_grad():
+        model.mixing_head.net[-1].weight.normal_(0, 0.02)
+        model.mixing_head.net[-1].bias.fill_(0.2)
+    V_ = model.lm_head_weight.shape[0]
+    ids = torch.randint(0, V_, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    valid = torch.ones(2, 64, dtype=torch.bool, device="cuda")
+    valid[1, 50:] = False
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        thoughts = sample_thoughts(model, ids, Backends("triton", "triton"), torch.Generator("cuda").manual_seed(2))
+    results = {}
+    for name, sched, be in (("ref", "sequential", Backends("reference", "reference")),
+                            ("fused", "sample-then-train", Backends("triton", "triton"))):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _, _ = quietstar_forward(model, ids, valid, LossConfig(beta_policy=3.0), sched, be, thoughts=thoughts)
+        loss.backward()
+        results[name] = (loss.detach().double(), torch.cat([p.grad.double().flatten() for p in model.parameters()
+                                                            if p.grad is not None]))
+    (lr, gr), (lf, gf) = results["ref"], results["fused"]
+    rel = ((lf - lr).abs() / lr.abs()).item()
+    cos = torch.nn.functional.cosine_similarity(gf, gr, dim=0).item()
+    assert gf.shape == gr.shape
+    assert rel < 1e-2 and cos >= 0.99, (rel, cos)
+
+
+def test_smollm2_random_init_has_finite_gradients_at_a_leading_separator():
+    """The random-init SmolLM2-shape model (speed runs) has a non-zero padding/separator embedding: with HF's
+    zeroed row, a row starting with the separator gets NaN gradients (overflow through 30 RMSNorm backwards)."""
+    torch.manual_seed(0)
+    lm = build_decoder(ModelConfig(name="smollm2-135m-random"))
+    pad = lm.config.pad_token_id
+    assert lm.model.embed_tokens.weight[pad].abs().sum() > 0
+    ids = torch.tensor([[pad, 6, 7, 8, 9, 10]])
+
+    def finite_grads():
+        lm.zero_grad(set_to_none=True)
+        lm(input_ids=ids, labels=ids).loss.backward()
+        return all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)
+    assert finite_grads()
+    with torch.no_grad():       # the test can fail: HF's zeroed row gives non-finite gradients
+        lm.model.embed_tokens.weight[pad].zero_()
+    assert not finite_grads()

@@ -194,6 +194,16 @@ def test_base_dkv_split_and_determinism(num_sms, device, monkeypatch):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
+@pytest.mark.parametrize("num_sms", [1, 10**6], ids=["no-split", "split-heads"])
+def test_parallel_fp16_d128_tiles(num_sms, device, monkeypatch):
+    """The 16-bit D = 128 tiles the GPU runs (tuned on an H200: 128-row dQ tile, 128-key base dK/dV tile,
+    4-warp forward), in fp16 here (the interpreter's bf16 dot is wrong), T spanning several tiles."""
+    monkeypatch.setattr(ta, "_num_sms", lambda dev: num_sms)
+    assert ta._bwd_dq_config(128, torch.float16, 200)["BLOCK_M"] == 128
+    assert ta._bwd_base_config(128, torch.float16, 200)["BLOCK_N"] == 128
+    _run_parallel_check(1, 4, 2, 200, 5, 128, torch.float16, device, seed=128 + num_sms % 7)
+
+
 def test_autograd_function_matches_public(device):
     g = _gen(11)
     xs = _make_inputs(1, 2, 1, 6, 2, 32, g, device)
@@ -348,3 +358,38 @@ def test_gpu_step_cuda_graph(dtype):
     ref64 = thought_attention_step_ref(q_step.double(), kb.double(), vb.double(), kc.double(), vc.double(), step)
     refd = thought_attention_step_ref(q_step, kb, vb, kc, vc, step)
     _check("graph step", out, ref64, refd, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [128, 64])
+def test_gpu_bf16_long_T_forward_tile(D):
+    """T >= 1024 takes the 128-row forward tile (a config no other test reaches)."""
+    B, H, H_KV, T, L = 1, 4, 2, 1024, 4
+    assert ta._fwd_config(D, torch.bfloat16, T)["BLOCK_M"] == 128
+    _run_parallel_check(B, H, H_KV, T, L, D, torch.bfloat16, "cuda", seed=T + D)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_base_dkv_written_directly():
+    """B * H_KV * T / BLOCK_N programs fill the GPU without a head split: bf16 dK/dV written in place."""
+    B, H, H_KV, T, L, D = 8, 16, 8, 1024, 2, 128
+    cfg = ta._bwd_base_config(D, torch.bfloat16, T)
+    assert ta._base_split(B, H_KV, H // H_KV, T, cfg["BLOCK_N"], ta._num_sms(torch.device("cuda"))) == 1
+    _run_parallel_check(B, H, H_KV, T, L, D, torch.bfloat16, "cuda", seed=88)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_step_smollm2_heads(dtype):
+    """The step kernel at SmolLM2's heads (H=9, H_KV=3: G=3 query heads packed per program, D=64)."""
+    B, H, H_KV, T, L_max, D = 2, 9, 3, 256, 14, 64
+    g = _gen(64)
+    q = _randn((B, H, T, D), g, "cuda", dtype)
+    kb, vb = (_randn((B, H_KV, T, D), g, "cuda", dtype) for _ in range(2))
+    kc, vc = (_randn((B, H_KV, T, L_max, D), g, "cuda", dtype) for _ in range(2))
+    for step in (0, 6, L_max - 1):
+        clean = [x[:, :, :, : step + 1] for x in (kc, vc)]
+        o = thought_attention_step(q, kb, vb, kc, vc, step)
+        ref64 = thought_attention_step_ref(q.double(), kb.double(), vb.double(), *[x.double() for x in clean], step)
+        refd = thought_attention_step_ref(q, kb, vb, *clean, step)
+        _check(f"step {step}", o, ref64, refd, dtype)

@@ -80,3 +80,22 @@ def test_cuda_graphs_train_the_same_run(tmp_path):
     # so the weights may differ in the last bits; the runs must still track each other
     for ra, rb in zip(a[1:], b[1:]):
         assert abs(ra["nll_base"] - rb["nll_base"]) <= 1e-2 * abs(ra["nll_base"]), (ra, rb)
+
+
+@pytest.mark.gpu
+def test_gpu_quietstar_train_cli(tmp_path):
+    """`quietstar-train` on CUDA with its GPU defaults (Triton attention and LM head, bf16 autocast)."""
+    import subprocess
+    import sys
+    args = TINY[:-4]
+    args[args.index("--model-head-dim") + 1] = "16"
+    r = subprocess.run([sys.executable, "-m", "quietstar.train", *args, "--steps", "3", "--lr", "3e-3",
+                        "--device", "cuda", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    steps = [x for x in m if "loss" in x and "step" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in steps)
+    assert (tmp_path / "final.pt").exists()
+    cfg = config_from_args(args + ["--device", "cuda"])
+    assert (cfg.train.attention, cfg.train.lm_head) == ("triton", "triton")

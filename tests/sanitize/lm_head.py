@@ -1,17 +1,14 @@
 """Launch every LM-head kernel on odd shapes on CPU fp32, for triton-sanitizer (no value checks).
 
-Run: ``triton-sanitizer tests/sanitize/lm_head.py``. Covers the forward + lse combine (mixed and
-token, with banned ids), the grad-logit, dh and dW kernels (one chunk and several chunks, so dW
-both writes and accumulates), and the sampler + its argmax combine. The sanitizer does not compute
-values, so nothing here is asserted; tests/test_lm_head.py checks the values.
+Run: ``triton-sanitizer tests/sanitize/lm_head.py``. Covers the mixing kernel, the per-chunk lse and
+sampling folds, the in-place grad-logit kernel and the mixing backward (mixed and token ops, with
+banned ids), with one logit chunk, with vocabulary chunks, and with row x vocabulary chunks. The
+sanitizer does not compute values, so nothing here is asserted; tests/test_lm_head.py checks the values.
 
-The launchers pick GPU tiles (BLOCK_N = BLOCK_V = 128, GROUP = 8) unless TRITON_INTERPRET is set,
-and triton-sanitizer may run with or without it (tests/conftest.py sets it and the sanitizer
-subprocess inherits it), so the script fixes the choice itself: GPU tiles for the first cases.
-The (300, 1003) case lowers the SM count so that each forward/sampling program loops over several
-V blocks (the last group's extra block fully masked) and uses 128-row backward chunks (3 chunks:
-dW accumulates); the last pass re-runs with the interpreter tiles (BLOCK_N = 16, BLOCK_V = 64,
-GROUP = 2) that the CPU tests use. _viz_patches fixes triton-viz 3.0 modelling bugs (see that
+The launchers pick GPU tiles unless TRITON_INTERPRET is set, and triton-sanitizer may run with or
+without it (tests/conftest.py sets it and the sanitizer subprocess inherits it), so the script fixes
+the choice itself: GPU tiles first (BLOCK_V = 512 > the chunk widths: fully masked column tails), then
+the interpreter tiles the CPU tests use. _viz_patches fixes triton-viz 3.0 modelling bugs (see that
 module); it removes no check.
 """
 import os
@@ -26,8 +23,8 @@ import torch  # noqa: E402
 import kernels.lm_head as K  # noqa: E402
 
 
-def run(N, d, V, gen, chunk_rows=None):
-    K._GRAD_CHUNK_BYTES = (chunk_rows * V * 4) if chunk_rows else 256 * 2**20
+def run(N, d, V, gen, chunk_bytes=64 * 2**20, min_vc=256):
+    K._CHUNK_BYTES, K._MIN_VC = chunk_bytes, min_vc
     ht = torch.randn(N, d, generator=gen)
     hb = torch.randn(N, d, generator=gen)
     w = torch.randn(N, generator=gen)
@@ -42,20 +39,18 @@ def run(N, d, V, gen, chunk_rows=None):
     K.token_logprob(h, Wt, t.clamp(min=1), 0.7, banned).backward(g)
     K.sample_thought_tokens(ht, W, 0.7, banned, torch.Generator().manual_seed(1))
     K.sample_thought_tokens(ht, W, 1.0, (), None)
-    print(f"ok N={N} d={d} V={V} chunk_rows={chunk_rows} interpret_tiles={K._interpreting()} "
-          f"sms={K._NUM_SMS_H100}", flush=True)
+    print(f"ok N={N} d={d} V={V} chunks={K._chunk_plan(N, V, 4)} interpret_tiles={K._interpreting()}", flush=True)
 
 
 def main():
     gen = torch.Generator().manual_seed(0)
-    K._interpreting = lambda: False             # the GPU tiles, whatever TRITON_INTERPRET says
-    run(37, 48, 203, gen)                       # GPU tiles: one row block, 2 V blocks
-    run(1, 20, 13, gen)                         # N = 1, V < one block
-    sms, K._NUM_SMS_H100 = K._NUM_SMS_H100, 1   # several V blocks per program
-    run(300, 48, 1003, gen, chunk_rows=128)     # 3 row blocks < GROUP, 3 backward chunks
-    K._NUM_SMS_H100 = sms
-    K._interpreting = lambda: True              # the CPU tests' tiles: bpp = 3, GROUP = 2
-    run(37, 48, 203, gen, chunk_rows=16)        # 3 backward chunks
+    K._interpreting = lambda: False                          # the GPU tiles, whatever TRITON_INTERPRET says
+    run(37, 48, 203, gen)                                    # one chunk
+    run(1, 20, 13, gen)                                      # N = 1, V < one column block
+    run(300, 48, 1003, gen, 300 * 64 * 4 * 2, 64)            # vocabulary chunks of 128 columns
+    run(37, 300, 203, gen, 16 * 64 * 4, 64)                  # row x vocabulary chunks; d spans 2 BLOCK_D
+    K._interpreting = lambda: True                           # the CPU tests' tiles
+    run(37, 48, 203, gen, 16 * 64 * 4, 64)
     print("lm_head sanitize script finished")
 
 

@@ -1,0 +1,84 @@
+"""The one-call GPU suite, rehearsed on CPU (benchmarks/gpu_suite.sh --dry-run): the same wrapper, stages,
+scripts and flags at smoke shapes. Checks what the device call depends on: every stage runs and
+passes, at most 8 files come back in OUT, the digest is there and under 8 KB, the archive holds
+every stage's log, a failing or skipped stage makes the call exit non-zero and says so, and without
+CUDA a real run refuses at once."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("gpu_tests", "train_step", "thought_attention", "lm_head")
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def _suite(out, *args, timeout=900):
+    return subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(out), "--dry-run", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _stage_rows(digest: str) -> dict:
+    rows = {}
+    for line in digest.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in STAGES:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+@pytest.mark.slow
+def test_dry_run_rehearses_the_device_call(tmp_path):
+    out = tmp_path / "out"
+    r = _suite(out)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    assert {"digest.md", "suite.tar.gz", "train_step.md", "train_step.json", "thought_attention_smoke.md",
+            "lm_head_smoke.md"} <= set(files), files
+    digest = (out / "digest.md").read_text()
+    assert len(digest.encode()) <= 8192
+    assert r.stdout.rstrip().endswith(digest.rstrip().splitlines()[-1]), "the digest must be printed last"
+    assert _stage_rows(digest) == {s: "ok" for s in STAGES}, digest
+    assert "DRY RUN" in digest and "| fast-cpu |" in digest and "| sampling | smoke T=21 4 steps |" in digest
+    assert "GPU tests: 0 passed, 0 failed" in digest      # every GPU test is collected and skipped on CPU
+    with tarfile.open(out / "suite.tar.gz") as tar:
+        names = set(tar.getnames())
+    for stage in STAGES:
+        assert f"suite/raw/{stage}.log" in names, names
+    assert {"suite/raw/environment.txt", "suite/raw/gpu_tests.xml", "suite/raw/attention_compile.log"} <= names
+    rows = json.loads((out / "train_step.json").read_text())["results"]
+    assert {x["path"] for x in rows} == {"floor", "fast-cpu", "reference"}
+    assert all(x["grad_nonfinite"] == 0 for x in rows if "grad_nonfinite" in x)
+
+
+def test_a_failing_stage_fails_the_call(tmp_path):
+    r = _suite(tmp_path / "out", "--stages", "lm_head", "--inject-failure", "lm_head")
+    assert r.returncode == 1, r.stdout + r.stderr
+    digest = (tmp_path / "out" / "digest.md").read_text()
+    assert _stage_rows(digest) == {"lm_head": "FAILED"}, digest
+    assert len(list((tmp_path / "out").iterdir())) <= 8
+
+
+def test_a_stage_past_the_budget_is_skipped_and_reported(tmp_path):
+    r = _suite(tmp_path / "out", "--stages", "lm_head,train_step", "--budget-s", "30")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert _stage_rows((tmp_path / "out" / "digest.md").read_text()) == {
+        "lm_head": "SKIPPED (suite budget spent)", "train_step": "SKIPPED (suite budget spent)"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_without_cuda_the_real_call_refuses_at_once(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--out", str(tmp_path / "out")], cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
