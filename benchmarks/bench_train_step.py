@@ -6,7 +6,8 @@ Paths (schedule / attention backend / LM-head backend):
              sample-then-train / split / chunked on CPU
   fast-gpu-graphs  the GPU fast path with the sampling loop replayed from a CUDA graph (--cuda-graphs)
   mixed      other combinations (see PATHS)
-  floor      the stock model's own causal-LM forward+backward (chunked cross-entropy) over the same
+  floor      the stock model's own causal-LM forward+backward (cross-entropy by kernels.token_logprob on
+             CUDA since 2026-11-26, by the chunked PyTorch one on CPU and in the first GPU rows) over the same
              number of trained tokens, B*T + B*P*T*L, plus M no-grad forwards over B*P*T tokens (the
              sampling passes): what training those tokens plainly costs.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -192,7 +194,13 @@ def child(args) -> dict:
 
     opt = torch.optim.AdamW(params, lr=1e-6)
     if args.child == "floor":
-        from kernels.lm_head_chunked import token_logprob_chunked
+        # the fastest cross-entropy this project has for the device: the fused kernel on CUDA (the fast path
+        # uses it too; the GPU rows committed on 2026-11-26 were measured with the chunked PyTorch one, which
+        # made the floor slower), the chunked PyTorch one on CPU
+        if cuda:
+            from kernels import token_logprob as token_logprob_chunked
+        else:
+            from kernels.lm_head_chunked import token_logprob_chunked
         lm = model.lm
         n_rows = B * (1 + th.P * th.L)
         rows = ids.repeat(1 + th.P * th.L, 1)                         # (B*(1+P*L), T): the trained tokens
@@ -310,6 +318,11 @@ def main():
                 results.append({"path": name, "error": res["oom"]})
             continue
         res["config"] = "floor" if PATHS[name] is None else "/".join(PATHS[name])
+        if not math.isfinite(res.get("loss", 0.0)) or res.get("grad_nonfinite"):
+            # a measured time is kept, but the path fails: its numbers are not what the algorithm computes
+            res["error"] = (f"non-finite agreement pass: loss {res.get('loss')}, "
+                            f"{res.get('grad_nonfinite', 0)} non-finite gradient entries")
+            print(f"[{name}] {res['error']}", file=sys.stderr)
         res["wall_s"] = time.time() - t0
         results.append(res)
         print(json.dumps(res), flush=True)
@@ -358,7 +371,9 @@ def write_results(args, results: list) -> str:
             why = f"OUT OF MEMORY: {r['oom']}" if "oom" in r else f"FAILED: {r.get('error', '?')}"
             lines.append(f"| {r['path']} | {why} |")
             continue
-        f = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")
+        f = lambda k, fmt: (fmt.format(r[k]) if k in r else "-")  # noqa: E731
+        if "error" in r:
+            lines.append(f"| {r['path']} | FAILED: {r['error']} |")
         lines.append(f"| {r['path']} | {r['config']} | {r['step_ms']:.0f} | {r['tok_per_s']:.0f} | "
                      f"{r['peak_extra_mib']:.0f} | {f('time_vs_floor', '{:.2f}')} | {f('mem_vs_floor', '{:.2f}')} | "
                      f"{f('speedup_vs_reference', '{:.2f}')} | {f('loss_rel_diff', '{:.1e}')} | "

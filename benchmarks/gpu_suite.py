@@ -245,18 +245,20 @@ def digest_train(out: Path) -> list[str]:
     m = d["meta"]
     lines = [f"train step ({m['shape']}, {m['device']}, median of {m['repeats']}); targets: fast path <= 1.3x floor "
              "time and <= 1.1x floor memory, >= 3x faster than reference", "",
-             "| path | step ms | peak extra MiB | x floor time | x floor mem | x faster than ref | grad cos | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| path | step ms | peak extra MiB | x floor time | x floor mem | x faster than ref | loss rel diff | grad cos "
+             "| MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in d["results"]:
-        if "step_ms" not in r:
+        if "step_ms" not in r or "error" in r:
             why = f"out of memory ({r['oom'][:80]})" if "oom" in r else f"FAILED: {str(r.get('error'))[:120]}"
             lines.append(f"| {r['path']} | {why} |")
-            continue
+            if "step_ms" not in r:
+                continue
         lines.append(f"| {r['path']} | {r['step_ms']:.0f} | {r['peak_extra_mib']:.0f} | "
                      f"{_f(r.get('time_vs_floor'), '{:.2f}')} | {_f(r.get('mem_vs_floor'), '{:.2f}')} | "
-                     f"{_f(r.get('speedup_vs_reference'), '{:.2f}')} | {_f(r.get('grad_cosine'), '{:.5f}')} | "
+                     f"{_f(r.get('speedup_vs_reference'), '{:.2f}')} | {_f(r.get('loss_rel_diff'), '{:.1e}')} | "
+                     f"{_f(r.get('grad_cosine'), '{:.5f}')} | "
                      f"{_f(r.get('mfu'), '{:.1%}')} |")
-    fast = [r for r in d["results"] if r["path"].startswith("fast") and "step_ms" in r]
+    fast = [r for r in d["results"] if r["path"].startswith("fast") and "step_ms" in r and "error" not in r]
     for r in fast:
         ok = [r.get("time_vs_floor", 9) <= 1.3, r.get("mem_vs_floor", 9) <= 1.1]
         if "speedup_vs_reference" in r:

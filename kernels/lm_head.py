@@ -148,7 +148,10 @@ def _lse_chunk_kernel(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
         m = m_new
-        t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        # (cc < Vc): a tile's masked tail holds the NEXT chunk's ids, which must not match the target;
+        # a banned target does match (its z is -inf: logp = -inf, as the reference)
+        hit = (cols[None, :] == tgt[:, None]) & (cc < Vc)[None, :]
+        t += tl.sum(tl.where(hit, z, 0.0), axis=1)
     tl.store(m_ptr + rows, m, mask=row_ok)
     tl.store(s_ptr + rows, s, mask=row_ok)
     tl.store(t_ptr + rows, t, mask=row_ok)

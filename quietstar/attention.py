@@ -4,7 +4,8 @@ The model is never forked: `register()` adds an attention function named "quiets
 call of `model.model(...)` passes a `qs_layout` keyword (a `Layout`) that reaches the attention
 function of every layer. The layout says what the tokens of this call are:
 
-- ``causal``: ordinary text; plain causal attention (also what a `Layout`-less call does).
+- ``causal``: ordinary text; plain causal attention. A call without a layout (`generate`, a padded
+  batch, a KV cache) is exactly transformers' SDPA attention, masks included.
 - ``parallel``: [T base tokens | P x T x L chain tokens], chain of pass p, position t, index l at
   T + (p*T + t)*L + l. Base tokens attend causally to base tokens; chain token (p, t, l) attends
   to base tokens 0..t and to chain tokens (p, t, 0..l) (SPEC 3). One forward over everything.
@@ -267,19 +268,39 @@ def attention_dtype(query, key, value) -> torch.dtype:
     return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
 
 
+def layout_mask(device) -> torch.Tensor:
+    """The attention_mask a Quiet-STaR layout call passes: an empty 4D tensor. transformers returns a 4D mask
+    as it is, so no mask is built and the position ids are not inspected for packed sequences (which reads
+    them back to the host: a sync per call, and an error inside a CUDA-graph capture); the layout says
+    everything the attention needs, and padding is handled by the target mask."""
+    key = ("layout_mask", str(device))
+    if key not in _FLEX:
+        _FLEX[key] = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
+    return _FLEX[key]
+
+
 def quietstar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         qs_layout: Layout | None = None, **kwargs):
-    """query (B, H, S, D), key/value (B, H_KV, S, D) after RoPE -> (B, S, H, D), None."""
+    """query (B, H, S, D), key/value (B, H_KV, S, D) after RoPE -> (B, S, H, D), None.
+
+    Without a layout (plain use of the decoder: a forward with padding, `generate` with a KV cache) this
+    is exactly transformers' own SDPA attention, with the mask transformers built for it (register()
+    registers SDPA's mask function too). With a layout, the thought-attention patterns below."""
+    if qs_layout is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     if dropout:
         raise ValueError("quietstar attention does not support attention dropout")
-    if attention_mask is not None:
-        raise ValueError("quietstar attention takes no attention_mask: padding is handled by the target mask")
+    if attention_mask is not None and attention_mask.numel():
+        raise ValueError("a Quiet-STaR layout call takes no attention_mask (pass attention.layout_mask(device)): "
+                         "padding is handled by the target mask")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     dt = attention_dtype(query, key, value)
     if (query.dtype, key.dtype, value.dtype) != (dt, dt, dt):
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     lay = qs_layout
-    if lay is None or lay.mode == "causal":
+    if lay.mode == "causal":
         o = causal_attention(query, key, value, scale)
     elif lay.mode == "base":
         lay.cache.base_k[module.layer_idx] = key
@@ -314,12 +335,15 @@ def quietstar_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 def register() -> str:
-    """Register the "quietstar" attention and return its name.
+    """Register the "quietstar" attention, with SDPA's mask function, and return its name.
 
-    No mask function is registered on purpose: for an attention name without one, transformers'
-    mask preparation exits at once (mask None). With one, it would inspect the position ids of every
-    call for packed sequences (chain positions are not consecutive) and read the answer back to the
-    host: a device sync per model call, which stalls the launch-bound sampling loop on a GPU."""
+    Plain calls of the decoder thus get the masks stock SDPA gets (causal with a KV-cache offset, padding)
+    and SDPA itself. Layout calls pass `layout_mask()` (an empty 4D tensor), which transformers returns
+    as it is: no mask is built for them and their position ids (chain positions are not consecutive) are
+    not inspected for packed sequences, a host sync per call that would stall the launch-bound sampling
+    loop on a GPU and break its CUDA-graph capture."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(NAME, quietstar_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME

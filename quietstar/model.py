@@ -7,6 +7,10 @@ embeddings: they are not rows of the vocabulary, so they are never predicted nor
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -14,6 +18,9 @@ from . import attention
 from .config import ModelConfig, ThoughtConfig
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+EXTRAS_WEIGHTS = "quietstar.safetensors"     # markers + mixing head, beside the decoder's own files
+EXTRAS_CONFIG = "quietstar.json"
+EXPORT_FORMAT = "quietstar-export-1"
 
 
 def tiny_mistral_config(cfg: ModelConfig):
@@ -72,6 +79,17 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32):
     check_decoder(lm)
     lm.config._attn_implementation = attention.register()
     return lm
+
+
+def _tokenizer_vocab_size(path: Path) -> int | None:
+    """1 + the largest id of a tokenizers `tokenizer.json` (its vocabulary and added tokens); None if absent."""
+    if not path.exists():
+        return None
+    tj = json.loads(path.read_text())
+    vocab = (tj.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))   # BPE: dict; Unigram: list
+    ids += [t["id"] for t in tj.get("added_tokens") or []]
+    return max(ids) + 1 if ids else None
 
 
 class MixingHead(nn.Module):
@@ -145,8 +163,71 @@ class QuietStarModel(nn.Module):
         return quietstar_forward(self, input_ids, valid_next, loss_cfg, schedule, backends or Backends(), generator,
                                  thoughts, denominators)
 
+    # ------------------------------------------------------------------------------------------
+    # export: a standard Hugging Face folder for the decoder + the Quiet-STaR extras beside it
+    # ------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory, tokenizer=None) -> Path:
+        """Write `directory`: the decoder as a standard Hugging Face folder (config.json,
+        model.safetensors: loadable by stock transformers on its own, which then uses its default
+        attention), the tokenizer when given, and the Quiet-STaR extras: `quietstar.safetensors`
+        (markers, mixing head) and `quietstar.json` (the thought config, the vocabulary size)."""
+        from safetensors.torch import save_file
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        extras = {"markers": self.markers.detach()}
+        extras.update({f"mixing_head.{k}": v.detach() for k, v in self.mixing_head.state_dict().items()})
+        save_file({k: v.contiguous().cpu() for k, v in extras.items()}, str(out / EXTRAS_WEIGHTS))
+        meta = {"format": EXPORT_FORMAT, "thought": dataclasses.asdict(self.thought),
+                "vocab_size": int(self.lm_head_weight.shape[0]), "hidden_size": int(self.lm.config.hidden_size),
+                "banned_ids": list(self.banned_ids)}
+        (out / EXTRAS_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype=torch.float32, device=None) -> "QuietStarModel":
+        """Load what `save_pretrained` wrote (the decoder with the "quietstar" attention registered)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        d = Path(directory)
+        missing = [n for n in ("config.json", EXTRAS_WEIGHTS, EXTRAS_CONFIG) if not (d / n).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{d} is not a Quiet-STaR export: {', '.join(missing)} missing (QuietStarModel.save_pretrained "
+                "writes them; a plain Hugging Face decoder folder is a --model for quietstar-train instead)")
+        meta = json.loads((d / EXTRAS_CONFIG).read_text())
+        if meta.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{d / EXTRAS_CONFIG}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+        lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+        check_decoder(lm)
+        lm.config._attn_implementation = attention.register()
+        V, hidden = int(lm.lm_head.weight.shape[0]), int(lm.config.hidden_size)
+        if (V, hidden) != (meta["vocab_size"], meta["hidden_size"]):
+            raise ValueError(f"{d}: the decoder has vocabulary {V} and hidden size {hidden}, but the Quiet-STaR "
+                             f"extras were saved for vocabulary {meta['vocab_size']} and hidden size "
+                             f"{meta['hidden_size']}")
+        n_tok = _tokenizer_vocab_size(d / "tokenizer.json")
+        if n_tok is not None and n_tok > V:
+            raise ValueError(f"{d}: the tokenizer (tokenizer.json) has ids up to {n_tok - 1} but the decoder's "
+                             f"vocabulary is {V}: a mismatched vocabulary")
+        thought = ThoughtConfig(**{**meta["thought"], "banned_ids": tuple(meta["thought"]["banned_ids"])})
+        model = cls(lm, thought)
+        extras = load_file(str(d / EXTRAS_WEIGHTS))
+        if tuple(extras["markers"].shape) != (2, hidden):
+            raise ValueError(f"{d / EXTRAS_WEIGHTS}: markers of shape {tuple(extras['markers'].shape)}, "
+                             f"expected (2, {hidden})")
+        with torch.no_grad():
+            model.markers.copy_(extras.pop("markers"))
+        model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extras.items()})
+        if tuple(model.banned_ids) != tuple(meta["banned_ids"]):
+            raise ValueError(f"{d}: banned ids {model.banned_ids} of the loaded model differ from the saved "
+                             f"{tuple(meta['banned_ids'])} (a different padding id in config.json?)")
+        return model.to(device) if device is not None else model
+
     def hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, layout) -> torch.Tensor:
         """Final-norm hidden states (B, S, d) of the decoder for the given embeddings and positions."""
         out = self.lm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False,
-                            qs_layout=layout)
+                            attention_mask=attention.layout_mask(inputs_embeds.device), qs_layout=layout)
         return out.last_hidden_state

@@ -327,10 +327,13 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     if eval_rows is not None:
         evaluate(tc.steps)
     ckpt = out / "final.pt"
+    export = out / "export"
     if rank == 0:
         save_checkpoint(ckpt, model, opt, sched, tc.steps, generator, cfg)
-        print(f"checkpoint: {ckpt}\nmetrics:    {metrics_path}")
-    return {"checkpoint": str(ckpt), "metrics": str(metrics_path), "last": last, "model": model}
+        model.save_pretrained(export, tokenizer=tok)    # a Hugging Face folder + the Quiet-STaR extras
+        print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
+    return {"checkpoint": str(ckpt), "export": str(export), "metrics": str(metrics_path), "last": last,
+            "model": model}
 
 
 def main(argv=None) -> int:

@@ -82,3 +82,10 @@ def test_without_cuda_the_real_call_refuses_at_once(tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_profile_refuses_without_cuda(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--out", str(tmp_path)], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr, r.stderr

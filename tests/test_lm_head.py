@@ -148,13 +148,16 @@ def test_mixed_logprob_matches_reference(poison, N, d, V):
     _check_mixed(mixed_logprob, N, d, V, torch.float32, "cpu", seed=N * 1000 + V)
 
 
-@pytest.mark.parametrize("chunk_bytes,plan", [(37 * 256 * 4, (37, 256)), (16 * 64 * 4, (16, 64))],
-                         ids=["vocab-chunks", "row-and-vocab-chunks"])
-def test_mixed_logprob_multi_chunk(poison, monkeypatch, chunk_bytes, plan):
-    # 4 vocabulary chunks of all 37 rows (dW written once per chunk, dh_mix summed over chunks); or 3 row
-    # chunks x 16 vocabulary chunks (dW summed over the row chunks in fp32 too)
+@pytest.mark.parametrize("chunk_bytes,min_vc,plan", [(37 * 256 * 4, 64, (37, 256)), (16 * 64 * 4, 64, (16, 64)),
+                                                     (37 * 150 * 4, 48, (37, 144))],
+                         ids=["vocab-chunks", "row-and-vocab-chunks", "partial-column-tiles"])
+def test_mixed_logprob_multi_chunk(poison, monkeypatch, chunk_bytes, min_vc, plan):
+    # 4 vocabulary chunks of all 37 rows (dW written once per chunk, dh_mix summed over chunks); 3 row
+    # chunks x 16 vocabulary chunks (dW summed over the row chunks in fp32 too); chunks of 144 columns, which
+    # the interpreter's 64-column tiles do not divide: a tile's masked tail holds the next chunk's ids, which
+    # must not match a target (seen on the GPU, where 512-column tiles met 7936-column chunks)
     monkeypatch.setattr(K, "_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(K, "_MIN_VC", 64)
+    monkeypatch.setattr(K, "_MIN_VC", min_vc)
     assert K._chunk_plan(37, 1003, 4) == plan
     _check_mixed(mixed_logprob, 37, 48, 1003, torch.float32, "cpu", seed=7)
     _check_token(token_logprob, 37, 48, 1003, torch.float32, "cpu", 8, 0.7, (0, 5, 300, 1002))

@@ -1,0 +1,100 @@
+"""QuietStarModel.save_pretrained / from_pretrained: the decoder as a standard Hugging Face folder (stock
+transformers loads it on its own), the tokenizer, the Quiet-STaR extras; a round trip gives the same
+model; bad folders get clear errors; quietstar-train writes the export."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quietstar import Backends, LossConfig, ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
+from quietstar.assets import mistral_tokenizer
+from quietstar.thoughts import quietstar_forward, sample_thoughts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _model(V=32000, seed=0):
+    torch.manual_seed(seed)
+    mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                     vocab_size=V, max_position_embeddings=64)
+    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2, tau_reinforce=2.5, mixing="sigmoid",
+                                                            banned_ids=(7,)), marker_init_id=5)
+    with torch.no_grad():   # nothing at its initial value: the round trip must carry every tensor
+        model.markers.normal_()
+        for p in model.mixing_head.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def _loss(model, ids, thoughts):
+    loss, _, _ = quietstar_forward(model, ids, None, LossConfig(beta_policy=3.0), "sample-then-train",
+                                   Backends("split", "chunked"), thoughts=thoughts)
+    return loss
+
+
+def test_round_trip_gives_the_same_model(tmp_path):
+    model = _model()
+    out = model.save_pretrained(tmp_path / "exp", tokenizer=mistral_tokenizer())
+    assert {"config.json", "model.safetensors", "quietstar.safetensors", "quietstar.json",
+            "tokenizer.json"} <= set(os.listdir(out))
+    loaded = QuietStarModel.from_pretrained(out)
+    assert loaded.thought == model.thought and loaded.banned_ids == model.banned_ids
+    sa, sb = model.state_dict(), loaded.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ids = torch.randint(0, 32000, (2, 9), generator=torch.Generator().manual_seed(1))
+    thoughts = sample_thoughts(model, ids, Backends("reference", "reference"), torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(_loss(model, ids, thoughts), _loss(loaded, ids, thoughts))
+
+
+def test_stock_transformers_loads_the_decoder_alone(tmp_path):
+    model = _model(V=97)
+    out = model.save_pretrained(tmp_path / "exp")
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model.lm(input_ids=ids).logits}, tmp_path / "want.pt")
+    code = ("import sys, torch\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "assert 'quietstar' not in sys.modules\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
+            f"w = torch.load({str(tmp_path / 'want.pt')!r})\n"
+            "with torch.no_grad():\n"
+            "    got = m(input_ids=w['ids']).logits\n"
+            "print(m.config._attn_implementation, float((got - w['logits']).abs().max()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    impl, err = r.stdout.split()[-2:]
+    assert impl != "quietstar" and float(err) < 1e-5, r.stdout
+
+
+def test_bad_folders_get_clear_errors(tmp_path):
+    model = _model(V=97)
+    model.lm.save_pretrained(tmp_path / "plain")           # a plain decoder folder: no extras
+    with pytest.raises(FileNotFoundError, match="quietstar.safetensors"):
+        QuietStarModel.from_pretrained(tmp_path / "plain")
+    out = model.save_pretrained(tmp_path / "tok", tokenizer=mistral_tokenizer())    # 32000 ids, 97 rows
+    with pytest.raises(ValueError, match="mismatched vocabulary"):
+        QuietStarModel.from_pretrained(out)
+    out = model.save_pretrained(tmp_path / "other")
+    meta = json.loads((out / "quietstar.json").read_text())
+    (out / "quietstar.json").write_text(json.dumps({**meta, "vocab_size": 96}))
+    with pytest.raises(ValueError, match="vocabulary 97"):
+        QuietStarModel.from_pretrained(out)
+
+
+def test_quietstar_train_writes_the_export(tmp_path):
+    from quietstar.train import config_from_args, train
+    args = ["--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads", "4", "--model-num-kv-heads",
+            "2", "--model-head-dim", "8", "--model-intermediate-size", "64", "--M", "2", "--K", "2", "--P", "2",
+            "--seq-len", "16", "--batch-size", "1", "--steps", "1", "--lm-head", "chunked", "--attention", "split",
+            "--out-dir", str(tmp_path)]
+    res = train(config_from_args(args), progress=False)
+    loaded = QuietStarModel.from_pretrained(res["export"])
+    sa, sb = res["model"].state_dict(), loaded.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (Path(res["export"]) / "tokenizer.json").exists()
