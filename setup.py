@@ -27,5 +27,6 @@ setup(
         "dev": ["pytest>=8", "pytest-xdist==3.8.0", "pytest-timeout==2.4.0", "triton-viz==3.0", "matplotlib>=3.8"],
         "flash": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["quietstar-train=quietstar.train:main"]},
+    entry_points={"console_scripts": ["quietstar-train=quietstar.train:main",
+                                      "quietstar-generate=quietstar.generate:main"]},
 )

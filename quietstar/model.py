@@ -81,6 +81,16 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32):
     return lm
 
 
+def load_export_tokenizer(directory):
+    """The tokenizer saved in an export (tokenizer.json), as a fast tokenizer. Not AutoTokenizer: for a
+    Mistral config it would route to mistral-common's own tokenizer class (and need tiktoken)."""
+    from transformers import PreTrainedTokenizerFast
+    if not (Path(directory) / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{directory} holds no tokenizer.json: save the export with "
+                                "save_pretrained(dir, tokenizer=tok)")
+    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
 def _tokenizer_vocab_size(path: Path) -> int | None:
     """1 + the largest id of a tokenizers `tokenizer.json` (its vocabulary and added tokens); None if absent."""
     if not path.exists():

@@ -1,0 +1,227 @@
+"""Generation with thoughts, KV-cached (SPEC 3-4 at inference time), and `quietstar-generate`.
+
+For each new token, with the prefix x_0..x_t already in the decoder's KV cache:
+  1. the base prediction W h_base, h_base = the final-norm hidden state at t (from the step that fed x_t);
+  2. a thought: <sot> s_1 .. s_M <eot> decoded one token at a time against the prefix's cache, at RoPE
+     positions t+1 .. t+M+2 as in training; s_m ~ softmax(W h / tau_sample) without the banned ids (or
+     forced); the hidden state at <eot> is h_talk, the talk prediction k = 1;
+  3. the mixed prediction log_softmax((1 - w) W h_base + w W h_talk), w = mixing_head(h_base, h_talk);
+  4. the thought's K/V are dropped (the cache is cropped back to the prefix), the next token is chosen
+     from the mixed prediction (greedy, or sampled at `temperature`) and fed as the next base step.
+That is M + 3 decode steps per token, none recomputing an earlier thought. With `n_thoughts` > 1, step 2-3
+run once per thought (each against the same prefix, the cache cropped in between) and the next-token
+distribution is the mean of their mixed probabilities: the marginal over sampled thoughts.
+
+Batched rows may have different prompt lengths: pad them on the left and pass `attention_mask`; the
+positions of each row follow its own length. Plain calls of the decoder are stock SDPA
+(quietstar/attention.py), so the cache, the masks and the positions here are transformers' own.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .model import QuietStarModel, load_export_tokenizer
+
+
+@dataclass
+class Thought:
+    """What one thinking step produced for the batch."""
+    tokens: torch.Tensor       # (B, M) the thought tokens s_1..s_M
+    w: torch.Tensor            # (B,) the mixing weight
+    logp_mix: torch.Tensor     # (B, V) float32, the mixed next-token log-probabilities
+
+
+class ThinkingDecoder:
+    """A batch of sequences with the decoder's KV cache; `think()` and `advance()` make one token.
+
+    >>> dec = ThinkingDecoder(model, prompt_ids, attention_mask)
+    >>> th = dec.think()                       # a thought and the mixed prediction of the next token
+    >>> dec.advance(th.logp_mix.argmax(-1))     # the chosen token becomes the next base step
+    """
+
+    def __init__(self, model: QuietStarModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        from transformers import DynamicCache
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (B, S) with S >= 1, got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("attention_mask: pad the prompts on the left (the last column must be real tokens)")
+        self.model = model
+        self.mask = attention_mask.long()
+        self.pos = self.mask.sum(1) - 1                   # (B,) RoPE position of each row's last token
+        self.cache = DynamicCache(config=model.lm.config)
+        position_ids = (self.mask.cumsum(1) - 1).clamp_min(0)
+        self.h_base = self._run(model.embed(input_ids), position_ids)
+        self.length = input_ids.shape[1]                  # tokens in the cache (prefix, padding included)
+
+    def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Feed (B, n, d) embeddings at `position_ids` through the cache; the last final-norm hidden state."""
+        out = self.model.lm.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=self.mask,
+                                  past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state[:, -1]
+
+    def _step(self, embed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        return self._run(embed[:, None], position[:, None])
+
+    def base_logprobs(self) -> torch.Tensor:
+        """log_softmax(W h_base): the prediction without a thought, (B, V) float32."""
+        return torch.log_softmax((self.h_base @ self.model.lm_head_weight.T).float(), dim=-1)
+
+    @torch.no_grad()
+    def think(self, generator: torch.Generator | None = None, thought: torch.Tensor | None = None,
+              greedy_thought: bool = False) -> Thought:
+        """One thought for every row (sampled; or its argmax tokens with `greedy_thought`; or `thought` (B, M)
+        forced) and the mixed next-token log-probs."""
+        model, th = self.model, self.model.thought
+        B = self.h_base.shape[0]
+        if thought is not None and tuple(thought.shape) != (B, th.M):
+            raise ValueError(f"thought must be (B={B}, M={th.M}), got {tuple(thought.shape)}")
+        W = model.lm_head_weight
+        sot, eot = model.marker_embeddings()
+        n0, mask0 = self.length, self.mask
+        tokens = torch.empty(B, th.M, dtype=torch.long, device=self.h_base.device)
+        h = self._step(sot.expand(B, -1), self.pos + 1)
+        for m in range(th.M):
+            if thought is not None:
+                s = thought[:, m]
+            else:
+                z = (h @ W.T).float() / th.tau_sample
+                if model.banned_ids:
+                    z[:, list(model.banned_ids)] = float("-inf")
+                if not greedy_thought:   # Gumbel-max: a sample of softmax(z)
+                    u = torch.rand(z.shape, generator=generator, device=z.device).clamp_min_(torch.finfo(z.dtype).tiny)
+                    z = z - torch.log(-torch.log(u))
+                s = torch.argmax(z, dim=-1)
+            tokens[:, m] = s
+            h = self._step(model.embed(s), self.pos + 2 + m)
+        h_talk = self._step(eot.expand(B, -1), self.pos + th.M + 2)
+        w = model.mixing_head(self.h_base, h_talk)
+        logits = (1 - w)[:, None] * (self.h_base @ W.T).float() + w[:, None] * (h_talk @ W.T).float()
+        self.cache.crop(n0)                   # drop the thought's K/V: the next base step sees the prefix only
+        self.mask = mask0
+        return Thought(tokens=tokens, w=w.float(), logp_mix=torch.log_softmax(logits, dim=-1))
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Append the chosen next token (B,) of every row as a base step."""
+        self.pos = self.pos + 1
+        self.h_base = self._step(self.model.embed(tokens), self.pos)
+        self.length += 1
+
+
+@torch.no_grad()
+def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           max_new_tokens: int = 32, temperature: float = 0.0, n_thoughts: int = 1,
+                           generator: torch.Generator | None = None, stop_ids=(), progress: bool = False):
+    """Generate up to `max_new_tokens` per row, thinking before each. temperature 0: greedy.
+
+    Returns (tokens (B, n) int64, thoughts (B, n, n_thoughts, M) int64, w (B, n, n_thoughts)); a row that
+    produced a stop id keeps producing it (so it can be cut there) and the loop ends when all rows have."""
+    if n_thoughts < 1:
+        raise ValueError(f"n_thoughts must be >= 1, got {n_thoughts}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    dec = ThinkingDecoder(model, input_ids, attention_mask)
+    B = input_ids.shape[0]
+    stop = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out, thoughts, ws = [], [], []
+    steps = range(max_new_tokens)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="generating (thinking)", unit="tok")
+    for _ in steps:
+        ths = [dec.think(generator) for _ in range(n_thoughts)]
+        logp = torch.logsumexp(torch.stack([t.logp_mix for t in ths]), dim=0) - torch.log(torch.tensor(
+            float(n_thoughts)))
+        if temperature == 0:
+            nxt = logp.argmax(-1)
+        else:
+            nxt = torch.multinomial(torch.softmax(logp / temperature, -1), 1, generator=generator)[:, 0]
+        if out and stop.numel():
+            nxt = torch.where(done, out[-1], nxt)
+        out.append(nxt)
+        thoughts.append(torch.stack([t.tokens for t in ths], dim=1))
+        ws.append(torch.stack([t.w for t in ths], dim=1))
+        if stop.numel():
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+        dec.advance(nxt)
+    return torch.stack(out, 1), torch.stack(thoughts, 1), torch.stack(ws, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# quietstar-generate
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quietstar-generate", description="Generate text with thoughts (KV-cached).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="a folder written by QuietStarModel.save_pretrained (quietstar-train's "
+                                 "OUT_DIR/export)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--thoughts", type=int, default=1, help="thoughts per token, their predictions averaged")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--show-thoughts", action="store_true", help="print each token's thought inline, marked")
+    p.add_argument("--no-thoughts", action="store_true", help="plain decoding (the base model), for comparison")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        print("error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    model = QuietStarModel.from_pretrained(args.model, device=device).eval()
+    tok = load_export_tokenizer(args.model)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if args.no_thoughts:
+        kw = dict(do_sample=args.temperature > 0, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+        if args.temperature > 0:
+            kw["temperature"] = args.temperature
+        new = model.lm.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+        thoughts = None
+    else:
+        new, thoughts, _ = generate_with_thoughts(model, ids, mask, args.max_new_tokens, args.temperature,
+                                                  args.thoughts, gen, stop_ids, progress=True)
+    for i, prompt in enumerate(prompts):
+        n = new.shape[1]
+        for j in range(n):          # cut at the first stop id, or where a stop string appears in the text
+            if (stop_ids and int(new[i, j]) in stop_ids) or any(s in tok.decode(new[i, : j + 1]) for s in args.stop):
+                n = j
+                break
+        text = tok.decode(new[i, :n])
+        if args.show_thoughts and thoughts is not None:
+            text = "".join("".join(f"<|thought|>{tok.decode(thoughts[i, j, p])}<|/thought|>"
+                                   for p in range(thoughts.shape[2])) + tok.decode(new[i, j:j + 1]) for j in range(n))
+        print(f"=== {prompt!r}\n{prompt}{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Generation with thoughts: the mixed prediction it uses equals training's k = 1 mixed prediction on the
+same (forced) thought; the thought's K/V do not leak into later steps; padded rows equal rows alone;
+with w = 0 it is plain greedy decoding; `quietstar-generate` runs on an export."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quietstar import Backends, LossConfig, ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
+from quietstar.generate import ThinkingDecoder, generate_with_thoughts
+from quietstar.thoughts import quietstar_forward, sample_thoughts
+
+REPO = Path(__file__).resolve().parents[1]
+V = 97
+
+
+def _model(mixing=0.3):
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                     vocab_size=V, max_position_embeddings=64)
+    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=3, K=2, P=2), marker_init_id=5).eval()
+    if mixing:
+        with torch.no_grad():
+            model.mixing_head.net[-1].weight.normal_(0, mixing)
+            model.mixing_head.net[-1].bias.fill_(0.2)
+    return model
+
+
+def test_mixed_prediction_equals_training_k1():
+    model = _model()
+    ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(1))
+    thoughts = sample_thoughts(model, ids, Backends("reference", "reference"), torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, _, ex = quietstar_forward(model, ids, None, LossConfig(), "sequential", Backends("reference", "reference"),
+                                     thoughts=thoughts)
+    for t in (0, 4, 8):
+        dec = ThinkingDecoder(model, ids[:, : t + 1])
+        for p in range(2):
+            th = dec.think(thought=thoughts[:, p, t])
+            got = th.logp_mix.gather(1, ids[:, t + 1:t + 2])[:, 0]
+            assert torch.allclose(got, ex.lp_mix[:, p, t, 0], atol=1e-5, rtol=0), (t, p, got, ex.lp_mix[:, p, t, 0])
+            assert torch.allclose(th.w, ex.w[:, p, t, 0], atol=1e-6)
+
+
+def test_thoughts_do_not_leak_into_later_steps():
+    model = _model()
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(3))
+    forced = torch.randint(3, V, (2, 3), generator=torch.Generator().manual_seed(4))
+    dec = ThinkingDecoder(model, ids[:, :5])
+    n = dec.cache.get_seq_length()
+    dec.think(torch.Generator().manual_seed(5))               # a sampled thought, then dropped
+    assert dec.cache.get_seq_length() == n
+    dec.advance(ids[:, 5])
+    a = dec.think(thought=forced)
+    b = ThinkingDecoder(model, ids[:, :6]).think(thought=forced)
+    assert torch.allclose(a.logp_mix, b.logp_mix, atol=1e-5, rtol=0)
+    assert (a.logp_mix - dec.base_logprobs()).abs().max() > 1e-3, "the thought must change the prediction"
+
+
+def test_left_padded_rows_equal_rows_alone():
+    model = _model()
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randint(3, V, (7,), generator=g), torch.randint(3, V, (4,), generator=g)
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, 3:], mask[1, 3:] = b, 1
+    forced = torch.randint(3, V, (2, 3), generator=g)
+    both = ThinkingDecoder(model, ids, mask)
+    both.advance(torch.tensor([11, 12]))
+    tb = both.think(thought=forced)
+    for i, row in enumerate((a, b)):
+        alone = ThinkingDecoder(model, row[None])
+        alone.advance(torch.tensor([11 + i]))
+        ta = alone.think(thought=forced[i:i + 1])
+        assert torch.allclose(tb.logp_mix[i], ta.logp_mix[0], atol=1e-5, rtol=0), i
+
+
+def test_zero_mixing_head_is_plain_greedy_decoding():
+    model = _model(mixing=0)
+    ids = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(7))
+    toks, thoughts, w = generate_with_thoughts(model, ids, max_new_tokens=6, generator=torch.Generator().manual_seed(8))
+    plain = model.lm.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 6:]
+    assert torch.equal(toks, plain) and bool((w == 0).all())
+    assert thoughts.shape == (2, 6, 1, 3) and not torch.isin(thoughts, torch.tensor(model.banned_ids)).any()
+
+
+def test_stop_ids_end_rows_and_bad_input():
+    model = _model()
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(9))
+    toks, _, _ = generate_with_thoughts(model, ids, max_new_tokens=8, generator=torch.Generator().manual_seed(1))
+    first = toks[:, 0].tolist()
+    stopped, _, _ = generate_with_thoughts(model, ids, max_new_tokens=8, stop_ids=first,
+                                           generator=torch.Generator().manual_seed(1))
+    assert stopped.shape[1] == 1 and stopped[:, 0].tolist() == first
+    with pytest.raises(ValueError, match="left"):
+        ThinkingDecoder(model, ids, torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="thought must be"):
+        ThinkingDecoder(model, ids).think(thought=torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_quietstar_generate_cli_on_an_export(tmp_path):
+    from quietstar.assets import mistral_tokenizer
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
+    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=1), marker_init_id=5)
+    out = model.save_pretrained(tmp_path / "exp", tokenizer=mistral_tokenizer())
+    r = subprocess.run([sys.executable, "-m", "quietstar.generate", str(out), "--prompt", "1 + 1 =", "--prompt", "x",
+                        "--max-new-tokens", "3", "--show-thoughts", "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("=== ") == 2 and r.stdout.count("<|thought|>") >= 2, r.stdout
+
+
+def test_bench_generate_runs_and_the_naive_decoder_agrees(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/bench_generate.py", "--model", "tiny", "--B", "2", "--prompt", "6",
+                        "--new", "3", "--M", "2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path),
+                        "--tag", "g"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    meta = json.loads((tmp_path / "g.json").read_text())["meta"]
+    assert meta["naive_and_cached_tokens_equal"] is True and meta["thinking_vs_M_plus_3_plain_steps"] > 0
