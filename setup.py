@@ -28,5 +28,6 @@ setup(
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["quietstar-train=quietstar.train:main",
-                                      "quietstar-generate=quietstar.generate:main"]},
+                                      "quietstar-generate=quietstar.generate:main",
+                                      "quietstar-eval=quietstar.evaluate:eval_main"]},
 )

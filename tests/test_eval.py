@@ -1,0 +1,83 @@
+"""quietstar-eval (held-out part): the one-row-per-document layout, the hard-token mask, the with/without-
+thought NLLs (equal when w = 0; the base NLL the same whether or not thoughts are sampled), bits per byte,
+and the CLI round trip --save-hard-mask / --hard-mask on an export."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from quietstar import Backends, ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
+from quietstar.evaluate import document_rows, hard_mask, token_nll
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_document_rows_layout():
+    ids, valid = document_rows([[5, 6, 7], list(range(10, 30))], T=6, sep_id=0)
+    assert ids.tolist() == [[0, 5, 6, 7, 0, 0], [0, 10, 11, 12, 13, 14]]
+    assert valid.tolist() == [[True, True, True, False, False, False], [True] * 5 + [False]]
+
+
+def test_hard_mask_is_the_top_fraction_of_scored_targets():
+    nll = torch.tensor([[9.0, 1.0, 5.0, 100.0], [2.0, 8.0, 7.0, 3.0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    m = hard_mask(nll, valid, fraction=2 / 7)        # 7 scored targets: the 2 hardest, never the unscored 100
+    assert m.tolist() == [[True, False, False, False], [False, True, False, False]]
+
+
+def _model(mixing):
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                     vocab_size=97, max_position_embeddings=64)
+    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2), marker_init_id=5)
+    if mixing:
+        with torch.no_grad():
+            model.mixing_head.net[-1].bias.fill_(0.5)
+    return model
+
+
+def test_with_and_without_thoughts():
+    ids, valid = document_rows([list(range(3, 15)), [40, 41, 42, 43]], T=10, sep_id=0)
+    be = Backends("split", "chunked")
+    zero = _model(mixing=False)
+    b0, m0 = token_nll(zero, ids, valid, be, 2, True, torch.Generator().manual_seed(1))
+    plain, none = token_nll(zero, ids, valid, be, 2, False)
+    assert none is None and torch.allclose(plain, b0, atol=1e-5)      # the base NLL, with or without thoughts
+    assert torch.allclose(m0, b0, atol=1e-6)                          # w = 0: the thought changes nothing
+    assert (b0[~valid] == 0).all() and (b0[valid] > 0).all()
+    _, m1 = token_nll(_model(mixing=True), ids, valid, be, 2, True, torch.Generator().manual_seed(1))
+    assert (m1 - b0)[valid].abs().max() > 1e-3
+
+
+def test_cli_hard_mask_round_trip(tmp_path):
+    from quietstar.assets import mistral_tokenizer
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
+    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2), marker_init_id=5)
+    with torch.no_grad():
+        model.mixing_head.net[-1].bias.fill_(0.5)
+    exp = model.save_pretrained(tmp_path / "exp", tokenizer=mistral_tokenizer())
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"Problem {i}: compute {i} + {i * 3} = {i * 4}."}) for i in range(5)))
+    common = [sys.executable, "-m", "quietstar.evaluate", str(exp), "--data", str(docs), "--limit", "4",
+              "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
+    r1 = subprocess.run(common + ["--save-hard-mask", str(tmp_path / "hard.pt"), "--out", str(tmp_path / "a")],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run(common + ["--hard-mask", str(tmp_path / "hard.pt"), "--out", str(tmp_path / "b")],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = (json.loads((tmp_path / x / "eval.json").read_text()) for x in ("a", "b"))
+    assert a["meta"]["documents"] == 4 and a["without_thoughts"]["targets"] > 0
+    assert a["without_thoughts"]["bits_per_byte"] > 0 and "with_thoughts" in a
+    n = a["without_thoughts"]["targets"]
+    assert a["hard_tokens"]["without_thoughts"]["targets"] == round(0.1 * n) == b["hard_tokens"]["without_thoughts"]["targets"]
+    assert abs(a["hard_tokens"]["without_thoughts"]["nll"] - b["hard_tokens"]["without_thoughts"]["nll"]) < 1e-5
+    assert a["hard_tokens"]["without_thoughts"]["nll"] > a["without_thoughts"]["nll"]
+    assert (tmp_path / "b" / "eval.md").read_text().count("hard tokens") == 2
+    bad = subprocess.run(common[:4] + ["--data", str(docs), "--limit", "3", "--seq-len", "16", "--device", "cpu",
+                                        "--hard-mask", str(tmp_path / "hard.pt"), "--out", str(tmp_path / "c")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "use the same --data, --limit and --seq-len" in bad.stderr
