@@ -98,6 +98,13 @@ def _allowed_cols(cols, V, banned, HAS_BANNED: tl.constexpr):
     return ok
 
 
+@triton.jit
+def _chunk_tile(z_ptr, r64, row_ok, cc, Vc, stride_zr, stride_zv, inv_temp):
+    """fp32 (rows, columns cc) tile of a logit chunk, divided by tau; 0 outside the chunk (callers mask it)."""
+    mask = row_ok[:, None] & (cc < Vc)[None, :]
+    return tl.load(z_ptr + r64 * stride_zr + cc[None, :] * stride_zv, mask=mask, other=0.0).to(tl.float32) * inv_temp
+
+
 # ----------------------------------------------------------------------------------------------
 # forward kernels
 # ----------------------------------------------------------------------------------------------
@@ -140,8 +147,7 @@ def _lse_chunk_kernel(
         cc = c0 + tl.arange(0, BLOCK_V)
         cols = v0 + cc
         ok = (cc < Vc) & _allowed_cols(cols, V, banned, HAS_BANNED)
-        z = tl.load(z_ptr + r64 * stride_zr + cc[None, :] * stride_zv, mask=row_ok[:, None] & (cc < Vc)[None, :],
-                    other=0.0).to(tl.float32) * inv_temp
+        z = _chunk_tile(z_ptr, r64, row_ok, cc, Vc, stride_zr, stride_zv, inv_temp)
         z = tl.where(ok[None, :], z, float("-inf"))
         # online log-sum-exp; m_ref keeps exp() finite while a row has seen only -inf
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -177,8 +183,7 @@ def _sample_chunk_kernel(
         cc = c0 + tl.arange(0, BLOCK_V)
         cols = v0 + cc
         ok = (cc < Vc) & _allowed_cols(cols, V, banned, HAS_BANNED)
-        z = tl.load(z_ptr + r64 * stride_zr + cc[None, :] * stride_zv, mask=row_ok[:, None] & (cc < Vc)[None, :],
-                    other=0.0).to(tl.float32) * inv_temp
+        z = _chunk_tile(z_ptr, r64, row_ok, cc, Vc, stride_zr, stride_zv, inv_temp)
         # one Philox counter per (row, column) of the whole call: independent uniforms for every logit
         r = tl.randint(seed, grow * V + cols[None, :])
         u = ((r >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08     # (2k+1) 2^-24 in (0, 1)
