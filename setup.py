@@ -14,6 +14,7 @@ setup(
         "torch>=2.11,<2.14",
         "triton==3.6.0",
         "transformers>=5.17,<5.18",
+        "pyarrow>=14",        # CommonsenseQA (quietstar-eval) is an Arrow file
         "numpy<2.4",          # triton 3.6's interpreter fails on runtime loop bounds with numpy>=2.4
         "einops>=0.8",
         "tqdm>=4.66",

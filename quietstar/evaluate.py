@@ -61,7 +61,8 @@ def document_rows(docs_token_ids, T: int, sep_id: int, pad_id: int | None = None
 
 @torch.no_grad()
 def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts: bool = True,
-              generator: torch.Generator | None = None, device=None, autocast=None, progress: bool = False):
+              generator: torch.Generator | None = None, device=None, autocast=None, progress: bool = False,
+              desc: str = "rows"):
     """Per-target NLL (R, T) of the base prediction and (with `thoughts`) of the k = 1 mixed prediction after a
     sampled thought, averaged over the P thoughts; 0 where not scored."""
     model.eval()
@@ -71,9 +72,12 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
     it = range(0, rows.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc="held-out rows" + (" (thinking)" if thoughts else ""), unit="batch")
+        it = tqdm(it, desc=desc + (" (thinking)" if thoughts else ""), unit="batch")
     for i in it:
-        ids, vn = rows[i:i + batch_size].to(device), valid[i:i + batch_size].to(device)
+        # trim the batch's right padding: nothing after its last scored target affects a scored one (causal)
+        vb = valid[i:i + batch_size]
+        last = int(vb.any(0).nonzero().max()) + 2 if bool(vb.any()) else 2
+        ids, vn = rows[i:i + batch_size, :last].to(device), vb[:, :last].to(device)
         ctx = autocast if autocast is not None else torch.autocast(device.type, enabled=False)
         with ctx:
             if thoughts:
@@ -85,9 +89,9 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
                 tgt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
                 lp_base, lp_mix = lp.gather(-1, tgt[..., None])[..., 0], None
         m = vn.float()
-        base[i:i + batch_size] = (-lp_base.float() * m).cpu()
+        base[i:i + batch_size, :last] = (-lp_base.float() * m).cpu()
         if thoughts:
-            mixed[i:i + batch_size] = (-lp_mix.float() * m).cpu()
+            mixed[i:i + batch_size, :last] = (-lp_mix.float() * m).cpu()
     return base, mixed
 
 
@@ -110,61 +114,148 @@ def summarize(nll: torch.Tensor, mask: torch.Tensor, n_bytes: int | None) -> dic
     return res
 
 
+def scored_rows(items, tok, sep_id: int, max_len: int = 512):
+    """Rows [sep] + context + continuation (each tokenized on its own), right-padded to the longest row (at
+    most `max_len`, the context cut from the left if needed); valid_next marks the continuation's tokens as
+    targets. Returns (input_ids (R, T), valid_next (R, T), continuation bytes per row)."""
+    from . import data as qdata
+    ctx = qdata.tokenize_documents([c for c, _ in items], tok)
+    cont = qdata.tokenize_documents([x for _, x in items], tok)
+    seqs, starts = [], []
+    for c, x in zip(ctx, cont):
+        x = x[: max_len - 2]
+        c = c[max(0, len(c) - (max_len - 1 - len(x))):]
+        seqs.append([sep_id] + c + x)
+        starts.append(1 + len(c))
+    T = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), T), sep_id, dtype=torch.long)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for r, (q, st) in enumerate(zip(seqs, starts)):
+        ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
+        valid[r, st - 1:len(q) - 1] = True           # position t predicts x_{t+1}, a continuation token
+    n_bytes = [len(tok.decode(x[: max_len - 2]).encode("utf-8")) for x in cont]
+    return ids, valid, n_bytes
+
+
+def _qa_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def gsm8k_nll(model, tok, sep_id, problems, backends, batch_size, thoughts, gen, device, autocast) -> dict:
+    """NLL (nats/token) and bits per byte of the gold worked solutions given the question."""
+    ids, valid, n_bytes = scored_rows([(_qa_prompt(p["question"]), " " + p["answer"]) for p in problems], tok, sep_id)
+    base, mixed = token_nll(model, ids, valid, backends, batch_size, thoughts, gen, device, autocast, progress=True,
+                            desc="GSM8K solutions")
+    res = {"problems": len(problems), "without_thoughts": summarize(base, valid, sum(n_bytes))}
+    if mixed is not None:
+        res["with_thoughts"] = summarize(mixed, valid, sum(n_bytes))
+    return res
+
+
+def final_number(text: str):
+    """The answer of a generated solution: after "####" when present, else the last number; None if none."""
+    import re
+    part = text.split("####", 1)[1] if "####" in text else text
+    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", part)
+    if not nums:
+        return None
+    pick = nums[0] if "####" in text else nums[-1]
+    return pick.replace(",", "").rstrip(".")
+
+
+def _same_number(a, b) -> bool:
+    try:
+        return a is not None and abs(float(a) - float(b)) < 1e-9
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def gsm8k_exact_match(model, tok, problems, max_new_tokens: int, gen, device, thoughts: bool = True) -> dict:
+    """Greedy generation (with thoughts, quietstar.generate) of a solution per problem; exact match of its
+    final number with the gold one. One problem at a time (prompts differ in length)."""
+    from tqdm.auto import tqdm
+
+    from .generate import ThinkingDecoder, end_token_ids
+    ends = set(end_token_ids(tok))
+    correct, outputs = 0, []
+    for p in tqdm(problems, desc="GSM8K generation" + (" (thinking)" if thoughts else ""), unit="problem"):
+        ids = torch.tensor([tok(_qa_prompt(p["question"]), add_special_tokens=False)["input_ids"]], device=device)
+        dec = ThinkingDecoder(model, ids)
+        new = []
+        for _ in range(max_new_tokens):
+            logp = dec.think(gen).logp_mix if thoughts else dec.base_logprobs()
+            nxt = logp.argmax(-1)
+            new.append(int(nxt))
+            text = tok.decode(new)
+            if int(nxt) in ends or "\nQuestion:" in text or "\n\n\n" in text:
+                break
+            dec.advance(nxt)
+        text = tok.decode([t for t in new if t not in ends]).split("\nQuestion:")[0]
+        pred = final_number(text)
+        ok = _same_number(pred, p["short_answer"])
+        correct += ok
+        outputs.append({"prediction": pred, "gold": p["short_answer"], "correct": ok, "text": text})
+    return {"problems": len(problems), "exact_match": correct / max(len(problems), 1), "correct": correct,
+            "thoughts": thoughts, "max_new_tokens": max_new_tokens, "outputs": outputs}
+
+
+def commonsense_qa(model, tok, sep_id, questions, backends, batch_size, thoughts, gen, device, autocast) -> dict:
+    """Zero-shot multiple choice by the answer's log-likelihood: the sum over its tokens, and the sum per
+    character of the answer text; accuracy of the argmax choice, with and without thoughts."""
+    items = [(_qa_prompt(q["question"]), " " + c) for q in questions for c in q["choices"]]
+    ids, valid, _ = scored_rows(items, tok, sep_id)
+    base, mixed = token_nll(model, ids, valid, backends, batch_size, thoughts, gen, device, autocast, progress=True,
+                            desc="CommonsenseQA answers")
+    n_choice = len(questions[0]["choices"])
+    chars = torch.tensor([len(c) for q in questions for c in q["choices"]], dtype=torch.float64).view(-1, n_choice)
+    label = torch.tensor([q["label"] for q in questions])
+    res = {"questions": len(questions)}
+    for key, nll in (("without_thoughts", base), ("with_thoughts", mixed)):
+        if nll is None:
+            continue
+        ll = -nll.double().sum(1).view(-1, n_choice)
+        res[key] = {"accuracy": float((ll.argmax(1) == label).double().mean()),
+                    "accuracy_per_char": float(((ll / chars).argmax(1) == label).double().mean())}
+    return res
+
+
 def build_eval_parser():
     import argparse
-    p = argparse.ArgumentParser(prog="quietstar-eval", description="Held-out NLL and bits per byte, with and "
-                                "without thoughts, overall and on the hardest tokens.",
+    p = argparse.ArgumentParser(prog="quietstar-eval", description="The paper's measurements, with and without "
+                                "thoughts: held-out text NLL (and hard tokens), GSM8K, CommonsenseQA.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="an export folder (QuietStarModel.save_pretrained / quietstar-train's "
                                  "OUT_DIR/export), or smollm2-135m (the stock model: zero mixing head)")
-    p.add_argument("--data", default="default", help="default|math (the MATH held-out split) or text/JSONL files")
-    p.add_argument("--limit", type=int, default=None, help="the first N documents only")
-    p.add_argument("--seq-len", type=int, default=256, help="T: the separator + the first T-1 document tokens")
+    p.add_argument("--tasks", default="heldout", help="comma-separated: heldout, gsm8k, csqa")
+    p.add_argument("--data", default="default", help="heldout: default|math (the MATH held-out split) or a file")
+    p.add_argument("--limit", type=int, default=None, help="the first N documents / problems / questions per task")
+    p.add_argument("--seq-len", type=int, default=256, help="heldout: the separator + the first T-1 tokens")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-thoughts", action="store_true", help="the base prediction only (no thought sampled)")
-    p.add_argument("--save-hard-mask", default=None, help="store the hardest 10%% of targets by base NLL here")
-    p.add_argument("--hard-mask", default=None, help="score exactly the targets stored by --save-hard-mask")
+    p.add_argument("--save-hard-mask", default=None, help="heldout: store the hardest 10%% of targets by base NLL")
+    p.add_argument("--hard-mask", default=None, help="heldout: score exactly the targets stored by --save-hard-mask")
+    p.add_argument("--gsm8k-em", type=int, default=0,
+                   help="gsm8k: also greedy-generate solutions (with thoughts) for this many problems and report "
+                        "exact match (slow: M + 3 decode steps per token)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation length")
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
-def eval_main(argv=None) -> int:
-    import datetime
-    import json
-    from pathlib import Path
-
+def _heldout(args, model, tok, sep_id, backends, gen, device, autocast) -> dict:
     from . import data as qdata
-    from .model import QuietStarModel, load_export_tokenizer
-    args = build_eval_parser().parse_args(argv)
-    device = torch.device(args.device)
-    if args.model == "smollm2-135m":
-        from . import assets
-        from .config import ModelConfig, ThoughtConfig
-        from .model import build_decoder
-        from .train import marker_init_id
-        tok = assets.smollm2_tokenizer()
-        model = QuietStarModel(build_decoder(ModelConfig(name="smollm2-135m")), ThoughtConfig(),
-                               marker_init_id=marker_init_id(tok, ThoughtConfig().marker_init_text))
-    else:
-        model = QuietStarModel.from_pretrained(args.model)
-        tok = load_export_tokenizer(args.model)
-    model = model.to(device).eval()
-    from .train import document_separator
     spec = args.data if args.data in ("default", "math") else [args.data]
     docs = qdata.load_documents(spec, split="heldout")
     if args.limit is not None:
         docs = docs[: args.limit]
     toks = qdata.tokenize_documents(docs, tok)
-    rows, valid = document_rows(toks, args.seq_len, document_separator(tok))
+    rows, valid = document_rows(toks, args.seq_len, sep_id)
     n_bytes = sum(len(tok.decode(t[: args.seq_len - 1]).encode("utf-8")) for t in toks)
-    cuda = device.type == "cuda"
-    backends = Backends("triton", "triton") if cuda else Backends("split", "chunked")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
-    gen = torch.Generator(device=device).manual_seed(args.seed)
     base, mixed = token_nll(model, rows, valid, backends, args.batch_size, not args.no_thoughts, gen, device,
-                            autocast, progress=True)
+                            autocast, progress=True, desc="held-out rows")
     hard = None
     if args.hard_mask:
         saved = torch.load(args.hard_mask)
@@ -177,34 +268,110 @@ def eval_main(argv=None) -> int:
         hard = hard_mask(base, valid)
         torch.save({"mask": hard, "seq_len": args.seq_len, "data": args.data, "limit": args.limit,
                     "chosen_by": args.model}, args.save_hard_mask)
-    res = {"meta": {"model": args.model, "data": args.data, "documents": len(docs), "seq_len": args.seq_len,
-                    "thoughts": not args.no_thoughts, "M": model.thought.M, "P": model.thought.P, "seed": args.seed,
-                    "device": str(device), "bytes": n_bytes,
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-           "without_thoughts": summarize(base, valid, n_bytes)}
+    res = {"documents": len(docs), "bytes": n_bytes, "without_thoughts": summarize(base, valid, n_bytes)}
     if mixed is not None:
         res["with_thoughts"] = summarize(mixed, valid, n_bytes)
     if hard is not None:
-        res["hard_tokens"] = {"without_thoughts": summarize(base, hard, None)}
+        res["hard_tokens"] = {"without_thoughts": summarize(base, hard, None), "mask": args.hard_mask or
+                              args.save_hard_mask}
         if mixed is not None:
             res["hard_tokens"]["with_thoughts"] = summarize(mixed, hard, None)
-        res["hard_tokens"]["mask"] = args.hard_mask or args.save_hard_mask
+    return res
+
+
+def _markdown(res: dict, args) -> list[str]:
+    m = res["meta"]
+    lines = [f"# quietstar-eval: {args.model}", "", f"{m['date']}, {m['device']}; thoughts: "
+             f"{'M=%d, P=%d' % (m['M'], m['P']) if m['thoughts'] else 'off'}, seed {args.seed}", ""]
+    if "heldout" in res:
+        h = res["heldout"]
+        lines += [f"## Held-out text ({args.data}: {h['documents']} documents, one row each: separator + first "
+                  f"{args.seq_len - 1} tokens; {h['bytes']} bytes)", "",
+                  "| | targets | NLL (nats/token) | bits per byte |", "|---|---|---|---|"]
+        for key in ("without_thoughts", "with_thoughts"):
+            if key in h:
+                lines.append(f"| {key.replace('_', ' ')} | {h[key]['targets']} | {h[key]['nll']:.4f} | "
+                             f"{h[key]['bits_per_byte']:.4f} |")
+        for key in ("without_thoughts", "with_thoughts"):
+            if key in h.get("hard_tokens", {}):
+                r = h["hard_tokens"][key]
+                lines.append(f"| hard tokens, {key.replace('_', ' ')} | {r['targets']} | {r['nll']:.4f} | - |")
+        lines.append("")
+    if "gsm8k" in res:
+        g = res["gsm8k"]
+        lines += [f"## GSM8K test ({g['problems']} problems): gold-solution likelihood given the question", "",
+                  "| | targets | NLL (nats/token) | bits per byte |", "|---|---|---|---|"]
+        for key in ("without_thoughts", "with_thoughts"):
+            if key in g:
+                lines.append(f"| {key.replace('_', ' ')} | {g[key]['targets']} | {g[key]['nll']:.4f} | "
+                             f"{g[key]['bits_per_byte']:.4f} |")
+        if "exact_match" in g:
+            e = g["exact_match"]
+            lines += ["", f"Greedy generation {'with' if e['thoughts'] else 'without'} thoughts, "
+                      f"{e['problems']} problems: exact match {e['exact_match']:.1%} ({e['correct']} correct)"]
+        lines.append("")
+    if "csqa" in res:
+        c = res["csqa"]
+        lines += [f"## CommonsenseQA validation ({c['questions']} questions), zero-shot by answer likelihood", "",
+                  "| | accuracy (sum) | accuracy (per character) |", "|---|---|---|"]
+        for key in ("without_thoughts", "with_thoughts"):
+            if key in c:
+                lines.append(f"| {key.replace('_', ' ')} | {c[key]['accuracy']:.1%} | {c[key]['accuracy_per_char']:.1%} |")
+        lines.append("")
+    return lines
+
+
+def eval_main(argv=None) -> int:
+    import datetime
+    import json
+    from pathlib import Path
+
+    from . import assets
+    from .model import QuietStarModel, load_export_tokenizer
+    from .train import document_separator
+    args = build_eval_parser().parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    bad = [t for t in tasks if t not in ("heldout", "gsm8k", "csqa")]
+    if bad:
+        raise SystemExit(f"quietstar-eval: --tasks: unknown {bad}; choose from heldout, gsm8k, csqa")
+    device = torch.device(args.device)
+    if args.model == "smollm2-135m":
+        from .config import ModelConfig, ThoughtConfig
+        from .model import build_decoder
+        from .train import marker_init_id
+        tok = assets.smollm2_tokenizer()
+        model = QuietStarModel(build_decoder(ModelConfig(name="smollm2-135m")), ThoughtConfig(),
+                               marker_init_id=marker_init_id(tok, ThoughtConfig().marker_init_text))
+    else:
+        model = QuietStarModel.from_pretrained(args.model)
+        tok = load_export_tokenizer(args.model)
+    model = model.to(device).eval()
+    sep_id = document_separator(tok)
+    cuda = device.type == "cuda"
+    backends = Backends("triton", "triton") if cuda else Backends("split", "chunked")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    thoughts = not args.no_thoughts
+    res = {"meta": {"model": args.model, "tasks": tasks, "limit": args.limit, "thoughts": thoughts,
+                    "M": model.thought.M, "P": model.thought.P, "seed": args.seed, "device": str(device),
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
+    if "heldout" in tasks:
+        res["heldout"] = _heldout(args, model, tok, sep_id, backends, gen, device, autocast)
+    if "gsm8k" in tasks:
+        probs = assets.gsm8k_test()[: args.limit]
+        res["gsm8k"] = gsm8k_nll(model, tok, sep_id, probs, backends, args.batch_size, thoughts, gen, device,
+                                 autocast)
+        if args.gsm8k_em:
+            res["gsm8k"]["exact_match"] = gsm8k_exact_match(model, tok, probs[: args.gsm8k_em], args.max_new_tokens,
+                                                            gen, device, thoughts)
+    if "csqa" in tasks:
+        qs = assets.commonsense_qa_validation()[: args.limit]
+        res["csqa"] = commonsense_qa(model, tok, sep_id, qs, backends, args.batch_size, thoughts, gen, device,
+                                     autocast)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(res, indent=1))
-    lines = [f"# quietstar-eval: {args.model}", "", f"{res['meta']['date']}, {device}; {len(docs)} held-out documents "
-             f"({args.data}), one row each (separator + first {args.seq_len - 1} tokens), {res['meta']['bytes']} "
-             f"bytes scored; thoughts: M={model.thought.M}, P={model.thought.P}, seed {args.seed}", "",
-             "| | targets | NLL (nats/token) | bits per byte |", "|---|---|---|---|"]
-    for key in ("without_thoughts", "with_thoughts"):
-        if key in res:
-            r = res[key]
-            lines.append(f"| {key.replace('_', ' ')} | {r['targets']} | {r['nll']:.4f} | {r['bits_per_byte']:.4f} |")
-    if "hard_tokens" in res:
-        for key in ("without_thoughts", "with_thoughts"):
-            if key in res["hard_tokens"]:
-                r = res["hard_tokens"][key]
-                lines.append(f"| hard tokens, {key.replace('_', ' ')} | {r['targets']} | {r['nll']:.4f} | - |")
+    lines = _markdown(res, args)
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

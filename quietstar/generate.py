@@ -160,6 +160,18 @@ def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, atten
     return torch.stack(out, 1), torch.stack(thoughts, 1), torch.stack(ws, 1)
 
 
+def end_token_ids(tok) -> list[int]:
+    """Ids that end a generation: the tokenizer's eos and, where the vocabulary has them, the usual
+    end-of-text / end-of-turn tokens (SmolLM2's instruct model ends a turn with <|im_end|>, not its eos)."""
+    ids = {tok.eos_token_id} if getattr(tok, "eos_token_id", None) is not None else set()
+    unk = getattr(tok, "unk_token_id", None)
+    for t in ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"):
+        i = tok.convert_tokens_to_ids(t) if hasattr(tok, "convert_tokens_to_ids") else None
+        if isinstance(i, int) and i >= 0 and i != unk:
+            ids.add(i)
+    return sorted(ids)
+
+
 # ----------------------------------------------------------------------------------------------
 # quietstar-generate
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ def main(argv=None) -> int:
     enc = tok(prompts, return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stop_ids = end_token_ids(tok)
     if args.no_thoughts:
         kw = dict(do_sample=args.temperature > 0, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
         if args.temperature > 0:

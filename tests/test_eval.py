@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from quietstar import Backends, ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
-from quietstar.evaluate import document_rows, hard_mask, token_nll
+from quietstar.evaluate import commonsense_qa, document_rows, final_number, hard_mask, scored_rows, token_nll
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,8 +69,8 @@ def test_cli_hard_mask_round_trip(tmp_path):
     r2 = subprocess.run(common + ["--hard-mask", str(tmp_path / "hard.pt"), "--out", str(tmp_path / "b")],
                         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    a, b = (json.loads((tmp_path / x / "eval.json").read_text()) for x in ("a", "b"))
-    assert a["meta"]["documents"] == 4 and a["without_thoughts"]["targets"] > 0
+    a, b = (json.loads((tmp_path / x / "eval.json").read_text())["heldout"] for x in ("a", "b"))
+    assert a["documents"] == 4 and a["without_thoughts"]["targets"] > 0
     assert a["without_thoughts"]["bits_per_byte"] > 0 and "with_thoughts" in a
     n = a["without_thoughts"]["targets"]
     assert a["hard_tokens"]["without_thoughts"]["targets"] == round(0.1 * n) == b["hard_tokens"]["without_thoughts"]["targets"]
@@ -81,3 +81,71 @@ def test_cli_hard_mask_round_trip(tmp_path):
                                         "--hard-mask", str(tmp_path / "hard.pt"), "--out", str(tmp_path / "c")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "use the same --data, --limit and --seq-len" in bad.stderr
+
+
+class _Tok:
+    """Characters as token ids (ord % 97), enough for the row layouts."""
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(ch) % 97 for ch in text]}
+
+    @property
+    def backend_tokenizer(self):
+        outer = self
+
+        class B:
+            def encode_batch(self, texts, add_special_tokens=False):
+                return [type("E", (), {"ids": outer(t)["input_ids"]})() for t in texts]
+        return B()
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_scored_rows_marks_the_continuation():
+    ids, valid, n_bytes = scored_rows([("ab", "cde"), ("x", "yz")], _Tok(), sep_id=0)
+    assert ids.tolist() == [[0, 0, 1, 2, 3, 4], [0, 23, 24, 25, 0, 0]]      # "a" = 97 -> 0
+    assert valid.tolist() == [[False, False, True, True, True, False], [False, True, True, False, False, False]]
+    assert n_bytes == [3, 2]
+
+
+def test_final_number():
+    assert final_number("so 3 + 4 = 7\n#### 1,234.") == "1234"
+    assert final_number("she has 5 then 12 apples") == "12"
+    assert final_number("no digits") is None
+
+
+def test_commonsense_qa_scores_by_answer_likelihood():
+    model = _model(mixing=False)
+    qs = [{"question": "q one?", "choices": ["a", "bb", "ccc", "d", "ee"], "label": 2},
+          {"question": "two?", "choices": ["x", "y", "zz", "w", "vvv"], "label": 0}]
+    be = Backends("split", "chunked")
+    res = commonsense_qa(model, _Tok(), 0, qs, be, 4, True, torch.Generator().manual_seed(0), torch.device("cpu"), None)
+    assert res["questions"] == 2 and res["with_thoughts"] == res["without_thoughts"]      # w = 0
+    # the chosen answer is the argmax of the summed log-likelihood of its tokens, computed here directly
+    items = [("Question: " + q["question"] + "\nAnswer:", " " + c) for q in qs for c in q["choices"]]
+    ids, valid, _ = scored_rows(items, _Tok(), 0)
+    with torch.no_grad():
+        lp = torch.log_softmax(model.lm(input_ids=ids).logits.float(), -1)
+    tgt = torch.cat([ids[:, 1:], ids[:, -1:]], 1)
+    ll = (lp.gather(-1, tgt[..., None])[..., 0] * valid).sum(1).view(2, 5)
+    acc = float((ll.argmax(1) == torch.tensor([2, 0])).double().mean())
+    assert res["without_thoughts"]["accuracy"] == acc
+
+
+def test_cli_gsm8k_and_csqa(tmp_path):
+    from quietstar.assets import mistral_tokenizer
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
+    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2), marker_init_id=5)
+    exp = model.save_pretrained(tmp_path / "exp", tokenizer=mistral_tokenizer())
+    r = subprocess.run([sys.executable, "-m", "quietstar.evaluate", str(exp), "--tasks", "gsm8k,csqa", "--limit", "2",
+                        "--gsm8k-em", "1", "--max-new-tokens", "3", "--device", "cpu", "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "o" / "eval.json").read_text())
+    g, c = res["gsm8k"], res["csqa"]
+    assert g["problems"] == 2 and g["with_thoughts"]["targets"] == g["without_thoughts"]["targets"] > 100
+    assert g["exact_match"]["problems"] == 1 and len(g["exact_match"]["outputs"]) == 1
+    assert c["questions"] == 2 and 0 <= c["with_thoughts"]["accuracy"] <= 1
+    md = (tmp_path / "o" / "eval.md").read_text()
+    assert "## GSM8K" in md and "## CommonsenseQA" in md

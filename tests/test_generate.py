@@ -122,3 +122,10 @@ def test_bench_generate_runs_and_the_naive_decoder_agrees(tmp_path):
     import json
     meta = json.loads((tmp_path / "g.json").read_text())["meta"]
     assert meta["naive_and_cached_tokens_equal"] is True and meta["thinking_vs_M_plus_3_plain_steps"] > 0
+
+
+def test_end_token_ids_include_the_chat_end_of_turn():
+    from quietstar.assets import mistral_tokenizer, smollm2_tokenizer
+    from quietstar.generate import end_token_ids
+    assert end_token_ids(smollm2_tokenizer()) == [0, 2]      # <|endoftext|> (its eos) and <|im_end|>
+    assert end_token_ids(mistral_tokenizer()) == [2]         # </s>
