@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from quietstar import ModelConfig, QuietStarModel, ThoughtConfig, build_decoder  # noqa: E402
-from quietstar.generate import ThinkingDecoder  # noqa: E402
+from quietstar.generate import ThinkingDecoder, mixed_logprobs, thought_logits  # noqa: E402
 
 
 @torch.no_grad()
@@ -47,8 +47,8 @@ def thinking(model, ids, n_new):
 def naive_thinking(model, ids, n_new):
     """Every forward recomputes the whole sequence: prefix, then <sot> s_1 .. s_m (no cache)."""
     th = model.thought
-    W = model.lm_head_weight
     sot, eot = model.marker_embeddings()
+    banned = torch.tensor(model.banned_ids, dtype=torch.long, device=ids.device)
     B = ids.shape[0]
     seq = ids
     out = []
@@ -63,17 +63,12 @@ def naive_thinking(model, ids, n_new):
             if m == 0:
                 h_base = h[:, T - 1]
             if m < th.M:
-                z = (h[:, -1] @ W.T).float()
-                if model.banned_ids:
-                    z[:, list(model.banned_ids)] = float("-inf")
-                chain.append(model.embed(z.argmax(-1))[:, None])
+                chain.append(model.embed(thought_logits(model, h[:, -1], banned).argmax(-1))[:, None])
             else:
                 h_talk = h[:, -1]
             if m == th.M - 1:
                 chain.append(eot.expand(B, 1, -1))
-        w = model.mixing_head(h_base, h_talk)
-        logits = (1 - w)[:, None] * (h_base @ W.T).float() + w[:, None] * (h_talk @ W.T).float()
-        nxt = logits.argmax(-1)
+        nxt = mixed_logprobs(model, h_base, h_talk)[0].argmax(-1)
         out.append(nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     return torch.stack(out, 1)

@@ -198,9 +198,9 @@ def child(args) -> dict:
         # uses it too; the GPU rows committed on 2026-11-26 were measured with the chunked PyTorch one, which
         # made the floor slower), the chunked PyTorch one on CPU
         if cuda:
-            from kernels import token_logprob as token_logprob_chunked
+            from kernels import token_logprob as floor_logprob
         else:
-            from kernels.lm_head_chunked import token_logprob_chunked
+            from kernels.lm_head_chunked import token_logprob_chunked as floor_logprob
         lm = model.lm
         n_rows = B * (1 + th.P * th.L)
         rows = ids.repeat(1 + th.P * th.L, 1)                         # (B*(1+P*L), T): the trained tokens
@@ -212,7 +212,7 @@ def child(args) -> dict:
                     lm.model(input_ids=ids.repeat(th.P, 1))           # M no-grad passes over B*P*T tokens
             with autocast:
                 h = lm.model(input_ids=rows).last_hidden_state.reshape(n_rows * T, -1)
-                lp = token_logprob_chunked(h, lm.lm_head.weight, tgt.reshape(-1))
+                lp = floor_logprob(h, lm.lm_head.weight, tgt.reshape(-1))
                 loss = -lp.mean()
             loss.backward()
             opt.step()

@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import time
 import xml.etree.ElementTree as ET
@@ -72,7 +73,7 @@ def stages(out: Path, raw: Path, dry: bool, workers: int, caps: dict, test_files
            train_paths="floor,fast-gpu,fast-gpu-graphs,reference") -> list[Stage]:
     py = sys.executable
     pytest_cmd = [py, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "--durations=15",
-                  f"--junitxml={raw / 'gpu_tests.xml'}", "-n", str(workers), "-o", "addopts=-ra"]
+                  f"--junitxml={raw / 'gpu_tests.xml'}", "-o", "addopts=-ra"] + (["-n", str(workers)] if workers else [])
     if _importable("pytest_timeout"):
         pytest_cmd += ["--timeout", str(caps.get("per_test", 90))]
     pytest_cmd += [f for f in test_files if (REPO / f).exists()]
@@ -356,7 +357,15 @@ def write_digest(out: Path, raw: Path, sts: list[Stage], info: dict, problems: l
 
 
 def pack(out: Path, raw: Path) -> None:
-    """Everything into suite.tar.gz; OUT keeps the digest, the tables and the archive (<= 8 files)."""
+    """Everything into suite.tar.gz; OUT keeps the digest, the tables and the archive (<= 8 files).
+    The logs name this machine's paths; they are written as $OUT, ".", python3 and <site-packages>, so
+    that a committed log reads the same on any clone."""
+    for log in raw.glob("*.log"):
+        text = log.read_text(errors="replace")
+        for path, name in ((str(out), "$OUT"), (str(REPO), "."), (sys.executable, "python3"),
+                           (sysconfig.get_paths()["purelib"], "<site-packages>")):
+            text = text.replace(path, name)
+        log.write_text(text)
     with tarfile.open(out / "suite.tar.gz", "w:gz") as tar:
         for p in sorted(out.iterdir()):
             if p.name != "suite.tar.gz":
@@ -418,11 +427,6 @@ def main(argv=None) -> int:
     workers = args.workers if args.workers is not None else (2 if dry else 8)
     sts = stages(out, raw, dry, workers if _importable("xdist") else 0, caps,
                  tuple(f for f in args.tests.split(",") if f), args.train_paths)
-    if not _importable("xdist"):
-        for st in sts:
-            if st.name == "gpu_tests":
-                i = st.cmd.index("-n")
-                del st.cmd[i:i + 2]
     wanted = [s for s in args.stages.split(",") if s]
     unknown = [s for s in wanted if s not in {st.name for st in sts}]
     if unknown:

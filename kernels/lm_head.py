@@ -345,6 +345,12 @@ def _chunks(N, V, weight):
             yield r0, min(N, r0 + R), v0, min(V, v0 + Vc)
 
 
+def _chunk_buffer(N, V, weight):
+    """The one (R x Vc) logit buffer every chunk of a call reuses, in W's dtype."""
+    R, Vc = _chunk_plan(N, V, weight.element_size())
+    return torch.empty(R * Vc, device=weight.device, dtype=weight.dtype)
+
+
 def _logit_chunk(buf, hm, weight, r0, r1, v0, v1):
     Z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
     torch.mm(hm[r0:r1], weight[v0:v1].T, out=Z)
@@ -357,12 +363,11 @@ def _lm_head_forward(h, h2, w, weight, target, banned, inv_temp, ignore_index, m
     V = weight.shape[0]
     dev = h.device
     cfg = _configs(_interpreting())["rows"]
-    R, Vc = _chunk_plan(N, V, weight.element_size())
     n_banned = banned.numel()
     banned_arg = banned if n_banned else target
     with _NoAutocast(dev):
         hm = _hidden(h, h2, w, weight, mix)
-        buf = torch.empty(min(N, R) * Vc, device=dev, dtype=weight.dtype)
+        buf = _chunk_buffer(N, V, weight)
         m = torch.full((N,), float("-inf"), device=dev, dtype=torch.float32)
         s = torch.zeros(N, device=dev, dtype=torch.float32)
         t = torch.zeros(N, device=dev, dtype=torch.float32)
@@ -388,12 +393,12 @@ def _lm_head_backward(g, h, h2, w, weight, target, banned, lse, inv_temp, ignore
     dev = h.device
     cfgs = _configs(_interpreting())
     gcfg = cfgs["grad"]
-    R, Vc = _chunk_plan(N, V, weight.element_size())
+    R, _ = _chunk_plan(N, V, weight.element_size())
     n_banned = banned.numel()
     banned_arg = banned if n_banned else target
     with _NoAutocast(dev):
         hm = _hidden(h, h2, w, weight, mix)
-        buf = torch.empty(min(N, R) * Vc, device=dev, dtype=weight.dtype)
+        buf = _chunk_buffer(N, V, weight)
         # dW is written once per vocabulary chunk when all rows are in one chunk; else summed in fp32
         dW = torch.empty((V, d), device=dev, dtype=weight.dtype) if R >= N else \
             torch.zeros((V, d), device=dev, dtype=torch.float32)
@@ -492,10 +497,9 @@ def _sample(h, weight, banned, inv_temp, generator, seed=None):
         seed = _draw_seed(generator, dev)
     n_banned = banned.numel()
     banned_arg = banned if n_banned else seed
-    R, Vc = _chunk_plan(N, V, weight.element_size())
     with _NoAutocast(dev):
         hm = h.to(weight.dtype).contiguous()
-        buf = torch.empty(min(N, R) * Vc, device=dev, dtype=weight.dtype)
+        buf = _chunk_buffer(N, V, weight)
         best = torch.full((N,), float("-inf"), device=dev, dtype=torch.float32)
         idx = torch.zeros(N, device=dev, dtype=torch.int32)
         for r0, r1, v0, v1 in _chunks(N, V, weight):

@@ -268,15 +268,18 @@ def attention_dtype(query, key, value) -> torch.dtype:
     return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
 
 
+_LAYOUT_MASK: dict = {}
+
+
 def layout_mask(device) -> torch.Tensor:
     """The attention_mask a Quiet-STaR layout call passes: an empty 4D tensor. transformers returns a 4D mask
     as it is, so no mask is built and the position ids are not inspected for packed sequences (which reads
     them back to the host: a sync per call, and an error inside a CUDA-graph capture); the layout says
     everything the attention needs, and padding is handled by the target mask."""
-    key = ("layout_mask", str(device))
-    if key not in _FLEX:
-        _FLEX[key] = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
-    return _FLEX[key]
+    key = str(device)
+    if key not in _LAYOUT_MASK:
+        _LAYOUT_MASK[key] = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
+    return _LAYOUT_MASK[key]
 
 
 def quietstar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

@@ -15,27 +15,15 @@ from .config import LossConfig
 from .thoughts import Backends, quietstar_forward
 
 
-@torch.no_grad()
 def heldout_losses(model, rows: torch.Tensor, valid: torch.Tensor, backends: Backends, batch_size: int,
                    generator: torch.Generator | None = None, device=None, autocast=None) -> dict:
-    was_training = model.training
-    model.eval()
-    device = device or model.lm_head_weight.device
-    s_base = s_thought = 0.0
-    n = 0
-    for i in range(0, rows.shape[0], batch_size):
-        ids, vn = rows[i:i + batch_size].to(device), valid[i:i + batch_size].to(device)
-        ctx = autocast if autocast is not None else torch.autocast(device.type, enabled=False)
-        with ctx:
-            _, _, ex = quietstar_forward(model, ids, vn, LossConfig(), "sample-then-train", backends, generator)
-        vn = vn.clone()
-        vn[:, -1] = False
-        s_base += float(-(ex.lp_base * vn).sum())
-        s_thought += float(-(ex.lp_mix[..., 0].mean(1) * vn).sum())       # (B, T): k = 1, mean over passes
-        n += int(vn.sum())
-    model.train(was_training)
-    return {"heldout_nll_base": s_base / max(n, 1), "heldout_nll_thought": s_thought / max(n, 1),
-            "heldout_targets": n}
+    """The training log's held-out evaluation: mean NLL without and with thoughts over the scored targets."""
+    valid = valid.clone()
+    valid[:, -1] = False                          # x_T does not exist
+    base, mixed = token_nll(model, rows, valid, backends, batch_size, True, generator, device, autocast)
+    n = int(valid.sum())
+    return {"heldout_nll_base": float(base.double().sum()) / max(n, 1),
+            "heldout_nll_thought": float(mixed.double().sum()) / max(n, 1), "heldout_targets": n}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +52,9 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
               generator: torch.Generator | None = None, device=None, autocast=None, progress: bool = False,
               desc: str = "rows"):
     """Per-target NLL (R, T) of the base prediction and (with `thoughts`) of the k = 1 mixed prediction after a
-    sampled thought, averaged over the P thoughts; 0 where not scored."""
+    sampled thought, averaged over the P thoughts; 0 where not scored. The model's train/eval mode is
+    restored on return."""
+    was_training = model.training
     model.eval()
     device = device or model.lm_head_weight.device
     base = torch.zeros(rows.shape, dtype=torch.float32)
@@ -92,6 +82,7 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
         base[i:i + batch_size, :last] = (-lp_base.float() * m).cpu()
         if thoughts:
             mixed[i:i + batch_size, :last] = (-lp_mix.float() * m).cpu()
+    model.train(was_training)
     return base, mixed
 
 
@@ -279,6 +270,15 @@ def _heldout(args, model, tok, sep_id, backends, gen, device, autocast) -> dict:
     return res
 
 
+def _nll_table(r: dict) -> list[str]:
+    lines = ["| | targets | NLL (nats/token) | bits per byte |", "|---|---|---|---|"]
+    for key in ("without_thoughts", "with_thoughts"):
+        if key in r:
+            lines.append(f"| {key.replace('_', ' ')} | {r[key]['targets']} | {r[key]['nll']:.4f} | "
+                         f"{r[key]['bits_per_byte']:.4f} |")
+    return lines
+
+
 def _markdown(res: dict, args) -> list[str]:
     m = res["meta"]
     lines = [f"# quietstar-eval: {args.model}", "", f"{m['date']}, {m['device']}; thoughts: "
@@ -286,12 +286,7 @@ def _markdown(res: dict, args) -> list[str]:
     if "heldout" in res:
         h = res["heldout"]
         lines += [f"## Held-out text ({args.data}: {h['documents']} documents, one row each: separator + first "
-                  f"{args.seq_len - 1} tokens; {h['bytes']} bytes)", "",
-                  "| | targets | NLL (nats/token) | bits per byte |", "|---|---|---|---|"]
-        for key in ("without_thoughts", "with_thoughts"):
-            if key in h:
-                lines.append(f"| {key.replace('_', ' ')} | {h[key]['targets']} | {h[key]['nll']:.4f} | "
-                             f"{h[key]['bits_per_byte']:.4f} |")
+                  f"{args.seq_len - 1} tokens; {h['bytes']} bytes)", ""] + _nll_table(h)
         for key in ("without_thoughts", "with_thoughts"):
             if key in h.get("hard_tokens", {}):
                 r = h["hard_tokens"][key]
@@ -299,12 +294,8 @@ def _markdown(res: dict, args) -> list[str]:
         lines.append("")
     if "gsm8k" in res:
         g = res["gsm8k"]
-        lines += [f"## GSM8K test ({g['problems']} problems): gold-solution likelihood given the question", "",
-                  "| | targets | NLL (nats/token) | bits per byte |", "|---|---|---|---|"]
-        for key in ("without_thoughts", "with_thoughts"):
-            if key in g:
-                lines.append(f"| {key.replace('_', ' ')} | {g[key]['targets']} | {g[key]['nll']:.4f} | "
-                             f"{g[key]['bits_per_byte']:.4f} |")
+        lines += [f"## GSM8K test ({g['problems']} problems): gold-solution likelihood given the question",
+                  ""] + _nll_table(g)
         if "exact_match" in g:
             e = g["exact_match"]
             lines += ["", f"Greedy generation {'with' if e['thoughts'] else 'without'} thoughts, "

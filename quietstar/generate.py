@@ -35,6 +35,20 @@ class Thought:
     logp_mix: torch.Tensor     # (B, V) float32, the mixed next-token log-probabilities
 
 
+def mixed_logprobs(model: QuietStarModel, h_base: torch.Tensor, h_talk: torch.Tensor):
+    """(log_softmax((1 - w) W h_base + w W h_talk) (B, V) float32, w (B,)), w = mixing_head(h_base, h_talk)."""
+    W = model.lm_head_weight
+    w = model.mixing_head(h_base, h_talk)
+    logits = (1 - w)[:, None] * (h_base @ W.T).float() + w[:, None] * (h_talk @ W.T).float()
+    return torch.log_softmax(logits, dim=-1), w
+
+
+def thought_logits(model: QuietStarModel, h: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """W h / tau_sample in fp32 with the banned ids (a device tensor) at -inf: what a thought token is drawn from."""
+    z = (h @ model.lm_head_weight.T).float() / model.thought.tau_sample
+    return z.index_fill_(1, banned, float("-inf")) if banned.numel() else z
+
+
 class ThinkingDecoder:
     """A batch of sequences with the decoder's KV cache; `think()` and `advance()` make one token.
 
@@ -55,6 +69,7 @@ class ThinkingDecoder:
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("attention_mask: pad the prompts on the left (the last column must be real tokens)")
         self.model = model
+        self.banned = torch.tensor(model.banned_ids, dtype=torch.long, device=input_ids.device)
         self.mask = attention_mask.long()
         self.pos = self.mask.sum(1) - 1                   # (B,) RoPE position of each row's last token
         self.cache = DynamicCache(config=model.lm.config)
@@ -85,7 +100,6 @@ class ThinkingDecoder:
         B = self.h_base.shape[0]
         if thought is not None and tuple(thought.shape) != (B, th.M):
             raise ValueError(f"thought must be (B={B}, M={th.M}), got {tuple(thought.shape)}")
-        W = model.lm_head_weight
         sot, eot = model.marker_embeddings()
         n0, mask0 = self.length, self.mask
         tokens = torch.empty(B, th.M, dtype=torch.long, device=self.h_base.device)
@@ -94,9 +108,7 @@ class ThinkingDecoder:
             if thought is not None:
                 s = thought[:, m]
             else:
-                z = (h @ W.T).float() / th.tau_sample
-                if model.banned_ids:
-                    z[:, list(model.banned_ids)] = float("-inf")
+                z = thought_logits(model, h, self.banned)
                 if not greedy_thought:   # Gumbel-max: a sample of softmax(z)
                     u = torch.rand(z.shape, generator=generator, device=z.device).clamp_min_(torch.finfo(z.dtype).tiny)
                     z = z - torch.log(-torch.log(u))
@@ -104,11 +116,10 @@ class ThinkingDecoder:
             tokens[:, m] = s
             h = self._step(model.embed(s), self.pos + 2 + m)
         h_talk = self._step(eot.expand(B, -1), self.pos + th.M + 2)
-        w = model.mixing_head(self.h_base, h_talk)
-        logits = (1 - w)[:, None] * (self.h_base @ W.T).float() + w[:, None] * (h_talk @ W.T).float()
+        logp_mix, w = mixed_logprobs(model, self.h_base, h_talk)
         self.cache.crop(n0)                   # drop the thought's K/V: the next base step sees the prefix only
         self.mask = mask0
-        return Thought(tokens=tokens, w=w.float(), logp_mix=torch.log_softmax(logits, dim=-1))
+        return Thought(tokens=tokens, w=w.float(), logp_mix=logp_mix)
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor) -> None:
