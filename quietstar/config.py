@@ -146,6 +146,11 @@ class TrainConfig:
     """Path of a checkpoint to continue from exactly."""
     eval_rows: int = 0
     """Held-out rows scored (with and without thoughts) at the start and end (0: none)."""
+    thoughts: bool = True
+    """False (`--no-thoughts`): the no-thought control arm: the same model trained as a plain language
+    model on the same rows in the same order (loss = the mean NLL of x_{t+1}; no thought sampled,
+    markers and mixing head untouched), to separate the effect of training on the text from the
+    thoughts' (benchmarks/learn_experiment.py)."""
     cuda_graphs: bool = False
     """Capture the thought-sampling loop in a CUDA graph and replay it each step (CUDA, --lm-head
     triton; quietstar/graphs.py): removes the kernel-launch overhead that dominates sampling at

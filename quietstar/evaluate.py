@@ -132,9 +132,14 @@ def _qa_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
+def gsm8k_rows(problems, tok, sep_id):
+    """One scored row per problem: the question prompt, then " " + the gold worked solution."""
+    return scored_rows([(_qa_prompt(p["question"]), " " + p["answer"]) for p in problems], tok, sep_id)
+
+
 def gsm8k_nll(model, tok, sep_id, problems, backends, batch_size, thoughts, gen, device, autocast) -> dict:
     """NLL (nats/token) and bits per byte of the gold worked solutions given the question."""
-    ids, valid, n_bytes = scored_rows([(_qa_prompt(p["question"]), " " + p["answer"]) for p in problems], tok, sep_id)
+    ids, valid, n_bytes = gsm8k_rows(problems, tok, sep_id)
     base, mixed = token_nll(model, ids, valid, backends, batch_size, thoughts, gen, device, autocast, progress=True,
                             desc="GSM8K solutions")
     res = {"problems": len(problems), "without_thoughts": summarize(base, valid, sum(n_bytes))}
@@ -194,21 +199,31 @@ def gsm8k_exact_match(model, tok, problems, max_new_tokens: int, gen, device, th
 def commonsense_qa(model, tok, sep_id, questions, backends, batch_size, thoughts, gen, device, autocast) -> dict:
     """Zero-shot multiple choice by the answer's log-likelihood: the sum over its tokens, and the sum per
     character of the answer text; accuracy of the argmax choice, with and without thoughts."""
-    items = [(_qa_prompt(q["question"]), " " + c) for q in questions for c in q["choices"]]
-    ids, valid, _ = scored_rows(items, tok, sep_id)
+    ids, valid, _ = commonsense_qa_rows(questions, tok, sep_id)
     base, mixed = token_nll(model, ids, valid, backends, batch_size, thoughts, gen, device, autocast, progress=True,
                             desc="CommonsenseQA answers")
-    n_choice = len(questions[0]["choices"])
-    chars = torch.tensor([len(c) for q in questions for c in q["choices"]], dtype=torch.float64).view(-1, n_choice)
-    label = torch.tensor([q["label"] for q in questions])
     res = {"questions": len(questions)}
     for key, nll in (("without_thoughts", base), ("with_thoughts", mixed)):
         if nll is None:
             continue
-        ll = -nll.double().sum(1).view(-1, n_choice)
-        res[key] = {"accuracy": float((ll.argmax(1) == label).double().mean()),
-                    "accuracy_per_char": float(((ll / chars).argmax(1) == label).double().mean())}
+        ok, ok_char = choice_correct(nll, questions)
+        res[key] = {"accuracy": float(ok.double().mean()), "accuracy_per_char": float(ok_char.double().mean())}
     return res
+
+
+def commonsense_qa_rows(questions, tok, sep_id):
+    """One scored row per (question, choice): the prompt, then " " + the choice as the continuation."""
+    return scored_rows([(_qa_prompt(q["question"]), " " + c) for q in questions for c in q["choices"]], tok, sep_id)
+
+
+def choice_correct(nll: torch.Tensor, questions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per question (bool): is the choice with the highest answer log-likelihood the labelled one, by the sum
+    over its tokens and by the sum per character. `nll` is token_nll's (R, T) over commonsense_qa_rows."""
+    n_choice = len(questions[0]["choices"])
+    chars = torch.tensor([len(c) for q in questions for c in q["choices"]], dtype=torch.float64).view(-1, n_choice)
+    label = torch.tensor([q["label"] for q in questions])
+    ll = -nll.double().sum(1).view(-1, n_choice)
+    return ll.argmax(1) == label, (ll / chars).argmax(1) == label
 
 
 def build_eval_parser():

@@ -213,6 +213,16 @@ def target_counts(valid_next: torch.Tensor, K: int, P: int) -> dict:
     return {"n_base": n.float(), "n_talk": valid_tk.sum().float() * P, "n_pol": n.float() * P}
 
 
+def base_logprobs(model: QuietStarModel, input_ids, valid_next, h_base, ops) -> torch.Tensor:
+    """log p(x_{t+1}) of the base pass at every scored position, 0 elsewhere, flat (B * T,): the
+    LM head's mixed_logprob with w = 0, which is plain log_softmax."""
+    B, T, d = h_base.shape
+    tgt_next = torch.where(valid_next, future_tokens(input_ids, 1)[..., 0], -100)           # (B, T)
+    hb = h_base.reshape(B * T, d)
+    return ops.mixed_logprob(hb, hb, hb.new_zeros(B * T), model.lm_head_weight, tgt_next.reshape(-1),
+                             ignore_index=-100)
+
+
 def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_base, h_chain,
                    loss_cfg: LossConfig, backends: Backends, denominators: dict | None = None):
     """L = beta_base NLL_base + beta_talk NLL_talk + beta_policy L_policy, and the metrics.
@@ -226,10 +236,7 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     W = model.lm_head_weight
     ignore = -100
 
-    # NLL_base: the base pass predicting x_{t+1}; mixed_logprob with w = 0 is plain log_softmax.
-    tgt_next = torch.where(valid_next, future_tokens(input_ids, 1)[..., 0], ignore)        # (B, T)
-    hb = h_base.reshape(B * T, d)
-    lp_base = ops.mixed_logprob(hb, hb, hb.new_zeros(B * T), W, tgt_next.reshape(-1), ignore_index=ignore)
+    lp_base = base_logprobs(model, input_ids, valid_next, h_base, ops)                        # (B * T,)
     den = denominators if denominators is not None else target_counts(valid_next, K, P)
     n_base, n_talk, n_pol = (den[k].clamp_min(1) for k in ("n_base", "n_talk", "n_pol"))
     nll_base = -lp_base.sum() / n_base
@@ -299,3 +306,18 @@ def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next
                                            backends, denominators)
     extras.thoughts = thoughts
     return loss, metrics, extras
+
+
+def plain_lm_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,
+                     backends: Backends = Backends(), denominators: dict | None = None):
+    """The no-thought control (`quietstar-train --no-thoughts`): the decoder trained as an ordinary
+    language model on the same rows. Loss = the mean NLL of x_{t+1} over the scored targets: the same
+    targets, LM-head op and denominator (n_base) as NLL_base, at weight 1; no thought is sampled and
+    the markers and mixing head get no gradient. Returns (loss, metrics, extras) like quietstar_forward."""
+    valid_next = check_batch(input_ids, valid_next)
+    B, T = input_ids.shape
+    h = model.lm.model(input_ids=input_ids).last_hidden_state
+    lp_base = base_logprobs(model, input_ids, valid_next, h, lm_head_ops(backends.lm_head))
+    den = denominators if denominators is not None else {"n_base": valid_next.sum().float()}
+    nll = -lp_base.sum() / den["n_base"].clamp_min(1)
+    return nll, {"loss": nll.detach(), "nll_base": nll.detach()}, SimpleNamespace(lp_base=lp_base.view(B, T))

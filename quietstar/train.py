@@ -98,6 +98,8 @@ def config_from_args(argv=None) -> Config:
         train.attention = "triton" if cuda else "split"
     if args["lm_head"] is None:
         train.lm_head = "triton" if cuda else "chunked"
+    if train.cuda_graphs and not train.thoughts:
+        raise ValueError("--cuda-graphs captures the thought sampler; --no-thoughts samples none: drop one")
     if train.cuda_graphs:
         from .graphs import GRAPH_ATTENTION
         if not cuda:
@@ -201,6 +203,16 @@ def init_distributed(device_name: str):
     return rank, world, device
 
 
+def log_line(rec: dict) -> str:
+    """The step's log line: the terms the run has (the no-thought control has loss and base NLL only)."""
+    parts = [f"step {rec['step']:5d}", f"loss {rec['loss']:.4f}", f"base {rec['nll_base']:.4f}"]
+    if "nll_talk" in rec:
+        parts += [f"talk {rec['nll_talk']:.4f}", f"policy {rec['policy']:+.3e}",
+                  f"w {rec['w_mean']:+.3f}±{rec['w_std']:.3f}", f"reward {rec['reward']:+.3f}"]
+    parts += [f"{rec['ms']:.0f} ms", f"{rec['tok_per_s']:.0f} tok/s"] + ([f"MFU {rec['mfu']:.1%}"] if "mfu" in rec else [])
+    return " | ".join(parts)
+
+
 def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, device=None) -> dict:
     """Run `cfg`; with world > 1 (a started process group) as data-parallel rank `rank` (DDP)."""
     tc = cfg.train
@@ -228,7 +240,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     fwd = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=not tc.thoughts)   # the control: no extras' grads
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1 + rank)
@@ -249,9 +262,10 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         metrics_path.unlink()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    tokens_per_micro = tc.batch_size * tc.seq_len * (1 + cfg.thought.P * cfg.thought.L)
     th = cfg.thought
-    flops_per_rank_step = step_flops(lm, tc.batch_size, tc.seq_len, th.M, th.P, th.L) * tc.grad_accum
+    tokens_per_micro = tc.batch_size * tc.seq_len * ((1 + th.P * th.L) if tc.thoughts else 1)
+    flops_per_rank_step = (step_flops(lm, tc.batch_size, tc.seq_len, th.M, th.P, th.L) if tc.thoughts
+                           else step_flops(lm, tc.batch_size, tc.seq_len, 0, 0, 0)) * tc.grad_accum
     peak = peak_bf16_flops(device)                 # None off CUDA or on an unknown GPU: no MFU
     bar = tqdm(range(start, tc.steps), desc="quietstar", disable=not progress or rank != 0, initial=start,
                total=tc.steps)
@@ -291,7 +305,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
             with autocast, (contextlib.nullcontext() if sync else fwd.no_sync()):
                 thoughts = sampler(ids) if sampler is not None else None      # else sampled inside
                 loss, m, _ = fwd(ids, vn, cfg.loss, tc.schedule, backends, generator, thoughts=thoughts,
-                                 denominators=den)
+                                 denominators=den, plain=not tc.thoughts)
                 (loss / tc.grad_accum).backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
@@ -317,11 +331,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if (step + 1) % tc.log_every == 0:
-                tqdm.write(f"step {step + 1:5d} | loss {rec['loss']:.4f} | base {rec['nll_base']:.4f} | "
-                           f"talk {rec['nll_talk']:.4f} | policy {rec['policy']:+.3e} | "
-                           f"w {rec['w_mean']:+.3f}±{rec['w_std']:.3f} | reward {rec['reward']:+.3f} | "
-                           f"{rec['ms']:.0f} ms | {rec['tok_per_s']:.0f} tok/s"
-                           + (f" | MFU {rec['mfu']:.1%}" if "mfu" in rec else ""))
+                tqdm.write(log_line(rec))
             if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
                 save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, generator, cfg)
     if eval_rows is not None:

@@ -99,3 +99,44 @@ def test_gpu_quietstar_train_cli(tmp_path):
     assert (tmp_path / "final.pt").exists()
     cfg = config_from_args(args + ["--device", "cuda"])
     assert (cfg.train.attention, cfg.train.lm_head) == ("triton", "triton")
+
+
+def test_no_thoughts_control_is_the_plain_lm_loss(tmp_path):
+    """--no-thoughts (the learning experiment's control arm): loss = the mean cross-entropy of x_{t+1}
+    over the scored targets, its decoder gradient is Quiet-STaR's with betas (1, 0, 0), the extras get
+    none, and the training loop runs it."""
+    import torch.nn.functional as F
+
+    from quietstar.config import LossConfig
+    from quietstar.thoughts import Backends, plain_lm_forward, quietstar_forward
+    cfg = config_from_args(TINY + ["--steps", "2", "--no-thoughts", "--out-dir", str(tmp_path)])
+    assert cfg.train.thoughts is False
+    from quietstar.model import QuietStarModel, build_decoder
+    torch.manual_seed(0)
+    model = QuietStarModel(build_decoder(cfg.model), cfg.thought, marker_init_id=5)
+    ids = torch.randint(3, 1000, (2, 16))
+    vn = torch.ones(2, 16, dtype=torch.bool)
+    vn[0, 10:] = False
+    vn[:, -1] = False
+    loss, m, _ = plain_lm_forward(model, ids, vn, Backends("reference", "chunked"))
+    logits = model.lm(input_ids=ids).logits.float()
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    want = (ce * vn[:, :-1].flatten()).sum() / vn.sum()
+    assert torch.allclose(loss, want, rtol=1e-5), (loss, want)
+    assert set(m) == {"loss", "nll_base"}
+    loss.backward()
+    g_plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert not any(n.startswith(("markers", "mixing_head")) for n in g_plain)
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(0)
+    qloss, _, _ = quietstar_forward(model, ids, vn, LossConfig(beta_base=1.0, beta_talk=0.0, beta_policy=0.0),
+                                    "sample-then-train", Backends("reference", "chunked"), gen)
+    qloss.backward()
+    for n, g in g_plain.items():
+        assert torch.allclose(g, model.get_parameter(n).grad, atol=1e-6, rtol=1e-4), n
+    out = train(cfg, progress=False)
+    rows = read_metrics(out["metrics"])
+    assert [r["step"] for r in rows] == [1, 2] and all("nll_talk" not in r for r in rows)
+    assert rows[0]["loss"] == rows[0]["nll_base"]
+    with pytest.raises(ValueError, match="--no-thoughts"):
+        config_from_args(["--no-thoughts", "--cuda-graphs"])

@@ -1,0 +1,436 @@
+"""Does it learn? Quiet-STaR against a no-thought control on the same tokens, before and after.
+
+Arms from the same starting model, the same seed, the same rows in the same order, the same number of
+optimizer steps and learning-rate schedule:
+  quietstar_b<beta>  the Quiet-STaR step (M, K, P as given; betas base/talk 0.5/0.5 as the reference)
+                     with policy weight beta, one arm per value of --policy-weights (default 1e6 and 1;
+                     why: the comment at DEFAULTS)
+  control            the same model trained as a plain language model on the same rows
+                     (`quietstar-train --no-thoughts`: loss = NLL of x_{t+1}; no thought, no mixing head)
+
+Measured before and after, on the built-in MATH text's held-out part (one row per document: the
+separator and the document's first T - 1 tokens): NLL per token over all targets and over the
+hardest 10% of targets by the STARTING model's NLL (one token set, saved, used for every arm and
+state); the Quiet-STaR arms with and without thoughts; GSM8K gold-solution NLL and CommonsenseQA
+zero-shot accuracy by answer likelihood. At step 0 the mixing head's last layer is zero, so w = 0
+and "with thoughts" equals "without" exactly: the before column serves both. Differences come with
+a 95% bootstrap interval over documents / problems / questions (paired: the same units resampled
+for both states).
+
+Phases, in this order, each saving results.json (atomically) and re-rendering table.md and
+curves.png, so a run that is cut short leaves everything it finished:
+  before -> (train, evaluate) each Quiet-STaR arm -> (train, evaluate) the control
+The training metrics stream into metrics_<arm>.jsonl step by step.
+
+    python benchmarks/learn_experiment.py --smoke --out runs/learn_smoke          # CPU rehearsal, ~1 min
+    python benchmarks/learn_experiment.py --measure --out runs/learn              # step times (random init)
+    python benchmarks/learn_experiment.py --out runs/learn --step-times runs/learn/step_times.json
+
+On a lent GPU: benchmarks/learn_experiment.sh (two back-to-back calls; see benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from quietstar import data as qdata  # noqa: E402
+from quietstar import evaluate as qeval  # noqa: E402
+from quietstar.config import Config, LossConfig, ModelConfig, ThoughtConfig, TrainConfig  # noqa: E402
+from quietstar.thoughts import Backends  # noqa: E402
+
+# The recipe, scaled to a 135M model and a lease of minutes (every arm gets the same lr and steps):
+# - lr 1e-5, 10x the reference's 1e-6. The reference ran Mistral-7B in pure bf16, where lr-1e-6 updates
+#   of the decoder's weights mostly round to zero while the zero-initialised last layer of the mixing
+#   head (tiny weights, tiny ulp) does move; with fp32 master weights an Adam step moves every weight by
+#   about lr, so at 1e-6 w could hardly leave 0 within a few hundred steps (a CPU run: w = 7e-4 after 80
+#   steps), and small models are conventionally fine-tuned at higher rates than 7B ones.
+# - two policy weights, as two Quiet-STaR arms: the reference's 1e6 (with Adam only the ratio of the
+#   terms matters; at w ~ 0 the advantage is proportional to w, and 1e6 makes the policy term count
+#   early), and 1, where the LM terms still steer the decoder: a CPU run at lr 1e-5 with 1e6 (B=1, T=64)
+#   lost 0.22 nats of held-out NLL in 30 steps, the policy gradient filling the clipped update. The
+#   control separates the effect of training on the MATH text itself from the thoughts'.
+DEFAULTS = {"lr": 1e-5, "warmup_steps": 20, "M": 9, "K": 4, "P": 2, "batch_size": 8, "seq_len": 256}
+SMOKE = {"model": "tiny", "steps": 3, "batch_size": 2, "seq_len": 32, "M": 2, "K": 2, "P": 2, "eval_docs": 6,
+         "bench_items": 4, "eval_batch": 4, "warmup_steps": 1, "lr": 1e-3, "policy_weights": "1"}
+
+
+def arms(args) -> list[tuple[str, float | None]]:
+    """(name, beta_policy) of every arm, Quiet-STaR ones first; the control's beta is None."""
+    betas = [float(b) for b in str(args.policy_weights).split(",") if b.strip()]
+    if not betas:
+        raise SystemExit("learn_experiment: --policy-weights needs at least one value")
+    name = lambda b: f"{b:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")  # noqa: E731  1e6
+    return [(f"quietstar_b{name(b)}", b) for b in betas] + [("control", None)]
+
+
+# ----------------------------------------------------------------------------------------------
+# results file: written after every phase, atomically
+# ----------------------------------------------------------------------------------------------
+def save_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def bootstrap_diff(num_a, den_a, num_b, den_b, reps: int = 2000, seed: int = 0) -> dict:
+    """b - a of the ratio estimates sum(num) / sum(den) over units resampled jointly (paired), with the
+    95% percentile interval. num/den: one value per unit (document, problem, question)."""
+    import numpy as np
+    a_n, a_d, b_n, b_d = (np.asarray(x, dtype=np.float64) for x in (num_a, den_a, num_b, den_b))
+    point = b_n.sum() / max(b_d.sum(), 1e-12) - a_n.sum() / max(a_d.sum(), 1e-12)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a_n), size=(reps, len(a_n)))
+    diffs = b_n[idx].sum(1) / np.maximum(b_d[idx].sum(1), 1e-12) - a_n[idx].sum(1) / np.maximum(a_d[idx].sum(1), 1e-12)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"diff": float(point), "lo": float(lo), "hi": float(hi), "units": int(len(a_n))}
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation of one model state: per-unit sums, so that differences get paired intervals
+# ----------------------------------------------------------------------------------------------
+class EvalSets:
+    """The held-out rows, the benchmark rows and the hard-token mask, built once."""
+
+    def __init__(self, tok, sep_id: int, T: int, docs: int, bench_items: int):
+        heldout = qdata.load_documents("default", split="heldout")[:docs]
+        self.rows, self.valid = qeval.document_rows(qdata.tokenize_documents(heldout, tok), T, sep_id)
+        from quietstar import assets
+        self.gsm = qeval.gsm8k_rows(assets.gsm8k_test()[:bench_items], tok, sep_id)[:2]
+        self.questions = assets.commonsense_qa_validation()[:bench_items]
+        self.csqa = qeval.commonsense_qa_rows(self.questions, tok, sep_id)[:2]
+        self.hard = None                     # chosen by the starting model's NLL in phase "before"
+
+    def sizes(self) -> dict:
+        return {"heldout_documents": self.rows.shape[0], "heldout_targets": int(self.valid.sum()),
+                "gsm8k_problems": self.gsm[0].shape[0], "csqa_questions": len(self.questions)}
+
+
+def _rows(nll: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Per-row sums and counts of `nll` over `mask` (lists, for results.json)."""
+    return {"sum": (nll.double() * mask).sum(1).tolist(), "n": mask.sum(1).tolist()}
+
+
+def evaluate_state(model, sets: EvalSets, thoughts: bool, backends, batch: int, seed: int, device, autocast) -> dict:
+    """Per-unit sums of one model state: held-out (all / hard targets), GSM8K NLL, CommonsenseQA correct;
+    for each of "base" (no thought) and, with `thoughts`, "thought" (the k = 1 mixed prediction)."""
+    out = {}
+    parts = {"heldout": (sets.rows, sets.valid), "gsm8k": sets.gsm, "csqa": sets.csqa}
+    for name, (ids, valid) in parts.items():
+        gen = torch.Generator(device=device).manual_seed(seed)         # the same thoughts' randomness each state
+        base, mixed = qeval.token_nll(model, ids, valid, backends, batch, thoughts, gen, device, autocast,
+                                      progress=True, desc=name)
+        for kind, nll in (("base", base), ("thought", mixed)):
+            if nll is None:
+                continue
+            if name == "heldout":
+                if sets.hard is None:
+                    sets.hard = qeval.hard_mask(base, valid)
+                out[f"heldout_all_{kind}"] = _rows(nll, valid)
+                out[f"heldout_hard_{kind}"] = _rows(nll, sets.hard)
+            elif name == "gsm8k":
+                out[f"gsm8k_{kind}"] = _rows(nll, valid)
+            else:
+                ok, ok_char = qeval.choice_correct(nll, sets.questions)
+                out[f"csqa_{kind}"] = {"sum": ok.double().tolist(), "n": [1.0] * len(ok)}
+                out[f"csqa_char_{kind}"] = {"sum": ok_char.double().tolist(), "n": [1.0] * len(ok)}
+    return out
+
+
+def mean_of(rec: dict) -> float:
+    return sum(rec["sum"]) / max(sum(rec["n"]), 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# the table and the curves
+# ----------------------------------------------------------------------------------------------
+METRICS = [("heldout_all", "held-out NLL, all targets (nats/token)", 4),
+           ("heldout_hard", "held-out NLL, hardest 10% (nats/token)", 4),
+           ("gsm8k", "GSM8K gold-solution NLL (nats/token)", 4),
+           ("csqa", "CommonsenseQA accuracy (sum log-lik)", 3),
+           ("csqa_char", "CommonsenseQA accuracy (per char)", 3)]
+# (row label, arm, kind of prediction after training)
+def table_rows(res: dict) -> list[tuple[str, str, str]]:
+    """(row label, arm, kind of prediction after training) for every arm of the run."""
+    rows = [("control", "control", "base")]
+    for arm in res["meta"]["arms"]:
+        if arm != "control":
+            b = res["meta"]["arms"][arm]
+            rows += [(f"Quiet-STaR (beta_policy {b:g}), without thoughts", arm, "base"),
+                     (f"Quiet-STaR (beta_policy {b:g}), with thoughts", arm, "thought")]
+    return rows
+
+
+def _fmt_ci(d: dict, nd: int) -> str:
+    return f"{d['diff']:+.{nd}f} [{d['lo']:+.{nd}f}, {d['hi']:+.{nd}f}]"
+
+
+def render_table(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"# Does it learn? Quiet-STaR vs a no-thought control ({m['model']})", "",
+             f"{m['date']}; {m['device']}; torch {m['torch']}, triton {m['triton']}; seed {m['seed']}", "",
+             f"Training: {m.get('steps', '?')} steps of B={m['batch_size']} rows x T={m['seq_len']} tokens per arm "
+             f"(the same rows in the same order), lr {m['lr']:g} (warm-up {m['warmup_steps']}), AdamW; Quiet-STaR "
+             f"M={m['M']} K={m['K']} P={m['P']}, betas base/talk {m['beta_base']:g}/{m['beta_talk']:g}, policy weight "
+             f"per arm below.", "",
+             f"Evaluation: {m['sizes']['heldout_documents']} held-out MATH documents ({m['sizes']['heldout_targets']} "
+             f"targets; hard = the 10% with the highest NLL under the starting model), "
+             f"{m['sizes']['gsm8k_problems']} GSM8K problems, {m['sizes']['csqa_questions']} CommonsenseQA questions. "
+             "Before = the starting model (w = 0, so with thoughts = without). Differences: after - before, "
+             "95% bootstrap interval over documents / problems / questions (2000 paired resamples).", ""]
+    before = res.get("before", {}).get("eval")
+    if before is None:
+        return "\n".join(lines + ["(no phase finished yet)", ""])
+    lines += ["| metric | arm | before | after | after - before [95% CI] |", "|---|---|---|---|---|"]
+    for key, label, nd in METRICS:
+        b = before[f"{key}_base"]
+        for row, arm, kind in table_rows(res):
+            after = res.get(arm, {}).get("eval", {}).get(f"{key}_{kind}")
+            cells = [label, row, f"{mean_of(b):.{nd}f}"]
+            if after is None:
+                cells += ["not run", "-"]
+            else:
+                d = bootstrap_diff(b["sum"], b["n"], after["sum"], after["n"])
+                cells += [f"{mean_of(after):.{nd}f}", _fmt_ci(d, nd)]
+            lines.append("| " + " | ".join(cells) + " |")
+    ctl = res.get("control", {}).get("eval")
+    done = [(row, arm, kind) for row, arm, kind in table_rows(res) if arm != "control" and res.get(arm, {}).get("eval")]
+    if ctl and done:
+        lines += ["", "Quiet-STaR after minus control after (paired over the same units; negative NLL / positive "
+                  "accuracy = Quiet-STaR better):", "", "| metric | Quiet-STaR arm and prediction | difference [95% CI] |",
+                  "|---|---|---|"]
+        for key, label, nd in METRICS:
+            for row, arm, kind in done:
+                c, q = ctl[f"{key}_base"], res[arm]["eval"][f"{key}_{kind}"]
+                d = bootstrap_diff(c["sum"], c["n"], q["sum"], q["n"])
+                lines.append(f"| {label} | {row[len('Quiet-STaR '):]} | {_fmt_ci(d, nd)} |")
+    lines += ["", "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in res.get("seconds", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The step records of a metrics.jsonl (a line cut by a kill is skipped)."""
+    recs = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "step" in r and "loss" in r:
+                recs.append(r)
+    return recs
+
+
+def render_curves(out: Path, title: str, arm_names) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    x = lambda rs: [r["step"] for r in rs]  # noqa: E731
+    for arm in arm_names:
+        rs = read_metrics(out / f"metrics_{arm}.jsonl")
+        ax[0, 0].plot(x(rs), [r["nll_base"] for r in rs], label=f"{arm}: NLL base")
+        if arm == "control" or not rs:
+            continue
+        ax[0, 0].plot(x(rs), [r["nll_talk"] for r in rs], "--", label=f"{arm}: NLL talk (mixed, K tokens)")
+        gain = [r for r in rs if "thought_gain" in r]
+        if gain:
+            ax[0, 1].plot(x(gain), [r["thought_gain"] for r in gain], label=arm)
+            ax[0, 1].set_title("thought gain: log p_mix - log p_base, true next tokens")
+        else:
+            ax[0, 1].plot(x(rs), [r["reward"] for r in rs], label=arm)
+            ax[0, 1].set_title("mean reward: sum_k log p_mix")
+        ax[1, 0].plot(x(rs), [r["w_mean"] for r in rs], label=f"{arm}: mean w")
+        ax[1, 0].fill_between(x(rs), [r["w_mean"] - r["w_std"] for r in rs],
+                              [r["w_mean"] + r["w_std"] for r in rs], alpha=0.3)
+        ax[1, 1].plot(x(rs), [r["policy"] for r in rs], label=arm)
+    ax[0, 0].set_title("training losses (nats/token)")
+    ax[1, 0].set_title("mixing weight w (mean ± std)")
+    ax[1, 1].set_title("REINFORCE term L_policy (unweighted)")
+    for a in ax.flat:
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    for a in ax.flat:
+        a.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=80)
+    plt.close(fig)
+
+
+def render(out: Path, res: dict) -> None:
+    save_json(out / "results.json", res)
+    (out / "table.md").write_text(render_table(res))
+    render_curves(out, f"Quiet-STaR vs control, {res['meta']['model']}, {res['meta']['device']}", res["meta"]["arms"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+def arm_config(args, beta: float | None, steps: int, out_dir: Path, model: str) -> Config:
+    thoughts = beta is not None
+    cuda = args.device == "cuda"
+    return Config(
+        model=ModelConfig(name=model),
+        thought=ThoughtConfig(M=args.M, K=args.K, P=args.P),
+        loss=LossConfig(beta_policy=beta if thoughts else 0.0),
+        train=TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                          warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
+                          attention="triton" if cuda else "split", lm_head="triton" if cuda else "chunked",
+                          out_dir=str(out_dir), thoughts=thoughts, cuda_graphs=cuda and thoughts and args.cuda_graphs))
+
+
+def train_arm(args, arm: str, beta, steps: int, out: Path, model: str):
+    """Train one arm; its metrics stream into out/metrics_<arm>.jsonl. Returns the trained model."""
+    from quietstar.train import train
+    work = out / f"train_{arm}"
+    if work.exists():
+        shutil.rmtree(work)
+    (out / f"metrics_{arm}.jsonl").unlink(missing_ok=True)
+    work.mkdir(parents=True)
+    os.symlink(Path("..") / f"metrics_{arm}.jsonl", work / "metrics.jsonl")      # written step by step
+    r = train(arm_config(args, beta, steps, work, model), progress=True)
+    return r["model"]
+
+
+def measure(args, out: Path) -> dict:
+    """Median step time of each arm on a random-init model of the same shape (the same work)."""
+    model = {"smollm2-135m": "smollm2-135m-random"}.get(args.model, args.model)
+    res = {"model": model, "device": args.device}
+    for arm, beta in (("quietstar", 1.0), ("control", None)):        # beta_policy does not change the work
+        train_arm(args, arm, beta, args.measure_steps, out / "measure", model)
+        ms = [r["ms"] for r in read_metrics(out / "measure" / f"metrics_{arm}.jsonl")][1:]    # the first compiles
+        res[f"{arm}_ms"] = sorted(ms)[len(ms) // 2]
+    save_json(out / "step_times.json", res)
+    shutil.rmtree(out / "measure", ignore_errors=True)
+    print(json.dumps(res))
+    return res
+
+
+def plan_steps(args) -> int:
+    if args.steps:
+        return args.steps
+    if not args.step_times:
+        raise SystemExit("learn_experiment: give --steps N, or --step-times FILE (from --measure) and --train-budget-s")
+    st = json.loads(Path(args.step_times).read_text())
+    n_qs = len(arms(args)) - 1
+    per_step_s = (n_qs * st["quietstar_ms"] + st["control_ms"]) / 1000
+    steps = int(args.train_budget_s / per_step_s)
+    print(f"sizing: {n_qs} x {st['quietstar_ms']:.0f} + {st['control_ms']:.0f} ms per step of all arms, "
+          f"{args.train_budget_s:.0f} s -> {steps} steps (cap {args.max_steps})", flush=True)
+    return max(1, min(steps, args.max_steps))
+
+
+def run(args, out: Path) -> dict:
+    from quietstar.train import document_separator, load_tokenizer
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    backends = Backends("triton", "triton") if cuda else Backends("split", "chunked")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
+    steps = plan_steps(args)
+    tok = load_tokenizer(ModelConfig(name=args.model))
+    sets = EvalSets(tok, document_separator(tok), args.seq_len, args.eval_docs, args.bench_items)
+    import triton
+    res = {"meta": {"model": args.model, "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "torch": torch.__version__, "triton": triton.__version__, "seed": args.seed, "steps": steps,
+                    "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+                    "warmup_steps": args.warmup_steps, "M": args.M, "K": args.K, "P": args.P,
+                    "beta_base": LossConfig().beta_base, "beta_talk": LossConfig().beta_talk,
+                    "arms": dict(arms(args)), "sizes": sets.sizes(), "argv": sys.argv[1:]},
+           "seconds": {}}
+    render(out, res)
+
+    def phase(name, fn):
+        t0 = time.time()
+        r = fn()
+        res["seconds"][name] = time.time() - t0
+        return r
+
+    def ev(model, thoughts):
+        return evaluate_state(model, sets, thoughts, backends, args.eval_batch, args.seed + 7, device, autocast)
+
+    from quietstar.model import QuietStarModel, build_decoder
+    from quietstar.train import marker_init_id
+    torch.manual_seed(args.seed)          # as train() does: a random-init model starts where both arms start
+    start = phase("load", lambda: QuietStarModel(build_decoder(ModelConfig(name=args.model)), ThoughtConfig(),
+                                                 marker_init_id(tok, ThoughtConfig().marker_init_text)).to(device))
+    res["before"] = {"eval": phase("eval_before", lambda: ev(start, False))}
+    res["hard_targets"] = int(sets.hard.sum())
+    torch.save({"mask": sets.hard, "seq_len": args.seq_len}, out / "hard_mask.pt")
+    del start
+    render(out, res)
+    for arm, beta in arms(args):
+        model = phase(f"train_{arm}", lambda: train_arm(args, arm, beta, steps, out, args.model))
+        res[arm] = {"eval": phase(f"eval_{arm}", lambda: ev(model, beta is not None))}
+        last = read_metrics(out / f"metrics_{arm}.jsonl")
+        res[arm]["last_step"] = last[-1] if last else None
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+        render(out, res)
+    print((out / "table.md").read_text())
+    return res
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/learn", help="folder for results.json, table.md, curves.png, metrics")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (the real one), tiny, or a folder")
+    p.add_argument("--smoke", action="store_true", help="CPU rehearsal: tiny model, a few steps, a few documents")
+    p.add_argument("--measure", action="store_true", help="only measure both arms' step times (random init of the "
+                   "same shape) into OUT/step_times.json")
+    p.add_argument("--measure-steps", type=int, default=4, help="--measure: steps per arm (the first is dropped)")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per arm (0: sized from --step-times)")
+    p.add_argument("--step-times", default="", help="step_times.json from --measure")
+    p.add_argument("--train-budget-s", type=float, default=300.0, help="training time of both arms together")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--eval-docs", type=int, default=1000, help="held-out documents (the built-in split has 503)")
+    p.add_argument("--bench-items", type=int, default=300, help="GSM8K problems and CommonsenseQA questions")
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--policy-weights", default="1e6,1", help="beta_policy of each Quiet-STaR arm (comma-separated)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="CUDA: do not replay the thought sampler from a CUDA graph")
+    for k, v in DEFAULTS.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.smoke:
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+        for k, v in SMOKE.items():
+            if k not in given and not (k == "steps" and args.step_times):
+                setattr(args, k, v)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    if args.measure:
+        measure(args, out)
+    else:
+        run(args, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

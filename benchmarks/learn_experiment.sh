@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The learning experiment (benchmarks/learn_experiment.py) on a lent GPU, in two back-to-back device
+# calls: the real SmolLM2-135M file (98 MB) is over what one call carries, so it travels in two parts
+# (`bash scripts/gpu_carry.sh --model` splits it here). State that the second call needs stays on the
+# warm machine under runs/learn/ (git-ignored, kept between calls).
+#
+#   call 1: bash benchmarks/learn_experiment.sh "$OUT" measure   carry [".whl", "quietstar/data", ".smollm2/part1"]
+#           the GPU suite's tests + train step (budget --suite-budget-s, default 170 s; "--suite-budget-s 0"
+#           skips it), then both arms' step times on a random-init model of the same shape
+#   call 2: bash benchmarks/learn_experiment.sh "$OUT" run       carry [".smollm2/part2"]
+#           joins the parts (sha256-checked by quietstar.assets), sizes the run from call 1's step times
+#           and runs the experiment; extra arguments go to learn_experiment.py (e.g. --train-budget-s 240)
+#   rehearsal: bash benchmarks/learn_experiment.sh DIR smoke     (CPU, the tiny model, ~1-2 min)
+set -u
+OUT="${1:?usage: benchmarks/learn_experiment.sh OUTDIR measure|run|smoke [options]}"
+MODE="${2:?usage: benchmarks/learn_experiment.sh OUTDIR measure|run|smoke [options]}"
+shift 2
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+STATE=runs/learn
+case "$MODE" in measure|run|smoke) ;; *) echo "learn_experiment.sh: MODE must be measure, run or smoke, got '$MODE'"; exit 2 ;; esac
+mkdir -p "$OUT" "$STATE"
+
+if [ "$MODE" != smoke ]; then
+  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
+    || { echo "learn_experiment.sh $MODE: no CUDA GPU here (use 'smoke' on a CPU)"; exit 2; }
+  if compgen -G ".whl/*.whl" > /dev/null; then      # gguf (reads the model file), the suite's peers
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/qs_site .whl/*.whl > /dev/null 2>&1 \
+      && export PYTHONPATH="/tmp/qs_site:$PYTHONPATH"
+  fi
+fi
+
+case "$MODE" in
+  measure)
+    budget=170
+    if [ "${1:-}" = "--suite-budget-s" ]; then budget="$2"; shift 2; fi
+    if [ "$budget" -gt 0 ]; then
+      bash benchmarks/gpu_suite.sh "$OUT/suite" --stages gpu_tests,train_step --train-paths floor,fast-gpu,fast-gpu-graphs \
+        --caps gpu_tests=80,train_step=90 --budget-s "$budget" > "$OUT/suite.log" 2>&1
+      echo "GPU suite (tests + train step): exit $? (digest: $OUT/suite/digest.md)"
+      tail -c 3000 "$OUT/suite/digest.md" 2>/dev/null
+      for f in "$OUT"/suite/*; do mv "$f" "$OUT/suite_$(basename "$f")"; done; rmdir "$OUT/suite" 2>/dev/null
+    fi
+    set -o pipefail
+    "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "$@" 2>&1 | tee "$OUT/measure.log" | grep -v "it/s\]$"
+    rc=$?
+    cp "$STATE/step_times.json" "$OUT/" 2>/dev/null
+    exit $rc ;;
+  run)
+    if [ ! -f "$STATE/smollm2.gguf" ]; then
+      [ -f .smollm2/part1 ] && [ -f .smollm2/part2 ] \
+        || { echo "run: .smollm2/part1 (call 1) and .smollm2/part2 (this call) must both be here"; exit 2; }
+      cat .smollm2/part1 .smollm2/part2 > "$STATE/smollm2.gguf"
+    fi
+    export QUIETSTAR_SMOLLM2_GGUF="$PWD/$STATE/smollm2.gguf"
+    times=()
+    [ -f "$STATE/step_times.json" ] && times=(--step-times "$STATE/step_times.json")
+    set -o pipefail
+    "$PY" benchmarks/learn_experiment.py --out "$STATE/exp" "${times[@]}" "$@" 2>&1 | tee "$OUT/run.log" \
+      | grep -v "it/s\]$\|s/it\]$"
+    rc=$?
+    cp "$STATE"/exp/{results.json,table.md,curves.png,hard_mask.pt} "$STATE"/exp/metrics_*.jsonl "$OUT/" 2>/dev/null
+    exit $rc ;;
+  smoke)
+    "$PY" benchmarks/learn_experiment.py --smoke --out "$OUT" "$@" ;;
+esac

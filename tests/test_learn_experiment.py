@@ -1,0 +1,103 @@
+"""The learning experiment's CPU rehearsal (benchmarks/learn_experiment.py --smoke): both arms run on the
+same rows, the table and the PNG are written, a killed run still leaves its metrics, the run is sized
+from measured step times, and the intervals are right."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("learn_experiment", ROOT / "benchmarks" / "learn_experiment.py")
+lx = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lx)
+
+SMALL = ["--smoke", "--eval-docs", "2", "--bench-items", "1", "--eval-batch", "8"]
+
+
+def test_bootstrap_diff_is_paired_and_exact_for_a_constant_shift():
+    n = [3.0, 5.0, 2.0, 7.0]
+    a = [6.0, 4.0, 1.0, 9.0]
+    same = lx.bootstrap_diff(a, n, a, n)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "units": 4}
+    b = [x + 0.25 * k for x, k in zip(a, n)]              # every token 0.25 nats worse
+    d = lx.bootstrap_diff(a, n, b, n)
+    assert d["diff"] == pytest.approx(0.25) and d["lo"] == pytest.approx(0.25) and d["hi"] == pytest.approx(0.25)
+    noisy = lx.bootstrap_diff(a, n, [x + (k if i % 2 else -k) * 0.5 for i, (x, k) in enumerate(zip(a, n))], n)
+    assert noisy["lo"] < noisy["diff"] < noisy["hi"]
+
+
+def test_steps_sized_from_measured_step_times(tmp_path):
+    st = tmp_path / "step_times.json"
+    st.write_text(json.dumps({"quietstar_ms": 400.0, "control_ms": 100.0}))
+    args = lx.build_parser().parse_args(["--step-times", str(st), "--train-budget-s", "60", "--policy-weights", "1"])
+    assert lx.plan_steps(args) == 120
+    args = lx.build_parser().parse_args(["--step-times", str(st), "--train-budget-s", "90"])   # two Quiet-STaR arms
+    assert lx.plan_steps(args) == 100
+    args = lx.build_parser().parse_args(["--step-times", str(st), "--train-budget-s", "60", "--max-steps", "50"])
+    assert lx.plan_steps(args) == 50
+    with pytest.raises(SystemExit, match="--step-times"):
+        lx.plan_steps(lx.build_parser().parse_args([]))
+
+
+def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
+    out = tmp_path / "exp"
+    lx.main(SMALL + ["--steps", "2", "--policy-weights", "1,1e6", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["arms"] == {"quietstar_b1": 1.0, "quietstar_b1e6": 1e6, "control": None}
+    for arm in res["meta"]["arms"]:
+        steps = lx.read_metrics(out / f"metrics_{arm}.jsonl")
+        assert [r["step"] for r in steps] == [1, 2], arm
+    # the same rows in the same order: step 1 of both arms starts from the same model on the same batch
+    q1, q2, c1 = (lx.read_metrics(out / f"metrics_{a}.jsonl")[0] for a in res["meta"]["arms"])
+    assert q1["nll_base"] == pytest.approx(c1["nll_base"], rel=1e-5)
+    # the arms differ only in the policy weight: at step 1 w = 0, so every advantage and the policy term are 0
+    # and both arms take the same update; at step 2 the same policy term, weighted differently
+    assert q1["policy"] == q2["policy"] == 0 and q1["loss"] == q2["loss"]
+    s1, s2 = (lx.read_metrics(out / f"metrics_{a}.jsonl")[1] for a in ("quietstar_b1", "quietstar_b1e6"))
+    assert s1["policy"] == s2["policy"] != 0 and s1["loss"] != s2["loss"]
+    before, qs, ctl = res["before"]["eval"], res["quietstar_b1"]["eval"], res["control"]["eval"]
+    assert {"heldout_all_thought", "heldout_hard_thought", "gsm8k_thought", "csqa_thought"} <= set(qs)
+    assert not any(k.endswith("_thought") for k in list(before) + list(ctl))
+    assert sum(before["heldout_hard_base"]["n"]) == res["hard_targets"] > 0
+    assert sum(before["heldout_all_base"]["n"]) == res["meta"]["sizes"]["heldout_targets"]
+    # training moved the model (lr 1e-3 on a random init)
+    assert lx.mean_of(ctl["heldout_all_base"]) != lx.mean_of(before["heldout_all_base"])
+    table = (out / "table.md").read_text()
+    assert "not run" not in table and "Quiet-STaR after minus control after" in table
+    assert table.count("| held-out NLL, hardest 10% (nats/token) |") == 5 + 4     # rows per arm; QS - control
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_killed_run_leaves_its_metrics(tmp_path):
+    out = tmp_path / "exp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "learn_experiment.py"), *SMALL, "--steps", "50",
+                          "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics_quietstar_b1.jsonl"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and len(lx.read_metrics(metrics)) < 2:
+            assert p.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.5)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert len(lx.read_metrics(metrics)) >= 2
+    res = json.loads((out / "results.json").read_text())          # written atomically: never half a file
+    assert "before" in res and "quietstar_b1" not in res
+    table = (out / "table.md").read_text()
+    assert "not run" in table and (out / "curves.png").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_wrapper_refuses_without_cuda_and_bad_modes(tmp_path):
+    sh = str(ROOT / "benchmarks" / "learn_experiment.sh")
+    for mode, msg in (("measure", "no CUDA GPU"), ("run", "no CUDA GPU"), ("train", "MODE must be")):
+        r = subprocess.run(["bash", sh, str(tmp_path), mode], capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stdout, (mode, r.stdout, r.stderr)
