@@ -1,8 +1,10 @@
 """Configuration dataclasses: the model, the thoughts, the loss and the training run.
 
-Defaults follow the reference code (ezelikman/quiet-star, SPEC sections 3-5) where it has one:
-M=9 sampled thought tokens, K=4 talk tokens, P=2 passes, tau_sample=1, tau_reinforce=3,
-betas 0.5/0.5/1e6, marker scale 100, marker init text "---", unbounded mixing weight.
+Defaults follow the reference code and run (ezelikman/quiet-star; DESIGN.md sections 2-4) where it
+has one: M=9 sampled thought tokens, K=4 talk tokens, P=2 passes, tau_sample=1, tau_reinforce=3,
+betas 0.5/0.5/1e6, marker scale 100, marker init text "---", unbounded mixing weight, AdamW with lr
+1e-6, betas (0.9, 0.999), weight decay 0.001, 20 warm-up steps, gradient clipping at 1. Where a
+default differs on purpose its docstring says why (the `--model tiny` preset, TINY_PRESET below).
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ class ThoughtConfig:
     K: int = 4
     """Talk tokens: after the thought, the next K true tokens are scored (extended teacher forcing)."""
     P: int = 2
-    """Thoughts sampled per position ("passes"); the REINFORCE baseline is the mean over passes."""
+    """Thoughts sampled per position ("passes"); the REINFORCE baseline is the mean over passes, so
+    training needs P >= 2 (with P = 1 every advantage is 0: refused unless beta_policy = 0)."""
     tau_sample: float = 1.0
     """Temperature at which thought tokens are sampled."""
     tau_reinforce: float = 3.0
@@ -66,8 +69,6 @@ class ThoughtConfig:
     """<sot>/<eot> embeddings are stored divided by this and multiplied back on use (100x learning rate)."""
     marker_init_text: str = "---"
     """Both markers start as the input embedding of this text's first token."""
-    mixing: str = "unbounded"
-    """Mixing weight w: "unbounded" (the reference code's raw MLP output) or "sigmoid"."""
     banned_ids: tuple[int, ...] = ()
     """Extra token ids never sampled as thoughts (the tokenizer's padding id is always banned when it has one)."""
 
@@ -86,8 +87,6 @@ class ThoughtConfig:
         for f in ("tau_sample", "tau_reinforce", "marker_scale"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"ThoughtConfig.{f} must be positive, got {getattr(self, f)}")
-        if self.mixing not in ("unbounded", "sigmoid"):
-            raise ValueError(f"ThoughtConfig.mixing must be 'unbounded' or 'sigmoid', got {self.mixing!r}")
         self.banned_ids = tuple(int(i) for i in self.banned_ids)
 
 
@@ -115,12 +114,13 @@ class TrainConfig:
     """Base length T of a row (the reference run: 256)."""
     lr: float = 1e-6
     """Peak AdamW learning rate (the reference run's 1e-6, here on fp32 master weights)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    warmup_steps: int = 10
-    """Linear warmup steps, then constant."""
+    weight_decay: float = 0.001
+    """AdamW (decoupled) weight decay, the reference run's 0.001; applied to matrices and embeddings
+    (including the markers), not to biases and norm weights, as the Hugging Face Trainer does."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (the reference run used the Hugging Face Trainer's defaults, 0.9 and 0.999)."""
+    warmup_steps: int = 20
+    """Linear warmup steps, then constant (the reference run: 20)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm at this value (0 disables)."""
     seed: int = 0
@@ -182,3 +182,9 @@ class Config:
     thought: ThoughtConfig = field(default_factory=ThoughtConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.thought.P < 2 and self.loss.beta_policy != 0:
+            raise ValueError(f"--P {self.thought.P}: the REINFORCE baseline is the mean reward over the P passes, so "
+                             "with one pass every advantage is 0 and the policy term would silently vanish; "
+                             "use --P 2 or more (or --beta-policy 0 to train without the policy term)")

@@ -213,6 +213,11 @@ def target_counts(valid_next: torch.Tensor, K: int, P: int) -> dict:
     return {"n_base": n.float(), "n_talk": valid_tk.sum().float() * P, "n_pol": n.float() * P}
 
 
+# Metrics that are sums divided by the step's counts (`denominators`): they add up over micro-batches.
+# The others (the spread of w) are averaged over micro-batches.
+ADDITIVE_METRICS = ("loss", "nll_base", "nll_talk", "policy", "w_mean", "reward", "thought_gain")
+
+
 def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_base, h_chain,
                    loss_cfg: LossConfig, backends: Backends, denominators: dict | None = None):
     """L = beta_base NLL_base + beta_talk NLL_talk + beta_policy L_policy, and the metrics.
@@ -258,18 +263,25 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     policy = -(adv * lp_s.mean(-1) * pos_valid).sum() / n_pol
 
     loss = loss_cfg.beta_base * nll_base + loss_cfg.beta_talk * nll_talk + loss_cfg.beta_policy * policy
-    # w statistics over the scored talk targets by masked sums (boolean indexing would sync with the host)
+    # w statistics over the scored talk targets by masked sums (boolean indexing would sync with the host);
+    # the mean divides by n_talk (this batch's count, or the step's) so that it adds up over micro-batches
     vf = valid_p.float()
-    n_w = vf.sum().clamp_min(1)
     wd = w.detach().float()
-    w_mean = (wd * vf).sum() / n_w
+    w_mean = (wd * vf).sum() / n_talk
+    w_here = (wd * vf).sum() / vf.sum().clamp_min(1)
+    # thought gain: log p_mix - log p_base of the true future token x_{t+k} (the base prediction of the same
+    # token is the one at t + k - 1), per scored talk target: > 0 where the thoughts help
+    lp_base_tk = lp_base.detach().view(B, T)[:, src_c][:, None]                              # (B, 1, T, K)
+    gain = (lp_mix.detach() - lp_base_tk) * vf                                               # (B, P, T, K)
     metrics = {
         "loss": loss.detach(), "nll_base": nll_base.detach(), "nll_talk": nll_talk.detach(),
         "policy": policy.detach(), "w_mean": w_mean,
-        "w_std": (((wd - w_mean) ** 2 * vf).sum() / n_w).sqrt(),
+        "w_std": (((wd - w_here) ** 2 * vf).sum() / vf.sum().clamp_min(1)).sqrt(),
         "reward": (reward * pos_valid).sum() / n_pol,
+        "thought_gain": gain.sum() / n_talk,
     }
-    return loss, metrics, SimpleNamespace(lp_base=lp_base.view(B, T), lp_mix=lp_mix, w=w)
+    return loss, metrics, SimpleNamespace(lp_base=lp_base.view(B, T), lp_mix=lp_mix, w=w, gain=gain, advantage=adv,
+                                          logp_thought=lp_s)
 
 
 def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,

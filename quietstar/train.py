@@ -27,7 +27,7 @@ from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESE
                      ModelConfig, ThoughtConfig, TrainConfig)
 from .flops import peak_bf16_flops, step_flops
 from .model import QuietStarModel, build_decoder
-from .thoughts import Backends, check_batch, target_counts
+from .thoughts import ADDITIVE_METRICS, Backends, check_batch, target_counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +184,14 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, generator, cfg: Co
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as the Hugging Face Trainer of the reference run makes them: weight decay on
+    matrices and embeddings (markers included), none on biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def init_distributed(device_name: str):
     """Under `torchrun` (WORLD_SIZE > 1): start the process group (NCCL on CUDA, gloo on CPU) and
     return (rank, world, device); else (0, 1, the resolved device)."""
@@ -199,6 +207,43 @@ def init_distributed(device_name: str):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def step_denominators(micros, K: int, P: int, world: int = 1) -> dict:
+    """The counts of the whole optimizer step (every micro-batch of every rank) divided by `world`.
+    Each micro-batch's loss divides its sums by these, so the micro-batch losses add up (and DDP's mean
+    over ranks averages them) to the means over the step's whole batch."""
+    total = 0
+    for ids, vn in micros:
+        c = target_counts(check_batch(ids, vn), K, P)
+        total = total + torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(total)
+    return dict(zip(("n_base", "n_talk", "n_pol"), total / world))
+
+
+def accumulate_gradients(fwd, micros, cfg: Config, backends: Backends, generator, sampler=None, world: int = 1,
+                         autocast=None):
+    """Forward and backward over the micro-batches `micros` [(input_ids, valid_next), ...] of one optimizer
+    step; returns (metrics of the step, the last micro-batch's extras). Every mean divides by the counts
+    of the whole step (`step_denominators`), so A micro-batches of B rows give the loss and gradients of
+    one batch of A*B rows however unequal their scored-target counts (tested). `sampler(ids)` gives the
+    thoughts (a CUDA-graphed sampler); None samples them inside the forward."""
+    den = step_denominators(micros, cfg.thought.K, cfg.thought.P, world)
+    sums: dict[str, torch.Tensor] = {}
+    extras = None
+    for i, (ids, vn) in enumerate(micros):
+        sync = world == 1 or i == len(micros) - 1
+        with autocast or contextlib.nullcontext(), (contextlib.nullcontext() if sync else fwd.no_sync()):
+            thoughts = sampler(ids) if sampler is not None else None
+            loss, m, extras = fwd(ids, vn, cfg.loss, cfg.train.schedule, backends, generator, thoughts=thoughts,
+                                  denominators=den)
+            loss.backward()
+        for k, v in m.items():     # partial sums over the step's counts add up; the rest are averaged
+            v = v.float() if k in ADDITIVE_METRICS else v.float() / len(micros)
+            sums[k] = sums[k] + v if k in sums else v
+    return sums, extras
 
 
 def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, device=None) -> dict:
@@ -229,7 +274,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1 + rank)
     sampler = None
@@ -277,24 +322,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     stream = data.batches((rows, valid), tc.batch_size, tc.seed, rank, world, start_step=start * tc.grad_accum)
     for step in bar:
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        for micro in range(tc.grad_accum):
-            ids, vn = (x.to(device) for x in next(stream))
-            den = None
-            if world > 1:   # divide by global counts / world: the averaged gradient is the big batch's
-                import torch.distributed as dist
-                c = target_counts(check_batch(ids, vn), cfg.thought.K, cfg.thought.P)
-                flat = torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
-                dist.all_reduce(flat)
-                den = dict(zip(("n_base", "n_talk", "n_pol"), flat / world))
-            sync = world == 1 or micro == tc.grad_accum - 1
-            with autocast, (contextlib.nullcontext() if sync else fwd.no_sync()):
-                thoughts = sampler(ids) if sampler is not None else None      # else sampled inside
-                loss, m, _ = fwd(ids, vn, cfg.loss, tc.schedule, backends, generator, thoughts=thoughts,
-                                 denominators=den)
-                (loss / tc.grad_accum).backward()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
+        micros = [tuple(x.to(device) for x in next(stream)) for _ in range(tc.grad_accum)]
+        sums, extras = accumulate_gradients(fwd, micros, cfg, backends, generator, sampler, world, autocast)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         opt.step()
         sched.step()
