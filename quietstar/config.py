@@ -9,10 +9,26 @@ default differs on purpose its docstring says why (the `--model tiny` preset, TI
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ATTENTION_BACKENDS = ("reference", "flex", "triton", "split")
 LM_HEAD_BACKENDS = ("reference", "chunked", "triton")
 SCHEDULES = ("sequential", "sample-then-train")
+
+
+MODEL_PRESETS = ("tiny", "smollm2-135m", "smollm2-135m-random")
+
+
+def check_model_name(name: str) -> None:
+    """A preset, or a local folder holding a Hugging Face config.json: never a Hub id (nothing is downloaded)."""
+    if name in MODEL_PRESETS:
+        return
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(f"--model {name}: folder not found (give {', '.join(MODEL_PRESETS)} or a local Hugging Face "
+                         "model folder; nothing is downloaded)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {name}: the folder has no config.json (expected a Hugging Face model folder)")
 
 
 @dataclass
@@ -43,6 +59,7 @@ class ModelConfig:
     """Share the LM-head weight with the input embedding (random-init model)."""
 
     def __post_init__(self):
+        check_model_name(self.name)
         for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                   "vocab_size", "max_position_embeddings"):
             if getattr(self, f) <= 0:
@@ -137,15 +154,29 @@ class TrainConfig:
     device: str = "auto"
     """"auto" (CUDA when there is one), "cpu" or "cuda"."""
     out_dir: str = "runs/default"
-    """Where checkpoints and the metrics file go."""
+    """Where checkpoints and the metrics file go. A folder that already holds a run is refused unless
+    --overwrite (or --resume continues the run in it)."""
+    overwrite: bool = False
+    """Replace the run already in --out-dir (its checkpoints, metrics.jsonl and export/)."""
     log_every: int = 1
     """Print a log line every this many steps."""
     ckpt_every: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 0
+    """Keep only the newest N step checkpoints (0: keep all); final.pt is always written."""
     resume: str = ""
-    """Path of a checkpoint to continue from exactly."""
+    """Path of a checkpoint to continue from exactly, with the configuration stored in it (flags that would
+    change the run are refused; --steps, --out-dir, logging, evaluation, checkpointing and backends may change)."""
     eval_rows: int = 0
     """Held-out rows scored (with and without thoughts) at the start and end (0: none)."""
+    eval_data: tuple[str, ...] = ()
+    """Held-out text files for --eval-rows (needed with file --data, which has no held-out split); empty: the
+    built-in corpus's held-out part."""
+    eval_every: int = 0
+    """Also evaluate the held-out rows every this many steps (0: only at the start and end; needs --eval-rows)."""
+    thoughts_every: int = 0
+    """Every this many steps write a few decoded thoughts (context, thought, next tokens, gain) to metrics.jsonl
+    (0: never)."""
     cuda_graphs: bool = False
     """Capture the thought-sampling loop in a CUDA graph and replay it each step (CUDA, --lm-head
     triton; quietstar/graphs.py): removes the kernel-launch overhead that dominates sampling at
@@ -166,6 +197,17 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         self.data = tuple(self.data) if not isinstance(self.data, str) else (self.data,)
+        self.eval_data = tuple(self.eval_data) if not isinstance(self.eval_data, str) else (self.eval_data,)
+        for f in ("keep_last", "eval_rows", "eval_every", "thoughts_every", "ckpt_every"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"--{f.replace('_', '-')} must be >= 0, got {getattr(self, f)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"--betas must be two numbers in [0, 1), got {self.betas}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.log_every < 1:
+            raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
+        if (self.eval_every or self.eval_data) and self.eval_rows == 0:
+            raise ValueError("--eval-every / --eval-data need --eval-rows R (the number of held-out rows to score)")
 
 
 # `--model tiny` (the default) trains a random-init model from scratch on a CPU in a few minutes:

@@ -71,11 +71,11 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32):
         from .assets import load_smollm2
         lm = load_smollm2(dtype=dtype)
     else:
-        hf_cfg = AutoConfig.from_pretrained(cfg.name)
+        hf_cfg = AutoConfig.from_pretrained(cfg.name, local_files_only=True)   # a local folder only
         if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"--model {cfg.name}: expected a Mistral- or Llama-architecture folder, "
                              f"got model_type={hf_cfg.model_type!r}")
-        lm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype, local_files_only=True)
     check_decoder(lm)
     lm.config._attn_implementation = attention.register()
     return lm
@@ -217,7 +217,7 @@ class QuietStarModel(nn.Module):
         meta = json.loads((d / EXTRAS_CONFIG).read_text())
         if meta.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{d / EXTRAS_CONFIG}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-        lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True)
         check_decoder(lm)
         lm.config._attn_implementation = attention.register()
         V, hidden = int(lm.lm_head.weight.shape[0]), int(lm.config.hidden_size)
