@@ -166,7 +166,8 @@ class TrainConfig:
     """Keep only the newest N step checkpoints (0: keep all); final.pt is always written."""
     resume: str = ""
     """Path of a checkpoint to continue from exactly, with the configuration stored in it (flags that would
-    change the run are refused; --steps, --out-dir, logging, evaluation, checkpointing and backends may change)."""
+    change the run are refused; --steps, --out-dir, logging, evaluation, checkpointing and backends may change),
+    in the checkpoint's folder unless --out-dir says otherwise."""
     eval_rows: int = 0
     """Held-out rows scored (with and without thoughts) at the start and end (0: none)."""
     eval_data: tuple[str, ...] = ()

@@ -96,10 +96,16 @@ def load_documents(spec: DocSpec, split: str = "train") -> list[str]:
             if not p.is_file():
                 raise FileNotFoundError(f"document file {p} does not exist (spec: 'default', "
                                         "'math', or paths to .txt / .jsonl files)")
-            if p.suffix in (".jsonl", ".json"):
-                docs += _read_jsonl(p)
-            else:
-                docs.append(p.read_text(encoding="utf-8"))
+            try:
+                if p.suffix in (".jsonl", ".json"):
+                    docs += _read_jsonl(p)
+                else:
+                    docs.append(p.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"document file {p} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                                 "give text or JSON-lines files") from e
+            except json.JSONDecodeError as e:
+                raise ValueError(f"document file {p}: line {e.lineno} is not JSON ({e.msg})") from e
     return [d for d in docs if d.strip()]
 
 

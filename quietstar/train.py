@@ -154,9 +154,8 @@ def _resumed_config(given: dict) -> dict:
     if conflicts:
         raise ValueError(f"--resume {path}: a resumed run keeps the configuration stored in its checkpoint, but "
                          f"{'; '.join(conflicts)}: drop these flags, or start a new run")
-    for k in ("attention", "lm_head"):      # resolved on the machine that ran it: resolve again here
-        if k not in given["train"]:
-            kws["train"].pop(k, None)
+    if "out_dir" not in given["train"]:     # continue in the checkpoint's folder
+        kws["train"]["out_dir"] = str(Path(path).parent)
     return kws
 
 
