@@ -179,3 +179,19 @@ def test_help_shows_every_default():
     missing = [a.option_strings for a in parser._actions if a.option_strings and a.dest != "help"
                and "default:" not in (a.help or "")]
     assert not missing, missing
+
+
+def test_plot_metrics_shows_gain_and_thoughts(run4, tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_plot_metrics", ROOT / "benchmarks" / "plot_metrics.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    out, m = run4
+    plot.main([str(out / "metrics.jsonl"), str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out.splitlines()
+    samples = [s for r in m if "thoughts" in r for s in r["thoughts"]["samples"]]
+    assert len(printed) == len(samples) and all("gain" in line for line in printed)
+    assert f"{samples[0]['gain']:+.3f}" in printed[0]
+    steps, _, thoughts = plot.read(out / "metrics.jsonl")
+    assert len(steps) == 4 and [t["step"] for t in thoughts] == [2, 4]
