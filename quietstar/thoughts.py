@@ -1,6 +1,6 @@
 """One Quiet-STaR training step: sample thoughts, run the chains, score the talk, REINFORCE.
 
-SPEC 3-6 in code. For every base position t and pass p the chain is
+DESIGN.md sections 3-6 in code. For every base position t and pass p the chain is
     l:      0      1..M        M+1     M+2 .. M+K      (L = M + K + 1 tokens)
     token:  <sot>  s_1..s_M    <eot>   x_{t+1}..x_{t+K-1}
     RoPE:   t + 1 + l
@@ -29,7 +29,7 @@ from .model import QuietStarModel
 # LM-head backends
 # ----------------------------------------------------------------------------------------------
 def lm_head_ops(name: str) -> SimpleNamespace:
-    """mixed_logprob / token_logprob / sample_thought_tokens of one backend (SPEC 7 signatures)."""
+    """mixed_logprob / token_logprob / sample_thought_tokens of one backend (DESIGN.md section 7 signatures)."""
     if name == "reference":
         from kernels import reference as r
         return SimpleNamespace(mixed_logprob=r.mixed_logprob_ref, token_logprob=r.token_logprob_ref,
@@ -192,7 +192,7 @@ def run_sequential(model: QuietStarModel, input_ids, thoughts, backends: Backend
 
 
 # ----------------------------------------------------------------------------------------------
-# loss (SPEC 5)
+# loss (DESIGN.md section 5)
 # ----------------------------------------------------------------------------------------------
 def talk_validity(valid_next: torch.Tensor, K: int):
     """For talk prediction k of position t (target x_{t+k}): the base position t + k - 1 that predicts

@@ -9,7 +9,7 @@ is loaded into our QuietStarModel, fed the same thoughts, and compared:
   NLL of each talk prediction, the mixing weights, the REINFORCE log-probs (tau = 3, markers banned)
   and the clamped advantages;
 - our own (DESIGN.md) scalars: NLL_base, the pooled NLL_talk and the policy mean over the valid
-  positions, against the oracle's SPEC variants;
+  positions, against the oracle's "spec_variants" files;
 - the official scalars and per-term gradients, after recomputing the official normalisations from
   our per-position tensors (talk: the mean of the per-k means; policy: positions t <= T-K-2 of every
   row, DESIGN.md "Deviations").
@@ -131,7 +131,7 @@ def compare(model, case_name, path):
         close(ours["w_talk"][k] * v, ref["mixing_weight_talk"][k] * v, f"mixing weight, k={k + 1}")
     close(ours["action_loglik"] * real[:, :-1], ref["action_loglik"] * real[:, :-1], "REINFORCE log-probs")
     close(ours["advantage_clamped"], ref["advantage_clamped"], "clamped advantages")
-    # scalars: ours (DESIGN.md normalisation) against the SPEC variants, the official ones recomputed
+    # scalars: ours (DESIGN.md section 5) against the oracle's spec_variants, the official ones recomputed
     m = ours["metrics"]
     close(m["nll_base"], ref["nll_base"], "NLL_base", atol=2e-6)
     close(m["nll_talk"], spec["nll_talk_spec_pooled"], "NLL_talk (pooled)", atol=2e-6)
