@@ -134,3 +134,19 @@ def test_thought_gain_is_log_p_mix_minus_log_p_base_of_the_true_tokens():
     _, m0, _ = quietstar_forward(zero, ids, valid, cfg.loss, "sample-then-train", Backends("reference", "reference"),
                                  torch.Generator().manual_seed(0))
     assert float(m0["thought_gain"]) == 0.0                    # w = 0: the mixed prediction is the base one
+
+
+def test_exports_with_the_removed_sigmoid_mixing_are_refused(tmp_path):
+    import json
+    model = _tiny(config_from_args(TINY))
+    model.save_pretrained(tmp_path / "e")
+    meta_path = tmp_path / "e" / "quietstar.json"
+    meta = json.loads(meta_path.read_text())
+    meta["thought"]["mixing"] = "unbounded"              # an export written while the option existed
+    meta_path.write_text(json.dumps(meta))
+    again = QuietStarModel.from_pretrained(tmp_path / "e")
+    assert torch.equal(again.mixing_head.net[0].weight, model.mixing_head.net[0].weight)
+    meta["thought"]["mixing"] = "sigmoid"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="mixing='sigmoid' is no longer supported"):
+        QuietStarModel.from_pretrained(tmp_path / "e")
