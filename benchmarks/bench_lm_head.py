@@ -1,4 +1,4 @@
-"""LM head: log-prob of the true token under the mixed prediction, and thought-token sampling (SPEC 8).
+"""LM head: log-prob of the true token under the mixed prediction, and thought-token sampling (DESIGN.md section 8).
 
 mixed_logprob providers (same inputs, one process, one run):
   naive    full logits: hm = (1 - w) h_base + w h_talk; logits = (hm @ W.T).float();

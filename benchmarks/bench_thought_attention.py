@@ -1,4 +1,4 @@
-"""Thought attention: ours against dense-mask SDPA, FlexAttention and a no-mask flash proxy (SPEC 8).
+"""Thought attention: ours against dense-mask SDPA, FlexAttention and a no-mask flash proxy (DESIGN.md section 8).
 
 Providers (every one in the same process, same inputs, one run):
   dense  SDPA with a dense boolean mask and K/V expanded to all heads: the reference pattern of
@@ -19,7 +19,7 @@ Layouts: peers get the chain cache step-major ([base | step 0 | step 1 ...], so 
 prefix); ours gets its native (B, H_KV, T, L, D) [pos, step] tensors. Same values.
 
 Cases: sampling (one call per chain step, steps summed), parallel fwd, bwd (backward of a retained
-graph), fwd+bwd. Shapes: every row of SPEC section 8 (H=32, H_KV=8, D=128), the paper's
+graph), fwd+bwd. Shapes: every row of DESIGN.md section 8 (H=32, H_KV=8, D=128), the paper's
 (B=8, T=256, L=14) and SmolLM2's heads (H=9, H_KV=3, D=64).
 
 Useful FLOPs (only unmasked QK^T and PV work; 2*D for QK^T + 2*D for PV per query-key pair):

@@ -103,7 +103,7 @@ def build(args, device, tmp: Path):
     """The model, B rows of T tokens and their target mask; the same in every child process.
 
     The first child caches the decoder's weights under `tmp` (SmolLM2's GGUF takes ~15 s to
-    dequantise), the others load them. Rows come from the embedded corpus (MATH train text); where it
+    dequantise), the others load them. Rows come from the embedded corpus (the training part of the MATH test set's text); where it
     has not been prepared (a bare GPU machine), random tokens stand in, and the results say so."""
     import torch
     from quietstar import ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
@@ -137,7 +137,7 @@ def build(args, device, tmp: Path):
         tok = load_tokenizer(mc)
         docs = qdata.load_documents("default", "train")[:64]
         rows, valid = qdata.pack_rows(qdata.tokenize_documents(docs, tok), args.T, sep_id=document_separator(tok))
-        init_id, data = marker_init_id(tok, th.marker_init_text), "MATH train rows"
+        init_id, data = marker_init_id(tok, th.marker_init_text), "MATH test-set text rows (training part)"
     except (FileNotFoundError, ImportError) as e:
         g = torch.Generator().manual_seed(args.seed)
         rows = torch.randint(3, lm.config.vocab_size, (args.B, args.T), generator=g)

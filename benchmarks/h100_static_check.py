@@ -36,7 +36,7 @@ What ``triton.compile`` in triton 3.6.0 wants (verified here; compare triton/run
     pointers 16-byte aligned and ints that are multiples of 16 this way, and it matters a lot: a
     bf16 128x128x64 matmul tile compiles to 110 registers and a 3-stage cp.async pipeline with the
     attributes, but to 255 registers and no pipelining (1 stage of shared memory) without them.
-    Every shape in SPEC section 8 makes all ints multiples of 16, hence the default; a case can
+    Every shape in DESIGN.md section 8 makes all ints multiples of 16, hence the default; a case can
     narrow it with "divisible_by_16".
   * ``target=GPUTarget("cuda", 90, 32)``, ``options={"num_warps": .., "num_stages": ..}``;
     ``kernel.asm["cubin"]`` is the binary, ``kernel.metadata.shared`` the dynamic shared memory.
@@ -128,7 +128,7 @@ def full_signature(case):
         else:
             raise ValueError(f"argument {p.name!r} of {fn.__name__} is missing from 'signature'")
     div = case.get("divisible_by_16")
-    if div is None:   # what the JIT sees at the SPEC section 8 shapes: aligned pointers, ints % 16 == 0
+    if div is None:   # what the JIT sees at the DESIGN.md section 8 shapes: aligned pointers, ints % 16 == 0
         div = [n for n, t in sig.items() if t.startswith("*") or t in ("i32", "i64", "u32", "u64")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div if sig.get(n, "constexpr") != "constexpr"}
     return sig, constexprs, attrs

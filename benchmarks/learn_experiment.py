@@ -20,7 +20,8 @@ for both states).
 Phases, in this order, each saving results.json (atomically) and re-rendering table.md and
 curves.png, so a run that is cut short leaves everything it finished:
   before -> (train, evaluate) each Quiet-STaR arm -> (train, evaluate) the control
-The training metrics stream into metrics_<arm>.jsonl step by step.
+The training metrics stream into train_<arm>/metrics.jsonl step by step (with a few decoded thoughts
+every --thoughts-every steps).
 
     python benchmarks/learn_experiment.py --smoke --out runs/learn_smoke          # CPU rehearsal, ~1 min
     python benchmarks/learn_experiment.py --measure --out runs/learn              # step times (random init)
@@ -242,7 +243,7 @@ def render_curves(out: Path, title: str, arm_names) -> None:
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
     x = lambda rs: [r["step"] for r in rs]  # noqa: E731
     for arm in arm_names:
-        rs = read_metrics(out / f"metrics_{arm}.jsonl")
+        rs = read_metrics(metrics_path(out, arm))
         ax[0, 0].plot(x(rs), [r["nll_base"] for r in rs], label=f"{arm}: NLL base")
         if arm == "control" or not rs:
             continue
@@ -291,19 +292,20 @@ def arm_config(args, beta: float | None, steps: int, out_dir: Path, model: str) 
         train=TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                           warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
                           attention="triton" if cuda else "split", lm_head="triton" if cuda else "chunked",
-                          out_dir=str(out_dir), thoughts=thoughts, cuda_graphs=cuda and thoughts and args.cuda_graphs))
+                          out_dir=str(out_dir), thoughts=thoughts, cuda_graphs=cuda and thoughts and args.cuda_graphs,
+                          thoughts_every=args.thoughts_every if thoughts else 0))
+
+
+def metrics_path(out: Path, arm: str) -> Path:
+    """The arm's training log (quietstar-train's metrics.jsonl, written step by step)."""
+    return out / f"train_{arm}" / "metrics.jsonl"
 
 
 def train_arm(args, arm: str, beta, steps: int, out: Path, model: str):
-    """Train one arm; its metrics stream into out/metrics_<arm>.jsonl. Returns the trained model."""
+    """Train one arm in out/train_<arm>/ (replacing an earlier attempt). Returns the trained model."""
     from quietstar.train import train
-    work = out / f"train_{arm}"
-    if work.exists():
-        shutil.rmtree(work)
-    (out / f"metrics_{arm}.jsonl").unlink(missing_ok=True)
-    work.mkdir(parents=True)
-    os.symlink(Path("..") / f"metrics_{arm}.jsonl", work / "metrics.jsonl")      # written step by step
-    r = train(arm_config(args, beta, steps, work, model), progress=True)
+    shutil.rmtree(out / f"train_{arm}", ignore_errors=True)
+    r = train(arm_config(args, beta, steps, out / f"train_{arm}", model), progress=True)
     return r["model"]
 
 
@@ -313,7 +315,7 @@ def measure(args, out: Path) -> dict:
     res = {"model": model, "device": args.device}
     for arm, beta in (("quietstar", 1.0), ("control", None)):        # beta_policy does not change the work
         train_arm(args, arm, beta, args.measure_steps, out / "measure", model)
-        ms = [r["ms"] for r in read_metrics(out / "measure" / f"metrics_{arm}.jsonl")][1:]    # the first compiles
+        ms = [r["ms"] for r in read_metrics(metrics_path(out / "measure", arm))][1:]    # the first compiles
         res[f"{arm}_ms"] = sorted(ms)[len(ms) // 2]
     save_json(out / "step_times.json", res)
     shutil.rmtree(out / "measure", ignore_errors=True)
@@ -377,7 +379,7 @@ def run(args, out: Path) -> dict:
     for arm, beta in arms(args):
         model = phase(f"train_{arm}", lambda: train_arm(args, arm, beta, steps, out, args.model))
         res[arm] = {"eval": phase(f"eval_{arm}", lambda: ev(model, beta is not None))}
-        last = read_metrics(out / f"metrics_{arm}.jsonl")
+        last = read_metrics(metrics_path(out, arm))
         res[arm]["last_step"] = last[-1] if last else None
         del model
         if cuda:
@@ -403,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-items", type=int, default=300, help="GSM8K problems and CommonsenseQA questions")
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--policy-weights", default="1e6,1", help="beta_policy of each Quiet-STaR arm (comma-separated)")
+    p.add_argument("--thoughts-every", type=int, default=50, help="log a few decoded thoughts every N steps")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="CUDA: do not replay the thought sampler from a CUDA graph")
     for k, v in DEFAULTS.items():

@@ -62,7 +62,8 @@ case "$MODE" in
     "$PY" benchmarks/learn_experiment.py --out "$STATE/exp" "${times[@]}" "$@" 2>&1 | tee "$OUT/run.log" \
       | grep -v "it/s\]$\|s/it\]$"
     rc=$?
-    cp "$STATE"/exp/{results.json,table.md,curves.png,hard_mask.pt} "$STATE"/exp/metrics_*.jsonl "$OUT/" 2>/dev/null
+    cp "$STATE"/exp/{results.json,table.md,curves.png,hard_mask.pt} "$OUT/" 2>/dev/null
+    for d in "$STATE"/exp/train_*/; do a="$(basename "$d")"; cp "$d/metrics.jsonl" "$OUT/metrics_${a#train_}.jsonl"; done
     exit $rc ;;
   smoke)
     "$PY" benchmarks/learn_experiment.py --smoke --out "$OUT" "$@" ;;

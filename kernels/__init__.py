@@ -1,4 +1,4 @@
-"""Triton kernels for Quiet-STaR and their pure-PyTorch references (SPEC section 7)."""
+"""Triton kernels for Quiet-STaR and their pure-PyTorch references (DESIGN.md section 7)."""
 from .reference import (
     mixed_logprob_ref,
     sample_thought_tokens_ref,

@@ -1,4 +1,4 @@
-"""LM-head ops that never materialise the (N, V) logits (SPEC sections 4, 5, 7).
+"""LM-head ops that never materialise the (N, V) logits (DESIGN.md sections 4, 5, 7).
 
 Three ops on hidden states h (N, d) and the LM-head weight W (V, d) (``weight``):
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch chunked LM-head ops: the CPU training path and a benchmark provider (SPEC 7).
+"""Plain-PyTorch chunked LM-head ops: the CPU training path and a benchmark provider (DESIGN.md section 7).
 
 Same contracts as ``kernels/lm_head.py`` (and ``kernels/reference.py``):
 

@@ -1,11 +1,11 @@
-"""Pure-PyTorch references for every kernel in this package (SPEC section 7).
+"""Pure-PyTorch references for every kernel in this package (DESIGN.md section 7).
 
 Built the obvious way, for clarity and as the ground truth the Triton kernels are tested against:
 the attention references build the dense boolean mask and call SDPA with K/V expanded to all
 heads; the LM-head references build the full (N, V) logits in float32. They are slow and
 memory-hungry on purpose; never use them on large shapes.
 
-Layouts (SPEC 2-3): B batch, H query heads, H_KV key/value heads (H % H_KV == 0), T base length,
+Layouts (DESIGN.md sections 2-3): B batch, H query heads, H_KV key/value heads (H % H_KV == 0), T base length,
 L chain length, D head dim; the chain of base position t is contiguous ([pos, step] order).
 """
 from __future__ import annotations

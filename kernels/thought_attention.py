@@ -1,4 +1,4 @@
-"""Thought attention (SPEC sections 3 and 7): Triton forward, backward and incremental step kernels.
+"""Thought attention (DESIGN.md sections 3 and 7): Triton forward, backward and incremental step kernels.
 
 Math. For every batch row b, query head h (key/value head hk = h // G, G = H // H_KV) and chain
 query (t, l), with scale = 1/sqrt(D) unless given:
@@ -820,7 +820,7 @@ def thought_attention_step(q, k_base, v_base, k_chain, v_chain, step, scale=None
 # H100 static compile cases (benchmarks/h100_static_check.py)
 # ----------------------------------------------------------------------------------------------
 _TL_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-# benchmark shapes, SPEC section 8: (B, H, H_KV, T, L, D)
+# benchmark shapes, DESIGN.md section 8: (B, H, H_KV, T, L, D)
 _BENCH_SHAPES = (
     (4, 32, 8, 256, 16, 128), (2, 32, 8, 1024, 16, 128), (8, 32, 8, 256, 14, 128),
     (1, 32, 8, 2048, 8, 128), (8, 9, 3, 256, 14, 64),

@@ -1,4 +1,4 @@
-"""Quiet-STaR training over a stock Hugging Face Mistral-style decoder (SPEC sections 3-6)."""
+"""Quiet-STaR training over a stock Hugging Face Mistral-style decoder (DESIGN.md sections 3-6)."""
 from .config import Config, LossConfig, ModelConfig, ThoughtConfig, TrainConfig
 from .model import MixingHead, QuietStarModel, build_decoder
 from .thoughts import Backends, quietstar_forward, sample_thoughts

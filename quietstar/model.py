@@ -3,7 +3,7 @@
 Nothing of the decoder is forked. Its attention is the "quietstar" function registered through
 `AttentionInterface` (quietstar/attention.py); every call passes a `Layout` saying which tokens are
 base text and which are chain tokens. The two marker embeddings are extra parameters fed as input
-embeddings: they are not rows of the vocabulary, so they are never predicted nor sampled (SPEC 3).
+embeddings: they are not rows of the vocabulary, so they are never predicted nor sampled (DESIGN.md section 3).
 """
 from __future__ import annotations
 
@@ -71,11 +71,11 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32):
         from .assets import load_smollm2
         lm = load_smollm2(dtype=dtype)
     else:
-        hf_cfg = AutoConfig.from_pretrained(cfg.name)
+        hf_cfg = AutoConfig.from_pretrained(cfg.name, local_files_only=True)   # a local folder only
         if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"--model {cfg.name}: expected a Mistral- or Llama-architecture folder, "
                              f"got model_type={hf_cfg.model_type!r}")
-        lm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype, local_files_only=True)
     check_decoder(lm)
     lm.config._attn_implementation = attention.register()
     return lm
@@ -105,19 +105,25 @@ def _tokenizer_vocab_size(path: Path) -> int | None:
 class MixingHead(nn.Module):
     """w = MLP([h_base ; h_talk]): Linear(2d, d) -> ReLU -> Linear(d, d) -> ReLU -> Linear(d, 1).
 
-    The last layer starts at zero, so w = 0 and training starts exactly at the base model (SPEC 4).
+    w is unbounded (the reference code's raw MLP output). The last layer starts at zero, so w = 0 and
+    training starts exactly at the base model (DESIGN.md section 4); the hidden layers start as the
+    decoder's own linear layers do, N(0, init_std) with zero biases (the reference: init_std =
+    initializer_range = 0.02), not PyTorch's default uniform init. A squashed w (sigmoid) was an option
+    once and was removed: a zero last layer gives sigmoid(0) = 0.5, half-way to the thought, not the
+    base model.
     """
 
-    def __init__(self, d: int, sigmoid: bool = False):
+    def __init__(self, d: int, init_std: float = 0.02):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1))
+        for layer in (self.net[0], self.net[2]):
+            nn.init.normal_(layer.weight, mean=0.0, std=init_std)
+            nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
-        self.sigmoid = sigmoid
 
     def forward(self, h_base: torch.Tensor, h_talk: torch.Tensor) -> torch.Tensor:
-        w = self.net(torch.cat([h_base, h_talk], dim=-1)).squeeze(-1)
-        return torch.sigmoid(w) if self.sigmoid else w
+        return self.net(torch.cat([h_base, h_talk], dim=-1)).squeeze(-1)
 
 
 class QuietStarModel(nn.Module):
@@ -133,7 +139,8 @@ class QuietStarModel(nn.Module):
         init = emb[marker_init_id].detach().float() if marker_init_id is not None else torch.zeros(d)
         # markers[0] = <sot>, markers[1] = <eot>; stored / scale, used * scale (100x effective lr)
         self.markers = nn.Parameter((init / thought.marker_scale).repeat(2, 1).to(emb.dtype))
-        self.mixing_head = MixingHead(d, sigmoid=thought.mixing == "sigmoid").to(emb.dtype)
+        init_std = float(getattr(lm.config, "initializer_range", 0.02) or 0.02)
+        self.mixing_head = MixingHead(d, init_std).to(emb.dtype)
         pad = getattr(lm.config, "pad_token_id", None)
         banned = set(thought.banned_ids) | ({int(pad)} if pad is not None else set())
         V = self.lm_head_weight.shape[0]
@@ -213,7 +220,7 @@ class QuietStarModel(nn.Module):
         meta = json.loads((d / EXTRAS_CONFIG).read_text())
         if meta.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{d / EXTRAS_CONFIG}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-        lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True)
         check_decoder(lm)
         lm.config._attn_implementation = attention.register()
         V, hidden = int(lm.lm_head.weight.shape[0]), int(lm.config.hidden_size)
@@ -225,7 +232,11 @@ class QuietStarModel(nn.Module):
         if n_tok is not None and n_tok > V:
             raise ValueError(f"{d}: the tokenizer (tokenizer.json) has ids up to {n_tok - 1} but the decoder's "
                              f"vocabulary is {V}: a mismatched vocabulary")
-        thought = ThoughtConfig(**{**meta["thought"], "banned_ids": tuple(meta["thought"]["banned_ids"])})
+        saved = dict(meta["thought"])
+        if saved.pop("mixing", "unbounded") != "unbounded":     # exports written before the option was removed
+            raise ValueError(f"{d / EXTRAS_CONFIG}: mixing={meta['thought']['mixing']!r} is no longer supported "
+                             "(only the unbounded mixing weight is; see MixingHead)")
+        thought = ThoughtConfig(**{**saved, "banned_ids": tuple(saved["banned_ids"])})
         model = cls(lm, thought)
         extras = load_file(str(d / EXTRAS_WEIGHTS))
         if tuple(extras["markers"].shape) != (2, hidden):

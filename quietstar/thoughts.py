@@ -1,6 +1,6 @@
 """One Quiet-STaR training step: sample thoughts, run the chains, score the talk, REINFORCE.
 
-SPEC 3-6 in code. For every base position t and pass p the chain is
+DESIGN.md sections 3-6 in code. For every base position t and pass p the chain is
     l:      0      1..M        M+1     M+2 .. M+K      (L = M + K + 1 tokens)
     token:  <sot>  s_1..s_M    <eot>   x_{t+1}..x_{t+K-1}
     RoPE:   t + 1 + l
@@ -29,7 +29,7 @@ from .model import QuietStarModel
 # LM-head backends
 # ----------------------------------------------------------------------------------------------
 def lm_head_ops(name: str) -> SimpleNamespace:
-    """mixed_logprob / token_logprob / sample_thought_tokens of one backend (SPEC 7 signatures)."""
+    """mixed_logprob / token_logprob / sample_thought_tokens of one backend (DESIGN.md section 7 signatures)."""
     if name == "reference":
         from kernels import reference as r
         return SimpleNamespace(mixed_logprob=r.mixed_logprob_ref, token_logprob=r.token_logprob_ref,
@@ -192,7 +192,7 @@ def run_sequential(model: QuietStarModel, input_ids, thoughts, backends: Backend
 
 
 # ----------------------------------------------------------------------------------------------
-# loss (SPEC 5)
+# loss (DESIGN.md section 5)
 # ----------------------------------------------------------------------------------------------
 def talk_validity(valid_next: torch.Tensor, K: int):
     """For talk prediction k of position t (target x_{t+k}): the base position t + k - 1 that predicts
@@ -221,6 +221,11 @@ def base_logprobs(model: QuietStarModel, input_ids, valid_next, h_base, ops) -> 
     hb = h_base.reshape(B * T, d)
     return ops.mixed_logprob(hb, hb, hb.new_zeros(B * T), model.lm_head_weight, tgt_next.reshape(-1),
                              ignore_index=-100)
+
+
+# Metrics that are sums divided by the step's counts (`denominators`): they add up over micro-batches.
+# The others (the spread of w) are averaged over micro-batches.
+ADDITIVE_METRICS = ("loss", "nll_base", "nll_talk", "policy", "w_mean", "reward", "thought_gain")
 
 
 def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_base, h_chain,
@@ -265,18 +270,25 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     policy = -(adv * lp_s.mean(-1) * pos_valid).sum() / n_pol
 
     loss = loss_cfg.beta_base * nll_base + loss_cfg.beta_talk * nll_talk + loss_cfg.beta_policy * policy
-    # w statistics over the scored talk targets by masked sums (boolean indexing would sync with the host)
+    # w statistics over the scored talk targets by masked sums (boolean indexing would sync with the host);
+    # the mean divides by n_talk (this batch's count, or the step's) so that it adds up over micro-batches
     vf = valid_p.float()
-    n_w = vf.sum().clamp_min(1)
     wd = w.detach().float()
-    w_mean = (wd * vf).sum() / n_w
+    w_mean = (wd * vf).sum() / n_talk
+    w_here = (wd * vf).sum() / vf.sum().clamp_min(1)
+    # thought gain: log p_mix - log p_base of the true future token x_{t+k} (the base prediction of the same
+    # token is the one at t + k - 1), per scored talk target: > 0 where the thoughts help
+    lp_base_tk = lp_base.detach().view(B, T)[:, src_c][:, None]                              # (B, 1, T, K)
+    gain = (lp_mix.detach() - lp_base_tk) * vf                                               # (B, P, T, K)
     metrics = {
         "loss": loss.detach(), "nll_base": nll_base.detach(), "nll_talk": nll_talk.detach(),
         "policy": policy.detach(), "w_mean": w_mean,
-        "w_std": (((wd - w_mean) ** 2 * vf).sum() / n_w).sqrt(),
+        "w_std": (((wd - w_here) ** 2 * vf).sum() / vf.sum().clamp_min(1)).sqrt(),
         "reward": (reward * pos_valid).sum() / n_pol,
+        "thought_gain": gain.sum() / n_talk,
     }
-    return loss, metrics, SimpleNamespace(lp_base=lp_base.view(B, T), lp_mix=lp_mix, w=w)
+    return loss, metrics, SimpleNamespace(lp_base=lp_base.view(B, T), lp_mix=lp_mix, w=w, gain=gain, advantage=adv,
+                                          logp_thought=lp_s)
 
 
 def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,

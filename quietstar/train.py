@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,79 +28,163 @@ from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESE
                      ModelConfig, ThoughtConfig, TrainConfig)
 from .flops import peak_bf16_flops, step_flops
 from .model import QuietStarModel, build_decoder
-from .thoughts import Backends, check_batch, target_counts
+from .thoughts import ADDITIVE_METRICS, Backends, check_batch, target_counts
 
 
 # ----------------------------------------------------------------------------------------------
 # config from the command line (one parse)
 # ----------------------------------------------------------------------------------------------
-def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=()):
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (read from its source), as one line each."""
+    import ast
+    import inspect
+    import textwrap
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _default_text(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, tuple) else repr(v) if isinstance(v, str) else str(v)
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=(), preset=None):
+    """One flag per field of `cls`, its help the field's docstring and its default (the flags themselves
+    default to None, so that a flag given on the command line can be told from a default)."""
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         name = "--" + prefix + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = _default_text(default) or "none"
+        if preset and f.name in preset:
+            shown += f"; with --model tiny: {_default_text(preset[f.name])}"
+        kw = {"dest": prefix.replace("-", "_") + f.name, "default": None,
+              "help": (docs.get(f.name, "") + f" (default: {shown})").replace("%", "%%")}
         if isinstance(default, bool):
-            parser.add_argument(name, dest=prefix.replace("-", "_") + f.name, action=argparse.BooleanOptionalAction,
-                                default=None)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):
-            parser.add_argument(name, dest=prefix.replace("-", "_") + f.name, nargs="+", default=None,
-                                type=type(default[0]) if default else int)
+            parser.add_argument(name, nargs="+", type=type(default[0]) if default else str, **kw)
         else:
-            parser.add_argument(name, dest=prefix.replace("-", "_") + f.name, type=type(default), default=None)
+            parser.add_argument(name, type=type(default), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietstar-train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog="The logged loss is beta_base*NLL_base + beta_talk*NLL_talk + "
+                                       "beta_policy*policy: with the reference weights (0.5/0.5/1e6) the policy "
+                                       "term dominates it. Bad input ends in one line naming the argument "
+                                       "(--debug shows the traceback).")
+    tdocs = field_docs(TrainConfig)
     p.add_argument("--model", dest="model_name", default=None,
                    help='"tiny" (random-init Mistral), "smollm2-135m", "smollm2-135m-random" (its shape, random '
-                        'weights: for speed runs), or a Hugging Face Mistral/Llama folder')
-    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None)
-    p.add_argument("--lm-head", dest="lm_head", choices=LM_HEAD_BACKENDS, default=None)
-    p.add_argument("--schedule", choices=SCHEDULES, default=None)
-    p.add_argument("--data", nargs="+", default=None, help='"default", "math", or text / JSON-lines files')
+                        'weights: for speed runs), or a local Hugging Face Mistral/Llama folder (default: tiny)')
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
+                   help=tdocs["attention"] + " (default: triton on CUDA, split on CPU)")
+    p.add_argument("--lm-head", dest="lm_head", choices=LM_HEAD_BACKENDS, default=None,
+                   help=tdocs["lm_head"] + " (default: triton on CUDA, chunked on CPU)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help=tdocs["schedule"] + f" (default: {TrainConfig.schedule})")
+    p.add_argument("--data", nargs="+", default=None, help=tdocs["data"] + " (default: default)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     g = p.add_argument_group("model (random-init tiny model)")
     _add_fields(g, ModelConfig, "model-", skip=("name",))
     g = p.add_argument_group("thoughts")
     _add_fields(g, ThoughtConfig)
     g = p.add_argument_group("loss")
-    _add_fields(g, LossConfig)
+    _add_fields(g, LossConfig, preset=TINY_PRESET["loss"])
     g = p.add_argument_group("training")
-    _add_fields(g, TrainConfig, skip=("attention", "lm_head", "schedule", "data"))
+    _add_fields(g, TrainConfig, skip=("attention", "lm_head", "schedule", "data"), preset=TINY_PRESET["train"])
     return p
 
 
-def config_from_args(argv=None) -> Config:
-    args = vars(build_parser().parse_args(argv))
+SECTIONS = {"model": ModelConfig, "thought": ThoughtConfig, "loss": LossConfig, "train": TrainConfig}
+# What a resumed run may change: how long it runs, where and how it logs, evaluates and checkpoints, and the
+# backends (each computes the same step). batch_size may change with the number of ranks (checked in train).
+RESUME_MAY_CHANGE = {"steps", "out_dir", "overwrite", "log_every", "ckpt_every", "keep_last", "resume", "eval_rows",
+                     "eval_data", "eval_every", "thoughts_every", "device", "attention", "lm_head", "schedule",
+                     "cuda_graphs", "batch_size"}
 
-    def pick(cls, prefix=""):
+
+def _flag(section: str, name: str) -> str:
+    if section == "model":
+        return "--model" if name == "name" else "--model-" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
+
+
+def _given(args: dict) -> dict:
+    """The flags given on the command line, by config section: {section: {field: value}}."""
+    given = {}
+    for sec, cls in SECTIONS.items():
+        prefix = "model_" if sec == "model" else ""
         kw = {}
         for f in dataclasses.fields(cls):
             v = args.get(prefix + f.name)
             if v is not None:
                 kw[f.name] = tuple(v) if isinstance(v, list) else v
-        return kw
-
-    mkw = pick(ModelConfig, "model_")
+        given[sec] = kw
     if args["model_name"]:
-        mkw["name"] = args["model_name"]
-    tkw, lkw = pick(TrainConfig), pick(LossConfig)
-    for k in ("attention", "lm_head", "schedule", "data"):
-        if args[k] is not None:
-            tkw[k] = tuple(args[k]) if k == "data" else args[k]
-    if mkw.get("name", "tiny") == "tiny":
-        tkw = {**TINY_PRESET["train"], **tkw}
-        lkw = {**TINY_PRESET["loss"], **lkw}
-    train = TrainConfig(**tkw)
+        given["model"]["name"] = args["model_name"]
+    return given
+
+
+def _resumed_config(given: dict) -> dict:
+    """The configuration stored in the --resume checkpoint, with the flags a resumed run may change applied;
+    any other flag that differs from the stored value is refused (the run would silently change)."""
+    path = given["train"]["resume"]
+    stored = load_checkpoint(path, mmap=True)["config"]
+    kws, conflicts = {}, []
+    for sec, cls in SECTIONS.items():
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.get(sec, {}).items() if k in names}
+        for k, v in given[sec].items():
+            if sec == "train" and k in RESUME_MAY_CHANGE:
+                kw[k] = v
+                continue
+            f = names[k]
+            old = kw.get(k, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            if v != old:
+                conflicts.append(f"{_flag(sec, k)} {_default_text(v)} (the checkpoint's run has {_default_text(old)})")
+        kws[sec] = kw
+    if conflicts:
+        raise ValueError(f"--resume {path}: a resumed run keeps the configuration stored in its checkpoint, but "
+                         f"{'; '.join(conflicts)}: drop these flags, or start a new run")
+    if "out_dir" not in given["train"]:     # continue in the checkpoint's folder
+        kws["train"]["out_dir"] = str(Path(path).parent)
+    return kws
+
+
+def config_from_args(argv=None) -> Config:
+    """The run's Config from command-line flags (defaults for the rest; the tiny preset for --model tiny), or
+    with --resume from the configuration stored in the checkpoint."""
+    args = vars(build_parser().parse_args(argv))
+    given = _given(args)
+    if given["train"].get("resume"):
+        kws = _resumed_config(given)
+    else:
+        kws = {sec: dict(kw) for sec, kw in given.items()}
+        if kws["model"].get("name", "tiny") == "tiny":
+            kws["train"] = {**TINY_PRESET["train"], **kws["train"]}
+            kws["loss"] = {**TINY_PRESET["loss"], **kws["loss"]}
+    train = TrainConfig(**kws["train"])
     # Defaults that depend on the machine: the fused path on CUDA, the fastest CPU path on CPU.
     cuda = resolve_device(train.device).type == "cuda"
-    if args["attention"] is None:
+    if "attention" not in kws["train"]:
         train.attention = "triton" if cuda else "split"
-    if args["lm_head"] is None:
+    if "lm_head" not in kws["train"]:
         train.lm_head = "triton" if cuda else "chunked"
     if train.cuda_graphs and not train.thoughts:
         raise ValueError("--cuda-graphs captures the thought sampler; --no-thoughts samples none: drop one")
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":    # the interpreter (tests) runs them on CPU
+        for flag, v in (("--attention", train.attention), ("--lm-head", train.lm_head)):
+            if v == "triton":
+                raise ValueError(f"{flag} triton needs a CUDA GPU (none here, or --device cpu): use {flag} "
+                                 f"{'split' if flag == '--attention' else 'chunked'}, the CPU default")
     if train.cuda_graphs:
         from .graphs import GRAPH_ATTENTION
         if not cuda:
@@ -107,8 +192,8 @@ def config_from_args(argv=None) -> Config:
         if train.lm_head != "triton" or train.attention not in GRAPH_ATTENTION:
             raise ValueError(f"--cuda-graphs needs --lm-head triton and --attention in {GRAPH_ATTENTION}, got "
                              f"--lm-head {train.lm_head} --attention {train.attention}")
-    return Config(model=ModelConfig(**mkw), thought=ThoughtConfig(**pick(ThoughtConfig)),
-                  loss=LossConfig(**lkw), train=train)
+    return Config(model=ModelConfig(**kws["model"]), thought=ThoughtConfig(**kws["thought"]),
+                  loss=LossConfig(**kws["loss"]), train=train)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,7 +214,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     if model_cfg.name in ("smollm2-135m", "smollm2-135m-random"):
         return assets.smollm2_tokenizer()
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_cfg.name)
+    return AutoTokenizer.from_pretrained(model_cfg.name, local_files_only=True)
 
 
 def document_separator(tok) -> int:
@@ -143,12 +228,19 @@ def document_separator(tok) -> int:
     return int(tok.eos_token_id)
 
 
+BUILTIN_DATA = ("default", "math")
+
+
 def load_rows(data_spec, tok, T: int, split: str = "train"):
     """Tokenize the documents and pack them into rows: (input_ids (R, T), valid_next (R, T))."""
     from . import data
-    spec = data_spec[0] if len(data_spec) == 1 and data_spec[0] in ("default", "math") else list(data_spec)
-    docs = data.load_documents(spec, split=split)
-    return data.pack_rows(data.tokenize_documents(docs, tok), T, sep_id=document_separator(tok))
+    spec = data_spec[0] if len(data_spec) == 1 and data_spec[0] in BUILTIN_DATA else list(data_spec)
+    flag = "--data" if split == "train" or spec in BUILTIN_DATA else "--eval-data"
+    try:
+        docs = data.load_documents(spec, split=split)
+        return data.pack_rows(data.tokenize_documents(docs, tok), T, sep_id=document_separator(tok))
+    except (OSError, ValueError) as e:       # a missing or binary file, a bad JSON line, too little text
+        raise ValueError(f"{flag} {' '.join(map(str, data_spec))}: {e}") from e
 
 
 def marker_init_id(tok, text: str) -> int:
@@ -175,17 +267,141 @@ def set_rng_state(s: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path: Path, model, opt, sched, step: int, generator, cfg: Config) -> None:
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "rng", "config")
+
+
+def save_checkpoint(path: Path, model, opt, sched, step: int, generator, cfg: Config, world: int = 1) -> None:
+    """Atomic: written to PATH.tmp, then renamed (a kill mid-write leaves the previous file; the stale .tmp
+    is removed by the next run in this folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "rng": rng_state(generator), "config": dataclasses.asdict(cfg)}, tmp)
+                "step": step, "rng": rng_state(generator), "config": dataclasses.asdict(cfg), "world": world}, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint written by save_checkpoint, or a one-line ValueError naming --resume."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--resume {path}: file not found")
+    try:
+        ck = torch.load(p, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as e:      # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--resume {path}: not a readable checkpoint (truncated, or not written by "
+                         f"quietstar-train): {msg}") from e
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck] if isinstance(ck, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"--resume {path}: not a quietstar-train checkpoint (it has no {', '.join(missing)})")
+    return ck
+
+
+def restore_checkpoint(ck: dict, path: str, model, opt, sched, generator) -> int:
+    """Load `ck` into the run's objects; returns its step. A checkpoint of another model size or layout
+    is refused in one line (the first mismatching tensor named)."""
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith(("size mismatch", "Missing",
+                                                                                      "Unexpected"))]
+        raise ValueError(f"--resume {path}: the checkpoint's weights do not fit the model built from its "
+                         f"configuration ({len(lines)} problem(s), first: {lines[0] if lines else e})") from e
+    try:
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"], generator)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise ValueError(f"--resume {path}: the optimizer / scheduler / RNG state does not fit this run: {e}") from e
+    return int(ck["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the run folder
+# ----------------------------------------------------------------------------------------------
+def run_files(out: Path) -> list[Path]:
+    """What a run writes into its folder (stale .tmp files aside)."""
+    if not out.is_dir():
+        return []
+    names = [out / n for n in ("metrics.jsonl", "final.pt", "export")]
+    return [p for p in names if p.exists()] + sorted(out.glob("step*.pt"))
+
+
+def check_out_dir(out: Path, resume: str, overwrite: bool) -> bool:
+    """Refuse a folder that already holds a run, unless --overwrite or --resume continues the run in it.
+    Returns whether this run continues the one in `out`."""
+    here = bool(resume) and Path(resume).resolve().parent == out.resolve()
+    existing = run_files(out)
+    if existing and not here and not overwrite:
+        raise ValueError(f"--out-dir {out} already holds a run ({', '.join(p.name for p in existing[:4])}"
+                         f"{', ...' if len(existing) > 4 else ''}): give a new --out-dir, --resume one of its "
+                         "checkpoints to continue it, or --overwrite to replace it")
+    return here
+
+
+def prepare_out_dir(out: Path, continuing: bool, overwrite: bool, start: int) -> None:
+    """Rank 0, once everything is loaded: remove stale .tmp files of killed checkpoint writes; with
+    --overwrite the old run; when continuing the run in `out` from step `start`, the records and step
+    checkpoints after `start` (they are written again)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in sorted(out.glob("*.tmp")):
+        tmp.unlink()
+        print(f"removed {tmp} (a checkpoint write that did not finish)")
+    if overwrite and not continuing:
+        import shutil
+        for p in run_files(out):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if continuing:
+        for p in out.glob("step*.pt"):
+            if p.stem[4:].isdigit() and int(p.stem[4:]) > start:
+                p.unlink()
+        trim_metrics(out / "metrics.jsonl", start)
+
+
+def record_step(rec: dict) -> int | None:
+    """The step of a metrics.jsonl record: a step line, or an "eval" / "thoughts" record."""
+    for key in ("eval", "thoughts"):
+        if isinstance(rec.get(key), dict):
+            return rec[key].get("step")
+    return rec.get("step")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (and drop a line cut by a kill), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        s = record_step(rec)
+        if s is None or s <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".trim")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def prune_checkpoints(out: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (0: keep all)."""
+    if keep_last > 0:
+        for old in sorted(out.glob("step*.pt"))[:-keep_last]:       # zero-padded names sort by step
+            old.unlink()
 
 
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as the Hugging Face Trainer of the reference run makes them: weight decay on
+    matrices and embeddings (markers included), none on biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def init_distributed(device_name: str):
     """Under `torchrun` (WORLD_SIZE > 1): start the process group (NCCL on CUDA, gloo on CPU) and
     return (rank, world, device); else (0, 1, the resolved device)."""
@@ -208,9 +424,66 @@ def log_line(rec: dict) -> str:
     parts = [f"step {rec['step']:5d}", f"loss {rec['loss']:.4f}", f"base {rec['nll_base']:.4f}"]
     if "nll_talk" in rec:
         parts += [f"talk {rec['nll_talk']:.4f}", f"policy {rec['policy']:+.3e}",
-                  f"w {rec['w_mean']:+.3f}±{rec['w_std']:.3f}", f"reward {rec['reward']:+.3f}"]
+                  f"w {rec['w_mean']:+.3f}±{rec['w_std']:.3f}", f"reward {rec['reward']:+.3f}",
+                  f"gain {rec['thought_gain']:+.4f}"]
     parts += [f"{rec['ms']:.0f} ms", f"{rec['tok_per_s']:.0f} tok/s"] + ([f"MFU {rec['mfu']:.1%}"] if "mfu" in rec else [])
     return " | ".join(parts)
+
+
+def step_denominators(micros, K: int, P: int, world: int = 1) -> dict:
+    """The counts of the whole optimizer step (every micro-batch of every rank) divided by `world`.
+    Each micro-batch's loss divides its sums by these, so the micro-batch losses add up (and DDP's mean
+    over ranks averages them) to the means over the step's whole batch."""
+    total = 0
+    for ids, vn in micros:
+        c = target_counts(check_batch(ids, vn), K, P)
+        total = total + torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(total)
+    return dict(zip(("n_base", "n_talk", "n_pol"), total / world))
+
+
+def accumulate_gradients(fwd, micros, cfg: Config, backends: Backends, generator, sampler=None, world: int = 1,
+                         autocast=None):
+    """Forward and backward over the micro-batches `micros` [(input_ids, valid_next), ...] of one optimizer
+    step; returns (metrics of the step, the last micro-batch's extras). Every mean divides by the counts
+    of the whole step (`step_denominators`), so A micro-batches of B rows give the loss and gradients of
+    one batch of A*B rows however unequal their scored-target counts (tested). `sampler(ids)` gives the
+    thoughts (a CUDA-graphed sampler); None samples them inside the forward."""
+    den = step_denominators(micros, cfg.thought.K, cfg.thought.P, world)
+    sums: dict[str, torch.Tensor] = {}
+    extras = None
+    for i, (ids, vn) in enumerate(micros):
+        sync = world == 1 or i == len(micros) - 1
+        with autocast or contextlib.nullcontext(), (contextlib.nullcontext() if sync else fwd.no_sync()):
+            thoughts = sampler(ids) if sampler is not None else None
+            loss, m, extras = fwd(ids, vn, cfg.loss, cfg.train.schedule, backends, generator, thoughts=thoughts,
+                                  denominators=den, plain=not cfg.train.thoughts)
+            loss.backward()
+        for k, v in m.items():     # partial sums over the step's counts add up; the rest are averaged
+            v = v.float() if k in ADDITIVE_METRICS else v.float() / len(micros)
+            sums[k] = sums[k] + v if k in sums else v
+    return sums, extras
+
+
+def thought_samples(tok, ids: torch.Tensor, valid_next: torch.Tensor, extras, K: int, n: int = 3,
+                    context: int = 24) -> list[dict]:
+    """A few decoded thoughts of the batch's first row and pass, at evenly spaced scored positions t: the
+    text up to x_t (its last `context` tokens), the thought, the next K true tokens, and the thought gain
+    there (mean over the scored talk targets of log p_mix - log p_base, nats)."""
+    from .thoughts import talk_validity
+    _, valid_tk = talk_validity(check_batch(ids, valid_next), K)
+    vt = valid_tk[0].cpu()                                                  # (T, K)
+    pos = vt.any(-1).nonzero()[:, 0].tolist()
+    picks = [pos[round(i * (len(pos) - 1) / max(1, n - 1))] for i in range(min(n, len(pos)))]
+    row, thoughts, gain = ids[0].tolist(), extras.thoughts[0, 0].cpu(), extras.gain[0, 0].float().cpu()
+    out = []
+    for t in dict.fromkeys(picks):
+        out.append({"position": t, "context": tok.decode(row[max(0, t + 1 - context):t + 1]),
+                    "thought": tok.decode(thoughts[t].tolist()), "next": tok.decode(row[t + 1:t + 1 + K]),
+                    "gain": float(gain[t].sum() / vt[t].sum())})
+    return out
 
 
 def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, device=None) -> dict:
@@ -218,8 +491,12 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     tc = cfg.train
     device = device if device is not None else resolve_device(tc.device)
     torch.manual_seed(tc.seed)
+    # nothing is written until everything is loaded and checked: bad input leaves nothing behind
     out = Path(tc.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    continuing = check_out_dir(out, tc.resume, tc.overwrite)
+    if world > 1:                   # every rank has looked at the folder before rank 0 writes into it
+        import torch.distributed as dist
+        dist.barrier()
 
     # data
     tok = load_tokenizer(cfg.model)
@@ -227,6 +504,12 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     if rows.shape[0] < tc.batch_size * world:
         raise ValueError(f"--data gives {rows.shape[0]} rows of T={tc.seq_len} tokens; need at least "
                          f"batch_size*world_size={tc.batch_size * world}")
+    eval_rows = None
+    if tc.eval_rows > 0:
+        if not tc.eval_data and not (len(tc.data) == 1 and tc.data[0] in BUILTIN_DATA):
+            raise ValueError("--eval-rows: file --data has no held-out part (the training rows would be scored); "
+                             "name held-out text files with --eval-data FILES")
+        eval_rows = [x[: tc.eval_rows] for x in load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout")]
 
     # model: fp32 master weights
     lm = build_decoder(cfg.model, dtype=torch.float32)
@@ -242,7 +525,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=not tc.thoughts)   # the control: no extras' grads
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1 + rank)
     sampler = None
@@ -251,15 +534,20 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         sampler = GraphedSampler(model, backends, generator)
     start = 0
     if tc.resume:
-        ck = torch.load(tc.resume, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"], generator)
-        start = ck["step"]
+        ck = load_checkpoint(tc.resume, map_location=device)
+        old_rows = ck["config"]["train"]["batch_size"] * ck.get("world", 1)
+        if tc.batch_size * world != old_rows:
+            raise ValueError(f"--batch-size {tc.batch_size} x {world} rank(s) = {tc.batch_size * world} rows per "
+                             f"micro-batch, but the run in --resume {tc.resume} used {old_rows}: a resumed run "
+                             "keeps its batch (give --batch-size so that batch-size x ranks stays the same)")
+        start = restore_checkpoint(ck, tc.resume, model, opt, sched, generator)
+        del ck
+        if start >= tc.steps:
+            raise ValueError(f"--steps {tc.steps}: --resume {tc.resume} is already at step {start}, so there is "
+                             f"nothing to train; give --steps larger than {start}")
     metrics_path = out / "metrics.jsonl"
-    if rank == 0 and not tc.resume and metrics_path.exists():
-        metrics_path.unlink()
+    if rank == 0:
+        prepare_out_dir(out, continuing, tc.overwrite, start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     th = cfg.thought
@@ -270,9 +558,6 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     bar = tqdm(range(start, tc.steps), desc="quietstar", disable=not progress or rank != 0, initial=start,
                total=tc.steps)
     last = {}
-    eval_rows = None
-    if tc.eval_rows > 0:
-        eval_rows = [x[: tc.eval_rows] for x in load_rows(tc.data, tok, tc.seq_len, split="heldout")]
 
     def evaluate(step: int) -> None:
         from .evaluate import heldout_losses
@@ -291,24 +576,11 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     stream = data.batches((rows, valid), tc.batch_size, tc.seed, rank, world, start_step=start * tc.grad_accum)
     for step in bar:
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        for micro in range(tc.grad_accum):
-            ids, vn = (x.to(device) for x in next(stream))
-            den = None
-            if world > 1:   # divide by global counts / world: the averaged gradient is the big batch's
-                import torch.distributed as dist
-                c = target_counts(check_batch(ids, vn), cfg.thought.K, cfg.thought.P)
-                flat = torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
-                dist.all_reduce(flat)
-                den = dict(zip(("n_base", "n_talk", "n_pol"), flat / world))
-            sync = world == 1 or micro == tc.grad_accum - 1
-            with autocast, (contextlib.nullcontext() if sync else fwd.no_sync()):
-                thoughts = sampler(ids) if sampler is not None else None      # else sampled inside
-                loss, m, _ = fwd(ids, vn, cfg.loss, tc.schedule, backends, generator, thoughts=thoughts,
-                                 denominators=den, plain=not tc.thoughts)
-                (loss / tc.grad_accum).backward()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
+        micros = [tuple(x.to(device) for x in next(stream)) for _ in range(tc.grad_accum)]
+        sums, extras = accumulate_gradients(fwd, micros, cfg, backends, generator, sampler, world, autocast)
+        samples = None
+        if rank == 0 and tc.thoughts and tc.thoughts_every and (step + 1) % tc.thoughts_every == 0:
+            samples = thought_samples(tok, *micros[-1], extras, cfg.thought.K)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         opt.step()
         sched.step()
@@ -330,16 +602,21 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+                if samples is not None:
+                    f.write(json.dumps({"thoughts": {"step": step + 1, "samples": samples}}) + "\n")
             if (step + 1) % tc.log_every == 0:
                 tqdm.write(log_line(rec))
             if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
-                save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, generator, cfg)
+                save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, generator, cfg, world)
+                prune_checkpoints(out, tc.keep_last)
+        if eval_rows is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+            evaluate(step + 1)
     if eval_rows is not None:
         evaluate(tc.steps)
     ckpt = out / "final.pt"
     export = out / "export"
     if rank == 0:
-        save_checkpoint(ckpt, model, opt, sched, tc.steps, generator, cfg)
+        save_checkpoint(ckpt, model, opt, sched, tc.steps, generator, cfg, world)
         model.save_pretrained(export, tokenizer=tok)    # a Hugging Face folder + the Quiet-STaR extras
         print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
     return {"checkpoint": str(ckpt), "export": str(export), "metrics": str(metrics_path), "last": last,
@@ -347,14 +624,23 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
 
 
 def main(argv=None) -> int:
-    cfg = config_from_args(argv)
-    rank, world, device = init_distributed(cfg.train.device)
+    """The CLI. Bad input (a ValueError or OSError raised before or while training) ends in one line on
+    stderr naming the argument, exit status 2; `--debug` shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        train(cfg, rank, world, device=device)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        cfg = config_from_args(argv)
+        rank, world, device = init_distributed(cfg.train.device)
+        try:
+            train(cfg, rank, world, device=device)
+        finally:
+            if world > 1:
+                import torch.distributed as dist
+                dist.destroy_process_group()
+    except (ValueError, OSError) as e:
+        if "--debug" in argv:
+            raise
+        print(f"quietstar-train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

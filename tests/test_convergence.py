@@ -23,7 +23,11 @@ def run(schedule, backends, steps=5):
     # interpreter's tl.dot (numpy BLAS) rounds rows by their position in a tile, so the Triton head gives
     # advantages of +-1 ulp there, and AdamW, which normalises the step, turns that noise into a full
     # lr-sized update: the runs then part for a reason that is not a difference in the computation.
+    # The hidden layers get PyTorch's wider default init rather than the decoder's N(0, 0.02), so that w
+    # depends on the thought enough for the passes' rewards to differ by more than rounding (the same reason).
     with torch.no_grad():
+        model.mixing_head.net[0].reset_parameters()
+        model.mixing_head.net[2].reset_parameters()
         model.mixing_head.net[-1].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
         model.mixing_head.net[-1].bias.fill_(0.2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -58,7 +58,7 @@ def test_pack_rows_mistral_equals_bos_plus_encode_concatenated():
 
 
 def test_smollm2_heldout_target_count_matches_assets_md():
-    """ASSETS.md: MATH held-out, rows of 256, [0] + doc + [0] + doc: 155,051 scored targets."""
+    """DESIGN.md section 11: MATH held-out, rows of 256, [0] + doc + [0] + doc: 155,051 scored targets."""
     ds = RowDataset.from_documents(load_documents("default", "heldout"), assets.smollm2_tokenizer(),
                                    T=256, sep_id=assets.SMOLLM2_SEP_ID)
     assert ds.num_targets == 155_051

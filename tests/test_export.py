@@ -21,7 +21,7 @@ def _model(V=32000, seed=0):
     torch.manual_seed(seed)
     mc = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
                      vocab_size=V, max_position_embeddings=64)
-    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2, tau_reinforce=2.5, mixing="sigmoid",
+    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2, tau_reinforce=2.5,
                                                             banned_ids=(7,)), marker_init_id=5)
     with torch.no_grad():   # nothing at its initial value: the round trip must carry every tensor
         model.markers.normal_()

@@ -47,20 +47,23 @@ def test_steps_sized_from_measured_step_times(tmp_path):
 
 def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
     out = tmp_path / "exp"
-    lx.main(SMALL + ["--steps", "2", "--policy-weights", "1,1e6", "--out", str(out)])
+    lx.main(SMALL + ["--steps", "2", "--policy-weights", "1,1e6", "--thoughts-every", "1", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["arms"] == {"quietstar_b1": 1.0, "quietstar_b1e6": 1e6, "control": None}
     for arm in res["meta"]["arms"]:
-        steps = lx.read_metrics(out / f"metrics_{arm}.jsonl")
+        steps = lx.read_metrics(lx.metrics_path(out, arm))
         assert [r["step"] for r in steps] == [1, 2], arm
     # the same rows in the same order: step 1 of both arms starts from the same model on the same batch
-    q1, q2, c1 = (lx.read_metrics(out / f"metrics_{a}.jsonl")[0] for a in res["meta"]["arms"])
+    q1, q2, c1 = (lx.read_metrics(lx.metrics_path(out, a))[0] for a in res["meta"]["arms"])
     assert q1["nll_base"] == pytest.approx(c1["nll_base"], rel=1e-5)
     # the arms differ only in the policy weight: at step 1 w = 0, so every advantage and the policy term are 0
     # and both arms take the same update; at step 2 the same policy term, weighted differently
     assert q1["policy"] == q2["policy"] == 0 and q1["loss"] == q2["loss"]
-    s1, s2 = (lx.read_metrics(out / f"metrics_{a}.jsonl")[1] for a in ("quietstar_b1", "quietstar_b1e6"))
+    s1, s2 = (lx.read_metrics(lx.metrics_path(out, a))[1] for a in ("quietstar_b1", "quietstar_b1e6"))
     assert s1["policy"] == s2["policy"] != 0 and s1["loss"] != s2["loss"]
+    logged = [json.loads(line) for line in lx.metrics_path(out, "quietstar_b1").read_text().splitlines()]
+    assert [r["thoughts"]["step"] for r in logged if "thoughts" in r] == [1, 2]       # decoded thoughts logged
+    assert all("thought_gain" in r for r in lx.read_metrics(lx.metrics_path(out, "quietstar_b1")))
     before, qs, ctl = res["before"]["eval"], res["quietstar_b1"]["eval"], res["control"]["eval"]
     assert {"heldout_all_thought", "heldout_hard_thought", "gsm8k_thought", "csqa_thought"} <= set(qs)
     assert not any(k.endswith("_thought") for k in list(before) + list(ctl))
@@ -79,7 +82,7 @@ def test_killed_run_leaves_its_metrics(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "learn_experiment.py"), *SMALL, "--steps", "50",
                           "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics_quietstar_b1.jsonl"
+    metrics = lx.metrics_path(out, "quietstar_b1")
     try:
         deadline = time.time() + 600
         while time.time() < deadline and len(lx.read_metrics(metrics)) < 2:

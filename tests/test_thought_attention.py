@@ -1,4 +1,4 @@
-"""Tests of kernels/thought_attention.py against the float64 reference (SPEC section 7).
+"""Tests of kernels/thought_attention.py against the float64 reference (DESIGN.md section 7).
 
 Every check: fresh random inputs; the kernel's max error against float64 ground truth is bounded
 by ERR_FACTOR x PyTorch's own error (the reference run in the test dtype) plus a per-dtype atol

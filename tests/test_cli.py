@@ -1,0 +1,197 @@
+"""quietstar-train as a new user meets it: bad input ends in one line naming the argument (no traceback,
+non-zero exit, nothing written), run folders are not silently replaced, --resume continues the stored
+run, checkpoints are pruned, held-out data and decoded thoughts are logged, --help shows defaults."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quietstar.train import build_parser, config_from_args, main, train
+
+from test_train import TINY, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = TINY + ["--lr", "3e-3"]
+
+
+def fail(argv, capsys, *needles):
+    """main(argv) must exit 2 with one stderr line holding every needle, and no traceback."""
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("quietstar-train: error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory):
+    """4 steps with a checkpoint every step, the last two kept: (folder, metrics)."""
+    out = tmp_path_factory.mktemp("run4")
+    train(config_from_args(RUN + ["--steps", "4", "--ckpt-every", "1", "--keep-last", "2", "--thoughts-every", "2",
+                                  "--out-dir", str(out)]), progress=False)
+    return out, read_metrics(out / "metrics.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv,needles", [
+    (["--attention", "triton"], ["--attention triton needs a CUDA GPU"]),
+    (["--attention", "triton", "--schedule", "sequential"], ["--attention triton needs a CUDA GPU"]),
+    (["--lm-head", "triton"], ["--lm-head triton needs a CUDA GPU"]),
+])
+def test_triton_without_cuda_is_one_line(argv, needles, capsys, monkeypatch, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # the tests' CPU interpreter is not a user's setup
+    fail(TINY[:-4] + argv + ["--out-dir", str(tmp_path / "o")], capsys, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_is_one_line_naming_the_argument(capsys, tmp_path, run4):
+    out = tmp_path / "o"
+    base = RUN + ["--steps", "2", "--out-dir", str(out)]
+    fail(base + ["--model", "/nonexistent"], capsys, "--model /nonexistent", "folder not found")
+    fail(base + ["--data", "/bin/ls"], capsys, "--data /bin/ls", "UTF-8")
+    fail(base + ["--data", str(tmp_path / "nope.txt")], capsys, "--data", "does not exist")
+    fail(base + ["--P", "1"], capsys, "--P 1")
+    fail(base + ["--betas", "0.9"], capsys, "--betas")
+    fail(base + ["--eval-every", "2"], capsys, "--eval-rows")
+    text = tmp_path / "train.txt"
+    text.write_text("some training text. " * 200)
+    fail(base + ["--data", str(text), "--eval-rows", "1"], capsys, "--eval-rows", "--eval-data")
+    # --resume: missing, truncated, not a checkpoint, another model size
+    fail(base + ["--resume", str(tmp_path / "missing.pt")], capsys, "--resume", "file not found")
+    ck = run4[0] / "step000003.pt"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+    fail(base + ["--resume", str(cut)], capsys, f"--resume {cut}", "not a readable checkpoint")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    fail(base + ["--resume", str(tmp_path / "other.pt")], capsys, "--resume", "not a quietstar-train checkpoint")
+    fail(["--resume", str(ck), "--model-hidden-size", "64", "--out-dir", str(out)], capsys,
+         "--model-hidden-size 64 (the checkpoint's run has 32)")
+    big = torch.load(ck, weights_only=False)
+    big["config"]["model"]["hidden_size"] = 64          # a checkpoint whose weights are of another size
+    torch.save(big, tmp_path / "big.pt")
+    msg = fail(["--resume", str(tmp_path / "big.pt"), "--out-dir", str(out)], capsys, "--resume", "do not fit",
+               "size mismatch")
+    assert len(msg) < 500
+    assert not out.exists()                                  # nothing half-written
+
+
+def test_the_command_line_exits_nonzero_without_traceback_and_debug_shows_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "quietstar.train", "--model", "/nonexistent", "--out-dir", str(tmp_path / "o")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == ["quietstar-train: error: --model /nonexistent: folder not found (give "
+                                             "tiny, smollm2-135m, smollm2-135m-random or a local Hugging Face model "
+                                             "folder; nothing is downloaded)"]
+    r = subprocess.run(cmd + ["--debug"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "folder not found" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def test_a_second_run_into_a_used_folder_is_refused_unless_overwrite(capsys, run4, tmp_path):
+    out, _ = run4
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    fail(RUN + ["--steps", "2", "--out-dir", str(out)], capsys, f"--out-dir {out} already holds a run",
+         "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # --overwrite replaces the run: only the new run's records and checkpoints remain
+    new = tmp_path / "copy"
+    import shutil
+    shutil.copytree(out, new)
+    assert main(RUN + ["--steps", "2", "--out-dir", str(new), "--overwrite"]) == 0
+    assert [r["step"] for r in read_metrics(new / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert sorted(p.name for p in new.glob("step*.pt")) == []
+
+
+def test_keep_last_and_decoded_thoughts(run4):
+    out, m = run4
+    assert sorted(p.name for p in out.glob("step*.pt")) == ["step000002.pt", "step000003.pt"]
+    assert (out / "final.pt").exists()
+    th = [r["thoughts"] for r in m if "thoughts" in r]
+    assert [t["step"] for t in th] == [2, 4]
+    for t in th:
+        assert 1 <= len(t["samples"]) <= 3
+        for s in t["samples"]:
+            assert isinstance(s["thought"], str) and s["context"] and isinstance(s["gain"], float)
+    steps = [r for r in m if "loss" in r]
+    assert all("thought_gain" in r for r in steps)
+
+
+def test_resume_uses_the_stored_config_and_continues_the_same_folder(run4, tmp_path, capsys):
+    src, m = run4
+    out = tmp_path / "r"
+    import shutil
+    shutil.copytree(src, out)
+    (out / "step000009.tmp").write_bytes(b"half a checkpoint")          # a killed checkpoint write
+    # --steps not beyond the checkpoint: refused, nothing written
+    before = (out / "final.pt").read_bytes()
+    fail(["--resume", str(out / "step000003.pt"), "--steps", "2"], capsys, "--steps 2", "already at step 3")
+    assert (out / "final.pt").read_bytes() == before
+    fail(["--resume", str(out / "step000003.pt"), "--lr", "0.5"], capsys, "--lr 0.5 (the checkpoint's run has 0.003)")
+    # only --resume: the stored config is used, in the checkpoint's folder
+    assert main(["--resume", str(out / "step000002.pt")]) == 0
+    m2 = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in m2 if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]                   # no duplicated steps
+    assert [r["thoughts"]["step"] for r in m2 if "thoughts" in r] == [2, 4]
+    for a, b in zip([r for r in m if "loss" in r], steps):
+        assert a["loss"] == b["loss"], (a, b)                            # the same run, bit for bit
+    assert not list(out.glob("*.tmp"))
+    a = torch.load(src / "final.pt", weights_only=False)["model"]
+    b = torch.load(out / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_data_and_eval_every(tmp_path):
+    train_txt, held = tmp_path / "train.txt", tmp_path / "held.jsonl"
+    train_txt.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    held.write_text(json.dumps({"text": "Completely different held-out words: alpha beta gamma delta. " * 8}) + "\n")
+    out = tmp_path / "o"
+    train(config_from_args(RUN + ["--steps", "4", "--data", str(train_txt), "--eval-data", str(held), "--eval-rows",
+                                  "1", "--eval-every", "2", "--out-dir", str(out)]), progress=False)
+    ev = [r["eval"] for r in read_metrics(out / "metrics.jsonl") if "eval" in r]
+    assert [e["step"] for e in ev] == [0, 2, 4]
+    # the scored rows are the held-out file's: its targets, not the training text's (15 of 16 per row)
+    from quietstar import assets
+    from quietstar.train import load_rows
+    tok = assets.mistral_tokenizer()
+    rows, valid = load_rows((str(held),), tok, 16)
+    assert ev[0]["heldout_targets"] == int(valid[:1, :-1].sum())
+    train_rows, _ = load_rows((str(train_txt),), tok, 16)
+    assert not torch.equal(rows[0], train_rows[0])
+
+
+def test_help_shows_every_default():
+    text = " ".join(build_parser().format_help().split())
+    for needle in ("--weight-decay", "(default: 0.001)", "(default: 0.9 0.999)", "(default: 20; with --model tiny: 5)",
+                   "(default: 1000000.0; with --model tiny: 1.0)", "--keep-last", "--eval-data", "(default: 2)",
+                   "(default: triton on CUDA, split on CPU)"):
+        assert needle in text, needle
+    parser = build_parser()
+    missing = [a.option_strings for a in parser._actions if a.option_strings and a.dest != "help"
+               and "default:" not in (a.help or "")]
+    assert not missing, missing
+
+
+def test_plot_metrics_shows_gain_and_thoughts(run4, tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_plot_metrics", ROOT / "benchmarks" / "plot_metrics.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    out, m = run4
+    plot.main([str(out / "metrics.jsonl"), str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out.splitlines()
+    samples = [s for r in m if "thoughts" in r for s in r["thoughts"]["samples"]]
+    assert len(printed) == len(samples) and all("gain" in line for line in printed)
+    assert f"{samples[0]['gain']:+.3f}" in printed[0]
+    steps, _, thoughts = plot.read(out / "metrics.jsonl")
+    assert len(steps) == 4 and [t["step"] for t in thoughts] == [2, 4]
