@@ -60,6 +60,10 @@ class ThoughtCache:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             ks = self.chain_k.setdefault(layer, [])
             vs = self.chain_v.setdefault(layer, [])
+            if len(ks) > step:
+                # activation checkpointing recomputes this layer's forward in the backward: the cache
+                # already holds every step, the recomputed k/v equal the stored ones (deterministic)
+                return torch.stack(ks[:step] + [k], dim=4), torch.stack(vs[:step] + [v], dim=4)
             if len(ks) != step:
                 raise RuntimeError(f"chain steps must come in order: layer {layer} has {len(ks)} steps, got step {step}")
             ks.append(k)

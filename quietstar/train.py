@@ -11,7 +11,6 @@ embedded MATH corpus for a few minutes on a CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, parallel
 from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESET, Config, LossConfig,
                      ModelConfig, ThoughtConfig, TrainConfig)
 from .flops import peak_bf16_flops, step_flops
@@ -226,7 +225,11 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     backends = Backends(tc.attention, tc.lm_head)
 
     fwd = model
-    if world > 1:
+    if tc.activation_checkpointing:
+        parallel.apply_activation_checkpointing(model)
+    if tc.parallel == "fsdp":
+        parallel.apply_fsdp(model, device)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
@@ -237,7 +240,11 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         from .graphs import GraphedSampler
         sampler = GraphedSampler(model, backends, generator)
     start = 0
-    if tc.resume:
+    if tc.resume and Path(tc.resume).is_dir():     # a sharded checkpoint (--parallel fsdp), any world size
+        start, rng = parallel.load_checkpoint(tc.resume, model, opt, sched, rng_state(generator))
+        if rng is not None:                         # a rank the saving run did not have keeps its fresh seed
+            set_rng_state(rng, generator)
+    elif tc.resume:
         ck = torch.load(tc.resume, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -263,7 +270,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     def evaluate(step: int) -> None:
         from .evaluate import heldout_losses
         g = torch.Generator(device=device).manual_seed(tc.seed + 12345)   # same thoughts' randomness each time
-        ev = heldout_losses(model, *eval_rows, backends, tc.batch_size, g, device, autocast)
+        with parallel.gathered(model):
+            ev = heldout_losses(model, *eval_rows, backends, tc.batch_size, g, device, autocast)
         ev["step"] = step
         if rank == 0:
             with open(metrics_path, "a") as f:
@@ -288,7 +296,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                 dist.all_reduce(flat)
                 den = dict(zip(("n_base", "n_talk", "n_pol"), flat / world))
             sync = world == 1 or micro == tc.grad_accum - 1
-            with autocast, (contextlib.nullcontext() if sync else fwd.no_sync()):
+            with autocast, parallel.grad_sync(fwd, sync):
                 thoughts = sampler(ids) if sampler is not None else None      # else sampled inside
                 loss, m, _ = fwd(ids, vn, cfg.loss, tc.schedule, backends, generator, thoughts=thoughts,
                                  denominators=den)
@@ -308,7 +316,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         # one host sync per step, for the log line
         rec = {k: float(v) for k, v in sums.items()}
         dt = time.perf_counter() - t0
-        rec.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(gnorm), ms=1000 * dt,
+        rec.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=parallel.full_grad_norm(gnorm), ms=1000 * dt,
                    tok_per_s=tokens_per_micro * tc.grad_accum * world / dt)
         if peak:
             rec["mfu"] = flops_per_rank_step / dt / peak
@@ -322,13 +330,22 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                            f"w {rec['w_mean']:+.3f}±{rec['w_std']:.3f} | reward {rec['reward']:+.3f} | "
                            f"{rec['ms']:.0f} ms | {rec['tok_per_s']:.0f} tok/s"
                            + (f" | MFU {rec['mfu']:.1%}" if "mfu" in rec else ""))
-            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps and tc.parallel == "ddp":
                 save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, generator, cfg)
+        if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps and tc.parallel == "fsdp":
+            parallel.save_checkpoint(out / f"step{step + 1:06d}", model, opt, sched, step + 1, rng_state(generator),
+                                     dataclasses.asdict(cfg))
     if eval_rows is not None:
         evaluate(tc.steps)
     ckpt = out / "final.pt"
     export = out / "export"
-    if rank == 0:
+    if tc.parallel == "fsdp":   # collective: every rank writes its shards, rank 0 gathers the export
+        ckpt = parallel.save_checkpoint(out / "final", model, opt, sched, tc.steps, rng_state(generator),
+                                        dataclasses.asdict(cfg))
+        parallel.export_full(model, export, dataclasses.asdict(cfg), tokenizer=tok)
+        if rank == 0:
+            print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
+    elif rank == 0:
         save_checkpoint(ckpt, model, opt, sched, tc.steps, generator, cfg)
         model.save_pretrained(export, tokenizer=tok)    # a Hugging Face folder + the Quiet-STaR extras
         print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
@@ -342,8 +359,8 @@ def main(argv=None) -> int:
     try:
         train(cfg, rank, world, device=device)
     finally:
-        if world > 1:
-            import torch.distributed as dist
+        import torch.distributed as dist
+        if dist.is_initialized():       # torchrun's group, or the 1-rank group of --parallel fsdp
             dist.destroy_process_group()
     return 0
 
