@@ -72,7 +72,7 @@ def decoder_layers(model) -> nn.ModuleList:
                          "layers as a non-empty nn.ModuleList at model.lm.model.layers (a Mistral/Llama "
                          f"*ForCausalLM), got {type(layers).__name__}")
     inside = {id(p) for layer in layers for p in layer.parameters()}
-    outside = [n for n, p in model.named_parameters() if id(p) in inside and ".layers." not in n]
+    outside = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in inside and ".layers." not in n]
     if outside:
         raise ValueError(f"--parallel fsdp: unsupported model, parameters {outside[:3]} are shared between a "
                          "decoder layer and the rest of the model (each layer is sharded on its own)")
