@@ -224,3 +224,22 @@ def test_unsupported_model_refused():
     shared.lm.model.layers[0].mlp.down_proj.weight = shared.lm.lm_head.weight   # a layer shares a root parameter
     with pytest.raises(ValueError, match="--parallel fsdp: unsupported model, parameters"):
         parallel.decoder_layers(shared)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU benchmark: fails fast without CUDA, its CPU rehearsal runs the same code
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_bench_fsdp_needs_cuda(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fsdp.py"), "--out", str(tmp_path)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_bench_fsdp_dry_run(tmp_path):
+    _launch([str(ROOT / "benchmarks" / "bench_fsdp.py")], ["--dry-run", "--out", str(tmp_path), "--steps", "1",
+                                                          "--warmup", "1"], nproc=1)
+    res = json.loads((tmp_path / "fsdp_ws1.json").read_text())
+    assert [(r["ac"], r["status"]) for r in res["runs"]] == [(True, "ok"), (False, "ok")]
+    assert res["runs"][0]["loss"] == pytest.approx(res["runs"][1]["loss"], rel=1e-5)   # same model, same step
