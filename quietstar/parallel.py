@@ -139,6 +139,9 @@ def gathered(model):
     if not is_fsdp(model):
         yield
         return
+    # Before the first training step nothing has run the root's forward, which is where FSDP decides who
+    # is the root; a layer called first would make itself one. Decide it now (a no-op once decided).
+    model._get_fsdp_state()._lazy_init()
     model.unshard()
     try:
         yield

@@ -102,6 +102,23 @@ def test_activation_checkpointing_backward_is_identical(schedule, attention):
         assert p.grad is not None and torch.equal(p.grad, named[n].grad), n
 
 
+@pytest.mark.gpu
+def test_activation_checkpointing_backward_is_identical_on_gpu():
+    """The same on CUDA with the Triton attention (fp32 model): the GPU's recomputed forward is bitwise
+    the stored one too (no atomics in our kernels; cuBLAS GEMMs repeat exactly on one device)."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 37), generator=g).cuda()
+    vn = (torch.rand(2, 37, generator=g) > 0.2).cuda()
+    thoughts = torch.randint(0, 97, (2, 2, 37, 2), generator=g).cuda()
+    plain, ckpt = tiny_model(head_dim=16).cuda(), tiny_model(head_dim=16).cuda()
+    parallel.apply_activation_checkpointing(ckpt)
+    assert torch.equal(step(plain, ids, vn, thoughts, "sample-then-train", "triton"),
+                       step(ckpt, ids, vn, thoughts, "sample-then-train", "triton"))
+    named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in ckpt.named_parameters()}
+    for n, p in plain.named_parameters():
+        assert torch.equal(p.grad, named[n].grad), n
+
+
 # ----------------------------------------------------------------------------------------------
 # sharded checkpoints: other world sizes, the converter, a killed save
 # ----------------------------------------------------------------------------------------------
@@ -125,11 +142,12 @@ def _assert_same(a, b):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """2 steps, global batch 2, a checkpoint after step 1: on 2 ranks (B=1 each), and on 1 rank (B=2,
-    with activation checkpointing)."""
+    """2 steps of 2 micro-batches, global batch 2, a checkpoint after step 1: on 2 ranks (B=1 each, with a
+    held-out evaluation before and after: the root's parameters gathered outside its forward), and on 1
+    rank (B=2, with activation checkpointing)."""
     base = tmp_path_factory.mktemp("fsdp")
-    return {"two": _train(base / "two", 2, 1, ["--ckpt-every", "1"]),
-            "one": _train(base / "one", 1, 2, ["--ckpt-every", "1", "--activation-checkpointing"])}
+    return {"two": _train(base / "two", 2, 1, ["--ckpt-every", "1", "--grad-accum", "2", "--eval-rows", "2"]),
+            "one": _train(base / "one", 1, 2, ["--ckpt-every", "1", "--grad-accum", "2", "--activation-checkpointing"])}
 
 
 @pytest.mark.slow
@@ -138,8 +156,8 @@ def test_sharded_checkpoint_resumes_on_other_world_sizes(runs, tmp_path):
     _assert_same(two, one)                       # 2 ranks x B=1 == 1 rank x B=2
     meta = json.loads((runs["two"] / "step000001" / parallel.META_FILE).read_text())
     assert (meta["step"], meta["world_size"]) == (1, 2)
-    r21 = _train(tmp_path / "r21", 1, 2, ["--resume", str(runs["two"] / "step000001")])
-    r12 = _train(tmp_path / "r12", 2, 1, ["--resume", str(runs["one"] / "step000001")])
+    r21 = _train(tmp_path / "r21", 1, 2, ["--grad-accum", "2", "--resume", str(runs["two"] / "step000001")])
+    r12 = _train(tmp_path / "r12", 2, 1, ["--grad-accum", "2", "--resume", str(runs["one"] / "step000001")])
     _assert_same(_export_weights(r21 / "export"), two)
     _assert_same(_export_weights(r12 / "export"), one)
     # the step-1 checkpoint is not the end: resuming from it did train a step
