@@ -15,21 +15,25 @@ before), so the step's transient memory is
     transient = peak RSS during the step - RSS before it      (Linux VmHWM, reset via /proc/self/clear_refs)
 
 i.e. activations saved for the backward, the sampling caches and the temporaries of the LM head and
-attention. With n layers it is `c0(T) + n c1(T)` (c1: per decoder layer, c0: embedding, LM head,
-mixing head, sampling), solved from n = 1 and 2. T=256 (7,424 trained tokens per row) is too slow on
-a shared 2-core CPU, so T is 16..128 and c0, c1 are fitted as a + bT + cT^2 (the split attention's
-score blocks are quadratic in T; everything else linear), checked by leaving the largest T out, and
-evaluated at T=256/512.
+attention. Part of it does not grow with the batch (weight-sized buffers: the chunked LM head's fp32
+dW accumulator...): F, measured as 2 t(B=1) - t(B=2) at one T. The rest is per row: with n layers
+`r0(T) + n r1(T)` (r1: per decoder layer, r0: embedding, LM head, mixing head, sampling), solved from
+n = 1 and 2. T=256 (7,424 trained tokens per row) is too slow on a shared 2-core CPU, so T is 16..128
+and r0, r1 are fitted as a + bT + cT^2 (the split attention's score blocks are quadratic in T;
+everything else linear), checked by predicting the largest T from the others, and evaluated at
+T=128/256/512.
 
 The plan per GPU rank (FSDP2 over N ranks, fp32 master weights, AdamW, bf16 compute):
 
-    peak = 16 B x params / N             fp32 parameters + fp32 gradients + AdamW's two moments, sharded
+    step = 16 B x params / N             fp32 parameters + fp32 gradients + AdamW's two moments, sharded
          + 2 B x (root + 2 layers)       unsharded bf16: the root (embedding, LM head, extras; kept from
                                          forward to backward) and the current + prefetched layer
-         + 4 B x 1 layer                 one layer's fp32 gradient before its reduce-scatter
-         + B x (c0(T) + 32 c1(T))        this rank's rows' activations (measured on CPU, above)
+         + 6 B x max(root, layer)        one group's unsharded bf16 gradient + its fp32 copy to reduce
+         + F + B x (r0(T) + 32 r1(T))    activations and temporaries (measured on CPU, above)
+    optimizer = 20 B x params / N        AdamW (foreach) holds one more fp32 temporary per parameter
+    peak = max(step, optimizer)
 
-Everything but the last line is counted from parameter counts (exact). Known gaps between the CPU
+Everything but the measured line is counted from parameter counts. Known gaps between the CPU
 measurement and a GPU: the GPU runs the Triton attention / LM head (they save less than `split` /
 `chunked`: the plan errs high), the CUDA caching allocator's fragmentation (the plan keeps 10% of the
 card free), NCCL buffers (hundreds of MB).
@@ -115,14 +119,24 @@ def run_child(shape_name: str, layers: int, T: int, B: int, ac: bool, timeout: i
 # ----------------------------------------------------------------------------------------------
 # fit and plan
 # ----------------------------------------------------------------------------------------------
-def per_layer(points: list[dict]) -> dict:
-    """{(T, ac): (c0, c1)} from the n = 1 and n = 2 points at each (T, ac)."""
-    by = {(p["T"], p["ac"], p["layers"]): p["transient"] / p["B"] for p in points}
+def fixed_part(points: list[dict], ac: bool) -> float:
+    """F: the transient memory that does not grow with B, 2 t(B=1) - t(B=2) at the T measured with B=2
+    (the mean over n = 1, 2 layers: it holds weight-sized buffers of the root, not of the layers)."""
+    by = {(p["T"], p["layers"], p["B"]): p["transient"] for p in points if p["ac"] == ac}
+    fs = [2 * by[(T, n, 1)] - by[(T, n, 2)] for (T, n, B) in by if B == 2 and (T, n, 1) in by]
+    if not fs:
+        raise ValueError("no B=2 point: F (the part that does not grow with B) cannot be measured")
+    return float(np.mean(fs))
+
+
+def per_layer(points: list[dict], fixed: dict) -> dict:
+    """{(T, ac): (r0, r1)} per row, from the B=1 points with n = 1 and n = 2 layers at each (T, ac)."""
+    by = {(p["T"], p["ac"], p["layers"]): p["transient"] - fixed[p["ac"]] for p in points if p["B"] == 1}
     out = {}
     for (T, ac, n) in by:
         if n == 1 and (T, ac, 2) in by:
-            c1 = by[(T, ac, 2)] - by[(T, ac, 1)]
-            out[(T, ac)] = (by[(T, ac, 1)] - c1, c1)
+            r1 = by[(T, ac, 2)] - by[(T, ac, 1)]
+            out[(T, ac)] = (by[(T, ac, 1)] - r1, r1)
     return out
 
 
@@ -141,21 +155,29 @@ def mistral7b_params(shape: dict, layers: int = 32) -> dict:
     return {"layer": layer, "root": root, "total": root + layers * layer}
 
 
-def plan(fits: dict, shape: dict, layers: int = 32, ranks=(1, 2, 4, 8), batches=(1, 2, 4, 8),
+def act_row(fit, T: int, layers: int = 32) -> float:
+    """Per-row activation bytes of `layers` layers at base length T from the fits (r0, r1)."""
+    r0f, r1f = fit
+    return float(np.polyval(r0f[::-1], T) + layers * np.polyval(r1f[::-1], T))
+
+
+def plan(fits: dict, fixed: dict, shape: dict, layers: int = 32, ranks=(1, 2, 4, 8), batches=(1, 2, 4, 8),
          Ts=(128, 256, 512)) -> list[dict]:
     n = mistral7b_params(shape, layers)
     rows = []
     for N in ranks:
         state = 16 * n["total"] / N
-        buffers = 2 * (n["root"] + 2 * n["layer"]) + 4 * n["layer"]
+        buffers = 2 * (n["root"] + 2 * n["layer"]) + 6 * max(n["root"], n["layer"])
+        optimizer = 20 * n["total"] / N
         for ac in (False, True):
-            c0f, c1f = fits[ac]
             for T in Ts:
-                act_row = np.polyval(c0f[::-1], T) + layers * np.polyval(c1f[::-1], T)
+                per_row = act_row(fits[ac], T, layers)
                 for B in batches:
-                    peak = state + buffers + B * act_row
+                    step = state + buffers + fixed[ac] + B * per_row
+                    peak = max(step, optimizer)
                     rows.append({"ranks": N, "B": B, "T": T, "ac": ac, "state_gb": state / 1e9,
-                                 "buffers_gb": buffers / 1e9, "act_gb": B * act_row / 1e9, "peak_gb": peak / 1e9,
+                                 "buffers_gb": buffers / 1e9, "act_gb": (fixed[ac] + B * per_row) / 1e9,
+                                 "optimizer_gb": optimizer / 1e9, "peak_gb": peak / 1e9,
                                  "fits_80gb": bool(peak <= HEADROOM * GPU_BYTES)})
     return rows
 
@@ -175,25 +197,28 @@ def write_report(res: dict, out: Path, stem: str) -> None:
              f"MLP {s['intermediate_size']}, V={s['vocab_size']}, 1 and 2 decoder layers, M={THOUGHT['M']} "
              f"K={THOUGHT['K']} P={THOUGHT['P']} (L={L}), B=1, bf16 (autocast, bf16 parameters), `split` attention, "
              "`chunked` LM head, sample-then-train. transient = peak RSS of the step - RSS before it.", "",
-             "| layers | T | tokens/row T(1+PL) | checkpointing | transient MiB | step s |", "|---|---|---|---|---|---|"]
+             "| layers | B | T | tokens/row T(1+PL) | checkpointing | transient MiB | step s |",
+             "|---|---|---|---|---|---|---|"]
     for p in res["points"]:
-        lines.append(f"| {p['layers']} | {p['T']} | {p['T'] * (1 + THOUGHT['P'] * L)} | {'on' if p['ac'] else 'off'} "
-                     f"| {p['transient'] / 2**20:.0f} | {p['secs']:.1f} |")
-    lines += ["", "Per row: c0 (embedding, LM head, mixing head, sampling) and c1 (per decoder layer), MiB; "
-              "the fit a + bT + cT^2 on all T, and its prediction of the largest T from the others:", "",
-              "| T | checkpointing | c0 | c1 | c1 fitted | c1 predicted without this T |", "|---|---|---|---|---|---|"]
+        lines.append(f"| {p['layers']} | {p['B']} | {p['T']} | {p['T'] * (1 + THOUGHT['P'] * L)} | "
+                     f"{'on' if p['ac'] else 'off'} | {p['transient'] / 2**20:.0f} | {p['secs']:.1f} |")
+    lines += ["", "F (does not grow with B): " + ", ".join(
+        f"checkpointing {'on' if ac == 'True' else 'off'} {v / 2**20:.0f} MiB" for ac, v in res["fixed"].items())
+        + ". Per row: r0 (embedding, LM head, mixing head, sampling) and r1 (per decoder layer), MiB; "
+          "the fit a + bT + cT^2 on all T, and its prediction of the largest T from the others:", "",
+        "| T | checkpointing | r0 | r1 | r1 fitted | r1 predicted without this T |", "|---|---|---|---|---|---|"]
     for r in res["per_layer"]:
-        lines.append(f"| {r['T']} | {'on' if r['ac'] else 'off'} | {r['c0'] / 2**20:.0f} | {r['c1'] / 2**20:.1f} | "
-                     f"{r['c1_fit'] / 2**20:.1f} | {r['c1_holdout'] / 2**20:.1f} |" if r.get("c1_holdout") is not None
-                     else f"| {r['T']} | {'on' if r['ac'] else 'off'} | {r['c0'] / 2**20:.0f} | "
-                          f"{r['c1'] / 2**20:.1f} | {r['c1_fit'] / 2**20:.1f} | |")
+        hold = f"{r['r1_holdout'] / 2**20:.1f}" if r.get("r1_holdout") is not None else ""
+        lines.append(f"| {r['T']} | {'on' if r['ac'] else 'off'} | {r['r0'] / 2**20:.0f} | {r['r1'] / 2**20:.1f} | "
+                     f"{r['r1_fit'] / 2**20:.1f} | {hold} |")
     n = res["params"]
     lines += ["", f"Mistral-7B: {n['total'] / 1e9:.3f} B parameters ({n['layer'] / 1e6:.1f} M per layer, "
-              f"{n['root'] / 1e6:.1f} M root incl. the extras). Extrapolated per-row activations of 32 layers: "
+              f"{n['root'] / 1e6:.1f} M root incl. the extras). Extrapolated activations per row of 32 layers: "
               + ", ".join(f"T={T}: {res['act_row_gb'][f'{T}/{ac}']:.1f} GB ({'with' if ac else 'without'} "
-                          f"checkpointing)" for T in (256,) for ac in (False, True)) + ".", "",
-              f"Per rank peak (GB) = sharded state 16 B x params / N + bf16/fp32 buffers + B x activations; "
-              f"fits = under {HEADROOM:.0%} of 80 GB. Rows: ranks N, columns: B per rank.", ""]
+                          f"checkpointing)" for T in (128, 256) for ac in (False, True)) + ".", "",
+              f"Per rank peak (GB) = max(sharded state 16 B x params / N + buffers + F + B x activations, "
+              f"AdamW 20 B x params / N); fits = under {HEADROOM:.0%} of 80 GB. Rows: ranks N, columns: B per rank.",
+              ""]
     for T in sorted({r["T"] for r in res["plan"]}):
         for ac in (False, True):
             sub = [r for r in res["plan"] if r["T"] == T and r["ac"] == ac]
@@ -215,6 +240,9 @@ def main(argv=None) -> int:
     ap.add_argument("--Ts", type=int, nargs="+", default=None, help="base lengths measured (default 16 32 64 128)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the result files")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
+    ap.add_argument("--B2-T", type=int, default=None, help="T of the B=2 points that measure F (default: the 2nd T)")
+    ap.add_argument("--reuse", default=None, help="a previous result JSON: its points of the same shape are not "
+                                                  "measured again")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -230,36 +258,41 @@ def main(argv=None) -> int:
     Ts = args.Ts or ([8, 16, 32] if args.smoke else [16, 32, 64, 128])
     if len(Ts) < 3:
         ap.error("--Ts: at least 3 base lengths (the fit is a + bT + cT^2)")
+    old = {}
+    if args.reuse:
+        prev = json.loads(Path(args.reuse).read_text())
+        if prev["shape"] == shape:
+            old = {(p["layers"], p["T"], p["B"], p["ac"]): p for p in prev["points"]}
+    grid = [(layers, T, 1, ac) for ac in (False, True) for T in Ts for layers in (1, 2)]
+    grid += [(layers, args.B2_T or Ts[1], 2, ac) for ac in (False, True) for layers in (1, 2)]
     points = []
-    for ac in (False, True):
-        for T in Ts:
-            for layers in (1, 2):
-                p = run_child(name, layers, T, 1, ac, args.timeout)
-                print(f"layers={layers} T={T} ac={ac}: transient {p['transient'] / 2**20:.0f} MiB, "
-                      f"{p['secs']:.1f} s", flush=True)
-                points.append(p)
-    pl = per_layer(points)
+    for key in grid:
+        p = old.get(key) or run_child(name, key[0], key[1], key[2], key[3], args.timeout)
+        print(f"layers={key[0]} T={key[1]} B={key[2]} ac={key[3]}: transient {p['transient'] / 2**20:.0f} MiB, "
+              f"{p['secs']:.1f} s{' (reused)' if key in old else ''}", flush=True)
+        points.append(p)
+    fixed = {ac: fixed_part(points, ac) for ac in (False, True)}
+    pl = per_layer(points, fixed)
     fits, rows = {}, []
     for ac in (False, True):
         ts = sorted(T for (T, a) in pl if a == ac)
-        c0f = fit_quadratic(ts, [pl[(T, ac)][0] for T in ts])
-        c1f = fit_quadratic(ts, [pl[(T, ac)][1] for T in ts])
+        r0f = fit_quadratic(ts, [pl[(T, ac)][0] for T in ts])
+        r1f = fit_quadratic(ts, [pl[(T, ac)][1] for T in ts])
         hold = fit_quadratic(ts[:-1], [pl[(T, ac)][1] for T in ts[:-1]]) if len(ts) > 3 else None
-        fits[ac] = (c0f, c1f)
+        fits[ac] = (r0f, r1f)
         for T in ts:
-            rows.append({"T": T, "ac": ac, "c0": pl[(T, ac)][0], "c1": pl[(T, ac)][1],
-                         "c1_fit": float(np.polyval(c1f[::-1], T)),
-                         "c1_holdout": float(np.polyval(hold[::-1], T)) if hold is not None and T == ts[-1] else None})
+            rows.append({"T": T, "ac": ac, "r0": pl[(T, ac)][0], "r1": pl[(T, ac)][1],
+                         "r1_fit": float(np.polyval(r1f[::-1], T)),
+                         "r1_holdout": float(np.polyval(hold[::-1], T)) if hold is not None and T == ts[-1] else None})
     import torch
     n = mistral7b_params(shape)
     res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "torch": torch.__version__, "smoke": args.smoke, "shape": shape, "thought": THOUGHT, "points": points,
            "per_layer": rows, "fits": {str(ac): [list(map(float, f)) for f in fits[ac]] for ac in fits},
-           "params": n, "act_row_gb": {f"{T}/{ac}": float(np.polyval(fits[ac][0][::-1], T)
-                                                         + 32 * np.polyval(fits[ac][1][::-1], T)) / 1e9
-                                       for T in (128, 256, 512) for ac in (False, True)},
-           "plan": plan(fits, shape)}
+           "fixed": {str(ac): fixed[ac] for ac in fixed}, "params": n,
+           "act_row_gb": {f"{T}/{ac}": act_row(fits[ac], T) / 1e9 for T in (128, 256, 512) for ac in (False, True)},
+           "plan": plan(fits, fixed, shape)}
     stem = "memory_plan_smoke" if args.smoke else "memory_plan_mistral7b_cpu"
     write_report(res, Path(args.out), stem)
     print((Path(args.out) / f"{stem}.md").read_text())

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,3 +262,32 @@ def test_bench_fsdp_dry_run(tmp_path):
     res = json.loads((tmp_path / "fsdp_ws1.json").read_text())
     assert [(r["ac"], r["status"]) for r in res["runs"]] == [(True, "ok"), (False, "ok")]
     assert res["runs"][0]["loss"] == pytest.approx(res["runs"][1]["loss"], rel=1e-5)   # same model, same step
+
+
+def test_memory_plan_recovers_a_known_model():
+    """benchmarks/memory_plan.py's analysis on synthetic points t = F + B (r0(T) + n r1(T)) with quadratic
+    r0, r1: it recovers F and the per-row fits, and the plan adds the counted state to them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import memory_plan as mp
+    F = {False: 5e8, True: 4e8}
+    r0 = {False: (1e8, 2e6, 10.0), True: (1e8, 2e6, 10.0)}
+    r1 = {False: (3e6, 8e6, 50.0), True: (1e6, 6e4, 0.0)}
+    points = [{"layers": n, "T": T, "B": B, "ac": ac,
+               "transient": F[ac] + B * (np.polyval(r0[ac][::-1], T) + n * np.polyval(r1[ac][::-1], T))}
+              for ac in (False, True) for T in (16, 32, 64, 128) for n in (1, 2) for B in ((1, 2) if T == 32 else (1,))]
+    fixed = {ac: mp.fixed_part(points, ac) for ac in (False, True)}
+    assert fixed == pytest.approx(F)
+    pl = mp.per_layer(points, fixed)
+    for ac in (False, True):
+        ts = sorted(T for (T, a) in pl if a == ac)
+        fit = (mp.fit_quadratic(ts, [pl[(T, ac)][0] for T in ts]), mp.fit_quadratic(ts, [pl[(T, ac)][1] for T in ts]))
+        want = np.polyval(r0[ac][::-1], 256) + 32 * np.polyval(r1[ac][::-1], 256)
+        assert mp.act_row(fit, 256) == pytest.approx(want, rel=1e-6)
+    fits = {ac: (np.array(r0[ac]), np.array(r1[ac])) for ac in (False, True)}
+    rows = mp.plan(fits, F, mp.MISTRAL_7B)
+    n = mp.mistral7b_params(mp.MISTRAL_7B)
+    assert 7.2e9 < n["total"] < 7.3e9           # Mistral-7B (untied head) plus the extras
+    r = next(r for r in rows if (r["ranks"], r["B"], r["T"], r["ac"]) == (8, 2, 256, True))
+    act = F[True] + 2 * (np.polyval(r0[True][::-1], 256) + 32 * np.polyval(r1[True][::-1], 256))
+    assert r["peak_gb"] == pytest.approx((16 * n["total"] / 8 + r["buffers_gb"] * 1e9 + act) / 1e9)
+    assert r["fits_80gb"] == (r["peak_gb"] <= 72)
