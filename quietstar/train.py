@@ -245,6 +245,9 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         if rng is not None:                         # a rank the saving run did not have keeps its fresh seed
             set_rng_state(rng, generator)
     elif tc.resume:
+        if tc.parallel == "fsdp":
+            raise ValueError(f"--resume {tc.resume}: --parallel fsdp resumes from a checkpoint folder (written with "
+                             "--parallel fsdp), not a single-file checkpoint of --parallel ddp")
         ck = torch.load(tc.resume, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
