@@ -19,9 +19,11 @@ attention. Part of it does not grow with the batch (weight-sized buffers: the ch
 dW accumulator...): F, measured as 2 t(B=1) - t(B=2) at one T. The rest is per row: with n layers
 `r0(T) + n r1(T)` (r1: per decoder layer, r0: embedding, LM head, mixing head, sampling), solved from
 n = 1 and 2. T=256 (7,424 trained tokens per row) is too slow on a shared 2-core CPU, so T is 16..128
-and r0, r1 are fitted as a + bT + cT^2 (the split attention's score blocks are quadratic in T;
-everything else linear), checked by predicting the largest T from the others, and evaluated at
-T=128/256/512.
+and fitted by least squares: r1 as a + bT (what a layer keeps for the backward is proportional to its
+tokens: all its activations, or with checkpointing only its input), r0 as a + bT + cT^2 (it holds
+the transient peak of one layer, whose attention score blocks are quadratic in T); r1's line is
+checked by predicting the largest T from the others; both are evaluated at T=128/256/512. RSS moves in steps of glibc's arenas: tens of MiB of noise per point, which matters for
+r1 with checkpointing (a few MiB per layer at these T) and is why the fit uses every T.
 
 The plan per GPU rank (FSDP2 over N ranks, fp32 master weights, AdamW, bf16 compute):
 
@@ -130,20 +132,26 @@ def fixed_part(points: list[dict], ac: bool) -> float:
 
 
 def per_layer(points: list[dict], fixed: dict) -> dict:
-    """{(T, ac): (r0, r1)} per row, from the B=1 points with n = 1 and n = 2 layers at each (T, ac)."""
-    by = {(p["T"], p["ac"], p["layers"]): p["transient"] - fixed[p["ac"]] for p in points if p["B"] == 1}
+    """{(T, ac): (r0, r1)} per row: the least-squares line t - F = r0 + n r1 through the B=1 points of
+    n = 1, 2 (, 4...) layers at each (T, ac)."""
+    by: dict = {}
+    for p in points:
+        if p["B"] == 1:
+            by.setdefault((p["T"], p["ac"]), []).append((p["layers"], p["transient"] - fixed[p["ac"]]))
     out = {}
-    for (T, ac, n) in by:
-        if n == 1 and (T, ac, 2) in by:
-            r1 = by[(T, ac, 2)] - by[(T, ac, 1)]
-            out[(T, ac)] = (by[(T, ac, 1)] - r1, r1)
+    for key, nt in by.items():
+        if len({n for n, _ in nt}) >= 2:
+            r0, r1 = fit_poly([n for n, _ in nt], [t for _, t in nt], 1)[:2]
+            out[key] = (float(r0), float(r1))
     return out
 
 
-def fit_quadratic(Ts, ys) -> np.ndarray:
-    """Least-squares a + bT + cT^2 (exact through 3 points)."""
-    A = np.stack([np.ones(len(Ts)), np.asarray(Ts, float), np.asarray(Ts, float) ** 2], axis=1)
-    return np.linalg.lstsq(A, np.asarray(ys, float), rcond=None)[0]
+def fit_poly(Ts, ys, degree: int = 2) -> np.ndarray:
+    """Least-squares coefficients (a, b, c) of a + bT + cT^2 (c = 0 for degree 1)."""
+    T = np.asarray(Ts, float)
+    A = np.stack([T ** k for k in range(degree + 1)], axis=1)
+    return np.concatenate([np.linalg.lstsq(A, np.asarray(ys, float), rcond=None)[0], np.zeros(2 - degree)])
+
 
 
 def mistral7b_params(shape: dict, layers: int = 32) -> dict:
@@ -205,7 +213,7 @@ def write_report(res: dict, out: Path, stem: str) -> None:
     lines += ["", "F (does not grow with B): " + ", ".join(
         f"checkpointing {'on' if ac == 'True' else 'off'} {v / 2**20:.0f} MiB" for ac, v in res["fixed"].items())
         + ". Per row: r0 (embedding, LM head, mixing head, sampling) and r1 (per decoder layer), MiB; "
-          "the fit a + bT + cT^2 on all T, and its prediction of the largest T from the others:", "",
+          "the least-squares fit on all T, and its prediction of the largest T from the others:", "",
         "| T | checkpointing | r0 | r1 | r1 fitted | r1 predicted without this T |", "|---|---|---|---|---|---|"]
     for r in res["per_layer"]:
         hold = f"{r['r1_holdout'] / 2**20:.1f}" if r.get("r1_holdout") is not None else ""
@@ -241,8 +249,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS), help="folder of the result files")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     ap.add_argument("--B2-T", type=int, default=None, help="T of the B=2 points that measure F (default: the 2nd T)")
-    ap.add_argument("--reuse", default=None, help="a previous result JSON: its points of the same shape are not "
-                                                  "measured again")
+    ap.add_argument("--reuse", nargs="+", default=(), help="previous result JSONs: their points of the same shape "
+                                                            "are not measured again")
+    ap.add_argument("--layers-ac", type=int, nargs="+", default=[1, 2],
+                    help="layer counts measured with checkpointing (its per-layer memory is small: a longer lever)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -259,11 +269,11 @@ def main(argv=None) -> int:
     if len(Ts) < 3:
         ap.error("--Ts: at least 3 base lengths (the fit is a + bT + cT^2)")
     old = {}
-    if args.reuse:
-        prev = json.loads(Path(args.reuse).read_text())
+    for f in args.reuse:
+        prev = json.loads(Path(f).read_text())
         if prev["shape"] == shape:
-            old = {(p["layers"], p["T"], p["B"], p["ac"]): p for p in prev["points"]}
-    grid = [(layers, T, 1, ac) for ac in (False, True) for T in Ts for layers in (1, 2)]
+            old.update({(p["layers"], p["T"], p["B"], p["ac"]): p for p in prev["points"]})
+    grid = [(layers, T, 1, ac) for ac in (False, True) for T in Ts for layers in ((1, 2) if not ac else args.layers_ac)]
     grid += [(layers, args.B2_T or Ts[1], 2, ac) for ac in (False, True) for layers in (1, 2)]
     points = []
     for key in grid:
@@ -276,9 +286,9 @@ def main(argv=None) -> int:
     fits, rows = {}, []
     for ac in (False, True):
         ts = sorted(T for (T, a) in pl if a == ac)
-        r0f = fit_quadratic(ts, [pl[(T, ac)][0] for T in ts])
-        r1f = fit_quadratic(ts, [pl[(T, ac)][1] for T in ts])
-        hold = fit_quadratic(ts[:-1], [pl[(T, ac)][1] for T in ts[:-1]]) if len(ts) > 3 else None
+        r0f = fit_poly(ts, [pl[(T, ac)][0] for T in ts])
+        r1f = fit_poly(ts, [pl[(T, ac)][1] for T in ts], 1)
+        hold = fit_poly(ts[:-1], [pl[(T, ac)][1] for T in ts[:-1]], 1) if len(ts) > 2 else None
         fits[ac] = (r0f, r1f)
         for T in ts:
             rows.append({"T": T, "ac": ac, "r0": pl[(T, ac)][0], "r1": pl[(T, ac)][1],
