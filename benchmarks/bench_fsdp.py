@@ -14,7 +14,7 @@ steps (Triton compiles), then `--steps` timed steps; reported: median step ms, t
 trained tokens per step), `torch.cuda.max_memory_allocated` / `max_memory_reserved` over the timed steps,
 or OOM. Default configurations: checkpointing on and off at B=8; if off runs out of memory, off again at
 B=4, 2, 1 until it fits, then on at that B for a like-for-like time ratio. The CPU memory plan measured
-~226 KB per trained token and decoder layer without checkpointing at Mistral-7B's layer shape; about half
+~227 KiB per trained token and decoder layer without checkpointing at Mistral-7B's layer shape; about half
 of that at d=2048 puts B=8 x 7,424 tokens x 16 layers near 110 GB, so off is expected to run out of memory
 at B=8. Without CUDA (and without --dry-run) it exits 2 at once.
 Writes `fsdp_ws1.json` and `fsdp_ws1.md` into --out.
