@@ -22,7 +22,8 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   Model and optimizer go through `get_state_dict` / `set_state_dict`, so a checkpoint loads on any world
   size (N ranks -> 1 and 1 -> N) and into an unsharded model. Every rank writes into `<name>.tmp`; only
   when all have finished does rank 0 rename it to `<name>`: a kill at any moment leaves every earlier
-  checkpoint whole, and a half-written one is never under a checkpoint's name.
+  checkpoint whole, and a half-written one is never under a checkpoint's name. On another world size,
+  the ranks the saving run had get their thought-sampling RNG back, new ranks start from their own seed.
 - `export_checkpoint`: a DCP checkpoint -> the `QuietStarModel.save_pretrained` folder
   (`python -m quietstar.parallel CKPT_DIR EXPORT_DIR`).
 
@@ -279,12 +280,13 @@ def main(argv=None) -> int:
                                              "export folder (decoder + quietstar.safetensors + quietstar.json)")
     ap.add_argument("checkpoint", help="a checkpoint folder written with --parallel fsdp (e.g. runs/x/step000100)")
     ap.add_argument("export", help="the folder to write")
-    ap.add_argument("--tokenizer", default="", help="a folder with a tokenizer to save beside the model (optional)")
+    ap.add_argument("--no-tokenizer", action="store_true", help="do not save the run's tokenizer beside the model")
     args = ap.parse_args(argv)
     tok = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    if not args.no_tokenizer:                # the tokenizer the run trained with, as the run's own export has it
+        from .config import ModelConfig
+        from .train import load_tokenizer
+        tok = load_tokenizer(ModelConfig(**read_meta(args.checkpoint)["config"]["model"]))
     print(export_checkpoint(args.checkpoint, args.export, tokenizer=tok))
     return 0
 

@@ -177,6 +177,7 @@ def test_converter_writes_the_runs_export(runs, tmp_path):
     _assert_same(_export_weights(tmp_path / "exp"), _export_weights(runs["two"] / "export"))
     model = QuietStarModel.from_pretrained(tmp_path / "exp")
     assert model.thought.M == 2 and model.markers.shape == (2, 32)
+    assert (tmp_path / "exp" / "tokenizer.json").read_text() == (runs["two"] / "export" / "tokenizer.json").read_text()
 
 
 def _objects(seed):
@@ -186,6 +187,7 @@ def _objects(seed):
     return model, opt, sched
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")     # DCP in one process, on purpose
 def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
     """Without a process group (one process): save at step 1, then a save at step 2 that dies while
     writing its shards. The step-2 name never appears, the step-1 checkpoint loads, a later save works."""
