@@ -235,6 +235,12 @@ def test_bad_combinations_refused(kw, flags):
     assert "\n" not in msg and all(f in msg for f in flags), msg
 
 
+def test_bad_combination_refused_on_the_command_line():
+    from quietstar.train import config_from_args
+    with pytest.raises(ValueError, match="--parallel fsdp does not work with --cuda-graphs"):
+        config_from_args(["--parallel", "fsdp", "--cuda-graphs", "--device", "cpu"])
+
+
 def test_unsupported_model_refused():
     model = tiny_model()
     model.lm.model.layers = torch.nn.Sequential(*model.lm.model.layers)      # not where FSDP looks for layers
