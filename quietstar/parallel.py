@@ -173,6 +173,16 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+@contextlib.contextmanager
+def _dcp_quiet():
+    """DCP without a process group (one process, on purpose) warns on every call that it assumes one
+    process: that is the intent here, so the warning is dropped."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rng_key(rank: int) -> str:
     return f"rng_rank{rank}"
 
@@ -190,7 +200,9 @@ def save_checkpoint(path, model, opt, sched, step: int, rng: dict, config: dict)
         dist.barrier()
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), "step": step, _rng_key(rank): rng}
-    dcp.save(state, checkpoint_id=str(tmp))   # returns on rank 0 after every rank's files are written
+    # returns on rank 0 after every rank's files are written; without a process group: one process
+    with _dcp_quiet():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if rank == 0:
         (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": world, "config": config}, indent=1))
         if path.exists():                    # re-running into the same folder: replace the old one
@@ -230,7 +242,8 @@ def load_checkpoint(path, model, opt, sched, rng: dict) -> tuple[int, dict | Non
     has_rng = rank < meta["world_size"]
     if has_rng:
         state[key] = rng
-    dcp.load(state, checkpoint_id=str(path))
+    with _dcp_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return int(state["step"]), state[key] if has_rng else None
@@ -269,7 +282,8 @@ def export_checkpoint(ckpt_dir, export_dir, tokenizer=None) -> Path:
     meta = read_meta(ckpt_dir)
     model = plain_model(meta["config"])
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt_dir))
+    with _dcp_quiet():
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
     model.load_state_dict(state["model"])
     return model.save_pretrained(export_dir, tokenizer=tokenizer)
 
