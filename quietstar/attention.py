@@ -22,7 +22,7 @@ chain block, merged by log-sum-exp).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,21 +36,24 @@ NAME = "quietstar"
 # ----------------------------------------------------------------------------------------------
 # layout and cache
 # ----------------------------------------------------------------------------------------------
-@dataclass
 class ThoughtCache:
     """Per-layer K/V of the base pass and of the chain steps so far, for step-by-step schedules.
 
     With gradients (the sequential schedule), chain K/V are kept as per-step lists and stacked, so
     autograd sees every step; without, they are written in place into preallocated buffers
     (B, H_KV, P, T, L, D), the layout the step kernel reads as [pos, step] per pass.
+
+    A plain class on purpose, not a dataclass: FSDP2 rebuilds the dataclasses, dicts and lists it finds in
+    a module's inputs when they hold tensors that need gradients, which would hand every decoder layer
+    its own copy of the cache (quietstar/parallel.py); an opaque object is passed through as it is.
     """
-    P: int
-    T: int
-    L: int
-    base_k: dict = field(default_factory=dict)
-    base_v: dict = field(default_factory=dict)
-    chain_k: dict = field(default_factory=dict)
-    chain_v: dict = field(default_factory=dict)
+
+    def __init__(self, P: int, T: int, L: int):
+        self.P, self.T, self.L = P, T, L
+        self.base_k: dict = {}
+        self.base_v: dict = {}
+        self.chain_k: dict = {}
+        self.chain_v: dict = {}
 
     def put_chain(self, layer: int, step: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's chain K/V (B, H_KV, P*T, D); return the caches (B, H_KV, P, T, n, D)."""
@@ -60,6 +63,10 @@ class ThoughtCache:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             ks = self.chain_k.setdefault(layer, [])
             vs = self.chain_v.setdefault(layer, [])
+            if len(ks) > step:
+                # activation checkpointing recomputes this layer's forward in the backward: the cache
+                # already holds every step, the recomputed k/v equal the stored ones (deterministic)
+                return torch.stack(ks[:step] + [k], dim=4), torch.stack(vs[:step] + [v], dim=4)
             if len(ks) != step:
                 raise RuntimeError(f"chain steps must come in order: layer {layer} has {len(ks)} steps, got step {step}")
             ks.append(k)

@@ -189,6 +189,13 @@ class TrainConfig:
     """Capture the thought-sampling loop in a CUDA graph and replay it each step (CUDA, --lm-head
     triton; quietstar/graphs.py): removes the kernel-launch overhead that dominates sampling at
     small models; the same thoughts as without. Its caches stay allocated between steps."""
+    parallel: str = "ddp"
+    """"ddp" (every rank holds the whole model; checkpoints are single .pt files) or "fsdp" (FSDP2: every
+    decoder layer and the root sharded across ranks, bf16 compute with fp32 master weights and reduction on
+    CUDA; checkpoints are torch.distributed.checkpoint folders, resumable on any world size; quietstar/parallel.py).
+    Under `torchrun` with several ranks, or on one rank for the same code path."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of storing them (both schedules)."""
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "grad_accum", "seq_len"):
@@ -216,6 +223,8 @@ class TrainConfig:
             raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
         if (self.eval_every or self.eval_data) and self.eval_rows == 0:
             raise ValueError("--eval-every / --eval-data need --eval-rows R (the number of held-out rows to score)")
+        from .parallel import check_options
+        check_options(self.parallel, self.activation_checkpointing, self.cuda_graphs)
 
 
 # `--model tiny` (the default) trains a random-init model from scratch on a CPU in a few minutes:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, parallel
 from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESET, Config, LossConfig,
                      ModelConfig, ThoughtConfig, TrainConfig)
 from .flops import peak_bf16_flops, step_flops
@@ -137,7 +137,7 @@ def _resumed_config(given: dict) -> dict:
     """The configuration stored in the --resume checkpoint, with the flags a resumed run may change applied;
     any other flag that differs from the stored value is refused (the run would silently change)."""
     path = given["train"]["resume"]
-    stored = load_checkpoint(path, mmap=True)["config"]
+    stored = (parallel.read_meta(path) if Path(path).is_dir() else load_checkpoint(path, mmap=True))["config"]
     kws, conflicts = {}, []
     for sec, cls in SECTIONS.items():
         names = {f.name: f for f in dataclasses.fields(cls)}
@@ -319,12 +319,28 @@ def restore_checkpoint(ck: dict, path: str, model, opt, sched, generator) -> int
 # ----------------------------------------------------------------------------------------------
 # the run folder
 # ----------------------------------------------------------------------------------------------
+def step_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The step checkpoints in a run folder, oldest first: stepNNNNNN.pt files (--parallel ddp) and
+    stepNNNNNN folders (--parallel fsdp; a .tmp one is a killed write, not a checkpoint)."""
+    found = []
+    for p in out.glob("step*"):
+        digits = p.stem[4:] if p.suffix == ".pt" and p.is_file() else (p.name[4:] if p.is_dir() else "")
+        if digits.isdigit():
+            found.append((int(digits), p))
+    return sorted(found)
+
+
+def _remove(p: Path) -> None:
+    import shutil
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def run_files(out: Path) -> list[Path]:
     """What a run writes into its folder (stale .tmp files aside)."""
     if not out.is_dir():
         return []
-    names = [out / n for n in ("metrics.jsonl", "final.pt", "export")]
-    return [p for p in names if p.exists()] + sorted(out.glob("step*.pt"))
+    names = [out / n for n in ("metrics.jsonl", "final.pt", "final", "export")]
+    return [p for p in names if p.exists()] + [p for _, p in step_checkpoints(out)]
 
 
 def check_out_dir(out: Path, resume: str, overwrite: bool) -> bool:
@@ -345,16 +361,15 @@ def prepare_out_dir(out: Path, continuing: bool, overwrite: bool, start: int) ->
     checkpoints after `start` (they are written again)."""
     out.mkdir(parents=True, exist_ok=True)
     for tmp in sorted(out.glob("*.tmp")):
-        tmp.unlink()
+        _remove(tmp)
         print(f"removed {tmp} (a checkpoint write that did not finish)")
     if overwrite and not continuing:
-        import shutil
         for p in run_files(out):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            _remove(p)
     if continuing:
-        for p in out.glob("step*.pt"):
-            if p.stem[4:].isdigit() and int(p.stem[4:]) > start:
-                p.unlink()
+        for step, p in step_checkpoints(out):
+            if step > start:
+                _remove(p)
         trim_metrics(out / "metrics.jsonl", start)
 
 
@@ -387,8 +402,8 @@ def trim_metrics(path: Path, step: int) -> None:
 def prune_checkpoints(out: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step checkpoints (0: keep all)."""
     if keep_last > 0:
-        for old in sorted(out.glob("step*.pt"))[:-keep_last]:       # zero-padded names sort by step
-            old.unlink()
+        for _, old in step_checkpoints(out)[:-keep_last]:
+            _remove(old)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,7 +471,7 @@ def accumulate_gradients(fwd, micros, cfg: Config, backends: Backends, generator
     extras = None
     for i, (ids, vn) in enumerate(micros):
         sync = world == 1 or i == len(micros) - 1
-        with autocast or contextlib.nullcontext(), (contextlib.nullcontext() if sync else fwd.no_sync()):
+        with autocast or contextlib.nullcontext(), parallel.grad_sync(fwd, sync):   # DDP no_sync / FSDP2
             thoughts = sampler(ids) if sampler is not None else None
             loss, m, extras = fwd(ids, vn, cfg.loss, cfg.train.schedule, backends, generator, thoughts=thoughts,
                                   denominators=den, plain=not cfg.train.thoughts)
@@ -521,7 +536,11 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     backends = Backends(tc.attention, tc.lm_head)
 
     fwd = model
-    if world > 1:
+    if tc.activation_checkpointing:
+        parallel.apply_activation_checkpointing(model)
+    if tc.parallel == "fsdp":
+        parallel.apply_fsdp(model, device)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=not tc.thoughts)   # the control: no extras' grads
@@ -534,13 +553,22 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         sampler = GraphedSampler(model, backends, generator)
     start = 0
     if tc.resume:
-        ck = load_checkpoint(tc.resume, map_location=device)
-        old_rows = ck["config"]["train"]["batch_size"] * ck.get("world", 1)
+        sharded = Path(tc.resume).is_dir()             # a --parallel fsdp checkpoint folder (any world size)
+        if tc.parallel == "fsdp" and not sharded:
+            raise ValueError(f"--resume {tc.resume}: --parallel fsdp resumes from a checkpoint folder (written with "
+                             "--parallel fsdp), not a single-file checkpoint of --parallel ddp")
+        ck = parallel.read_meta(tc.resume) if sharded else load_checkpoint(tc.resume, map_location=device)
+        old_rows = ck["config"]["train"]["batch_size"] * (ck["world_size"] if sharded else ck.get("world", 1))
         if tc.batch_size * world != old_rows:
             raise ValueError(f"--batch-size {tc.batch_size} x {world} rank(s) = {tc.batch_size * world} rows per "
                              f"micro-batch, but the run in --resume {tc.resume} used {old_rows}: a resumed run "
                              "keeps its batch (give --batch-size so that batch-size x ranks stays the same)")
-        start = restore_checkpoint(ck, tc.resume, model, opt, sched, generator)
+        if sharded:
+            start, rng = parallel.load_checkpoint(tc.resume, model, opt, sched, rng_state(generator))
+            if rng is not None:                        # a rank the saving run did not have keeps its fresh seed
+                set_rng_state(rng, generator)
+        else:
+            start = restore_checkpoint(ck, tc.resume, model, opt, sched, generator)
         del ck
         if start >= tc.steps:
             raise ValueError(f"--steps {tc.steps}: --resume {tc.resume} is already at step {start}, so there is "
@@ -562,7 +590,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     def evaluate(step: int) -> None:
         from .evaluate import heldout_losses
         g = torch.Generator(device=device).manual_seed(tc.seed + 12345)   # same thoughts' randomness each time
-        ev = heldout_losses(model, *eval_rows, backends, tc.batch_size, g, device, autocast)
+        with parallel.gathered(model):
+            ev = heldout_losses(model, *eval_rows, backends, tc.batch_size, g, device, autocast)
         ev["step"] = step
         if rank == 0:
             with open(metrics_path, "a") as f:
@@ -594,7 +623,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         # one host sync per step, for the log line
         rec = {k: float(v) for k, v in sums.items()}
         dt = time.perf_counter() - t0
-        rec.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=float(gnorm), ms=1000 * dt,
+        rec.update(step=step + 1, lr=sched.get_last_lr()[0], grad_norm=parallel.full_grad_norm(gnorm), ms=1000 * dt,
                    tok_per_s=tokens_per_micro * tc.grad_accum * world / dt)
         if peak:
             rec["mfu"] = flops_per_rank_step / dt / peak
@@ -606,8 +635,13 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                     f.write(json.dumps({"thoughts": {"step": step + 1, "samples": samples}}) + "\n")
             if (step + 1) % tc.log_every == 0:
                 tqdm.write(log_line(rec))
-            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps and tc.parallel == "ddp":
                 save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, generator, cfg, world)
+                prune_checkpoints(out, tc.keep_last)
+        if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps and tc.parallel == "fsdp":
+            parallel.save_checkpoint(out / f"step{step + 1:06d}", model, opt, sched, step + 1, rng_state(generator),
+                                     dataclasses.asdict(cfg))
+            if rank == 0:
                 prune_checkpoints(out, tc.keep_last)
         if eval_rows is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
             evaluate(step + 1)
@@ -615,7 +649,13 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         evaluate(tc.steps)
     ckpt = out / "final.pt"
     export = out / "export"
-    if rank == 0:
+    if tc.parallel == "fsdp":   # collective: every rank writes its shards, rank 0 gathers the export
+        ckpt = parallel.save_checkpoint(out / "final", model, opt, sched, tc.steps, rng_state(generator),
+                                        dataclasses.asdict(cfg))
+        parallel.export_full(model, export, dataclasses.asdict(cfg), tokenizer=tok)
+        if rank == 0:
+            print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
+    elif rank == 0:
         save_checkpoint(ckpt, model, opt, sched, tc.steps, generator, cfg, world)
         model.save_pretrained(export, tokenizer=tok)    # a Hugging Face folder + the Quiet-STaR extras
         print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
@@ -633,8 +673,8 @@ def main(argv=None) -> int:
         try:
             train(cfg, rank, world, device=device)
         finally:
-            if world > 1:
-                import torch.distributed as dist
+            import torch.distributed as dist
+            if dist.is_initialized():       # torchrun's group, or the 1-rank group of --parallel fsdp
                 dist.destroy_process_group()
     except (ValueError, OSError) as e:
         if "--debug" in argv:

@@ -1,0 +1,309 @@
+"""Sharded training for models that do not fit one GPU: FSDP2, activation checkpointing, sharded checkpoints.
+
+All of it is PyTorch's own machinery, as torchtitan uses it:
+
+- `apply_fsdp`: `torch.distributed.fsdp.fully_shard` on every decoder layer, then on the root
+  `QuietStarModel`. The root group holds the embedding, the final norm, the LM head (tied or not) and
+  the Quiet-STaR extras (the <sot>/<eot> markers and the mixing head): they are sharded like any
+  parameter and their gradients reduce-scattered with the rest. On CUDA the policy is bf16 compute
+  (parameters all-gathered in bf16), fp32 master weights, optimizer state and gradient reduction.
+  Reduce-scatter averages over ranks, as DDP does, so the loss is divided by the global counts / world
+  (`denominators` in quietstar/train.py): the update is the one of the whole global batch.
+- `apply_activation_checkpointing`: each decoder layer recomputes its forward in the backward
+  (`torch.utils.checkpoint`, non-reentrant, through `checkpoint_wrapper`). Calls without gradients
+  (the M thought-sampling steps) run the layer directly. The recomputation is exact: every attention
+  backend's forward is deterministic (no atomics, fixed reduction order: the Triton kernels and
+  PyTorch's CPU/CUDA SDPA and matmuls), and no decoder layer draws random numbers, so the recomputed
+  activations equal the stored ones bit for bit and so does the backward (tests/test_parallel.py).
+  The sequential schedule's K/V cache sees a layer's forward twice; `ThoughtCache.put_chain` returns
+  the same cache on the second call without growing it.
+- `save_checkpoint` / `load_checkpoint`: `torch.distributed.checkpoint` (DCP) folders holding the model
+  (extras included), the optimizer, the scheduler, the step, the config and every rank's RNG state.
+  Model and optimizer go through `get_state_dict` / `set_state_dict`, so a checkpoint loads on any world
+  size (N ranks -> 1 and 1 -> N) and into an unsharded model. Every rank writes into `<name>.tmp`; only
+  when all have finished does rank 0 rename it to `<name>`: a kill at any moment leaves every earlier
+  checkpoint whole, and a half-written one is never under a checkpoint's name. On another world size,
+  the ranks the saving run had get their thought-sampling RNG back, new ranks start from their own seed.
+- `export_checkpoint`: a DCP checkpoint -> the `QuietStarModel.save_pretrained` folder
+  (`python -m quietstar.parallel CKPT_DIR EXPORT_DIR`).
+
+Limits: one data-parallel mesh dimension (no tensor/pipeline parallelism, no HSDP); FSDP with CUDA graphs
+is refused (the graphed sampler would capture buffers FSDP frees between calls).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+PARALLEL_MODES = ("ddp", "fsdp")
+META_FILE = "quietstar_checkpoint.json"      # beside DCP's files: the config, the step, the world size
+
+
+# ----------------------------------------------------------------------------------------------
+# options
+# ----------------------------------------------------------------------------------------------
+def check_options(parallel: str, activation_checkpointing: bool, cuda_graphs: bool) -> None:
+    """Refuse the combinations that cannot work, with a one-line message naming the flags."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if parallel == "fsdp" and cuda_graphs:
+        raise ValueError("--parallel fsdp does not work with --cuda-graphs: the graphed sampler captures the decoder "
+                         "weights once, FSDP frees and re-gathers them on every call (use --parallel ddp or "
+                         "--no-cuda-graphs)")
+    if activation_checkpointing and cuda_graphs:
+        raise ValueError("--activation-checkpointing does not work with --cuda-graphs: the graph replays the "
+                         "sampler's layer calls, a checkpointed layer must run eagerly to be recomputed (drop "
+                         "one of the two flags)")
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a QuietStarModel (`model.lm.model.layers`), or a clear error."""
+    layers = getattr(getattr(getattr(model, "lm", None), "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError("--parallel fsdp / --activation-checkpointing: unsupported model, expected the decoder "
+                         "layers as a non-empty nn.ModuleList at model.lm.model.layers (a Mistral/Llama "
+                         f"*ForCausalLM), got {type(layers).__name__}")
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    outside = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in inside and ".layers." not in n]
+    if outside:
+        raise ValueError(f"--parallel fsdp: unsupported model, parameters {outside[:3]} are shared between a "
+                         "decoder layer and the rest of the model (each layer is sharded on its own)")
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------
+# activation checkpointing and FSDP2
+# ----------------------------------------------------------------------------------------------
+def _checkpoint_if_grad(fn, *args, **kwargs):
+    """torch.utils.checkpoint when the call builds a graph; a plain call otherwise (the no-grad sampling
+    steps: nothing would be saved, and the checkpoint machinery would only cost time)."""
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    # preserve_rng_state=False: a decoder layer draws no random numbers (no dropout in training)
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Wrap every decoder layer of `model` (in place) so that its activations are recomputed in the
+    backward instead of stored. State-dict keys are unchanged (the wrapper strips its prefix)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, checkpoint_fn=_checkpoint_if_grad)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group even on one rank: outside `torchrun` start a 1-rank group in memory."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+
+
+def apply_fsdp(model, device: torch.device, mixed_precision: bool | None = None):
+    """Shard `model` (a QuietStarModel, already on `device`) in place with FSDP2: every decoder layer, then
+    the root. `mixed_precision` (default: on CUDA) all-gathers parameters in bf16 for compute and keeps
+    fp32 master weights and fp32 gradient reduction. Returns the model (now also an FSDPModule)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    layers = decoder_layers(model)
+    ensure_process_group(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    bf16 = device.type == "cuda" if mixed_precision is None else mixed_precision
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    # The root's forward takes the loss denominators (global target counts, up to B*T*P): they must stay
+    # fp32 (bf16 would round counts above 256), so the root does not cast its inputs.
+    fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False))
+    return model
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Make the root's parameters whole for calls that bypass `model.forward` (evaluation calls
+    `model.hidden` / `model.lm_head_weight` directly); a no-op without FSDP."""
+    if not is_fsdp(model):
+        yield
+        return
+    # Before the first training step nothing has run the root's forward, which is where FSDP decides who
+    # is the root; a layer called first would make itself one. Decide it now (a no-op once decided).
+    model._get_fsdp_state()._lazy_init()
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def grad_sync(fwd, sync: bool):
+    """Context for one micro-batch's backward: reduce gradients across ranks only when `sync` (the last
+    micro-batch of an optimizer step), for DDP (`no_sync`) and FSDP2 (`set_requires_gradient_sync`)."""
+    if is_fsdp(fwd):
+        fwd.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if sync or not hasattr(fwd, "no_sync"):
+        return contextlib.nullcontext()
+    return fwd.no_sync()
+
+
+def full_grad_norm(gnorm) -> float:
+    """The total norm clip_grad_norm_ returned, as a float (a DTensor under FSDP)."""
+    return float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded checkpoints (torch.distributed.checkpoint)
+# ----------------------------------------------------------------------------------------------
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@contextlib.contextmanager
+def _dcp_quiet():
+    """DCP without a process group (one process, on purpose) warns on every call that it assumes one
+    process: that is the intent here, so the warning is dropped."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rng_key(rank: int) -> str:
+    return f"rng_rank{rank}"
+
+
+def save_checkpoint(path, model, opt, sched, step: int, rng: dict, config: dict) -> Path:
+    """Collective: write a DCP checkpoint folder `path` from every rank (see the module docstring)."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    path = Path(path)
+    rank, world = _rank_world()
+    tmp = path.with_name(path.name + ".tmp")
+    if rank == 0 and tmp.exists():          # left by a run killed while writing
+        shutil.rmtree(tmp)
+    if world > 1:
+        dist.barrier()
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), "step": step, _rng_key(rank): rng}
+    # returns on rank 0 after every rank's files are written; without a process group: one process
+    with _dcp_quiet():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    if rank == 0:
+        (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": world, "config": config}, indent=1))
+        if path.exists():                    # re-running into the same folder: replace the old one
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)            # the one atomic step: before it no checkpoint of this name exists
+    if world > 1:
+        dist.barrier()
+    return path
+
+
+def read_meta(path) -> dict:
+    """The config, step and world size stored with a DCP checkpoint; a clear error for anything else."""
+    path = Path(path)
+    if not (path / META_FILE).exists() or not (path / ".metadata").exists():
+        raise FileNotFoundError(f"--resume {path}: not a complete sharded checkpoint (no {META_FILE} / .metadata; "
+                                "a folder ending in .tmp is one a killed run did not finish)")
+    return json.loads((path / META_FILE).read_text())
+
+
+def load_checkpoint(path, model, opt, sched, rng: dict) -> tuple[int, dict | None]:
+    """Collective: load a DCP checkpoint into `model` (FSDP-sharded or not, any world size), `opt` and
+    `sched`. `rng` is this rank's current RNG state (the template DCP loads into). Returns (step, this
+    rank's saved RNG state, or None when the saving run had no such rank)."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    path = Path(path)
+    meta = read_meta(path)
+    rank, _ = _rank_world()
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), "step": 0}
+    key = _rng_key(rank)
+    has_rng = rank < meta["world_size"]
+    if has_rng:
+        state[key] = rng
+    with _dcp_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"]), state[key] if has_rng else None
+
+
+# ----------------------------------------------------------------------------------------------
+# export: the full model on one rank, as QuietStarModel.save_pretrained writes it
+# ----------------------------------------------------------------------------------------------
+def plain_model(config: dict):
+    """An unsharded fp32 QuietStarModel on the CPU with the architecture of a run's `config` (a
+    `dataclasses.asdict(Config)`), its weights to be loaded."""
+    from .config import ModelConfig, ThoughtConfig
+    from .model import QuietStarModel, build_decoder
+    th = dict(config["thought"])
+    th["banned_ids"] = tuple(th.get("banned_ids", ()))
+    lm = build_decoder(ModelConfig(**config["model"]), dtype=torch.float32)
+    return QuietStarModel(lm, ThoughtConfig(**th))
+
+
+def export_full(model, export_dir, config: dict, tokenizer=None) -> Path | None:
+    """Collective: gather the full state dict of a sharded `model` on rank 0 and write `export_dir` in the
+    `save_pretrained` layout there (other ranks return None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank_world()[0] != 0:
+        return None
+    plain = plain_model(config)
+    plain.load_state_dict(sd)
+    return plain.save_pretrained(export_dir, tokenizer=tokenizer)
+
+
+def export_checkpoint(ckpt_dir, export_dir, tokenizer=None) -> Path:
+    """A DCP checkpoint folder (any world size) -> the `QuietStarModel.save_pretrained` folder, in one
+    process without a process group."""
+    from torch.distributed import checkpoint as dcp
+    meta = read_meta(ckpt_dir)
+    model = plain_model(meta["config"])
+    state = {"model": model.state_dict()}
+    with _dcp_quiet():
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+    model.load_state_dict(state["model"])
+    return model.save_pretrained(export_dir, tokenizer=tokenizer)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m quietstar.parallel",
+                                 description="Convert a sharded (DCP) Quiet-STaR checkpoint to the save_pretrained "
+                                             "export folder (decoder + quietstar.safetensors + quietstar.json)")
+    ap.add_argument("checkpoint", help="a checkpoint folder written with --parallel fsdp (e.g. runs/x/step000100)")
+    ap.add_argument("export", help="the folder to write")
+    ap.add_argument("--no-tokenizer", action="store_true", help="do not save the run's tokenizer beside the model")
+    args = ap.parse_args(argv)
+    tok = None
+    if not args.no_tokenizer:                # the tokenizer the run trained with, as the run's own export has it
+        from .config import ModelConfig
+        from .train import load_tokenizer
+        tok = load_tokenizer(ModelConfig(**read_meta(args.checkpoint)["config"]["model"]))
+    print(export_checkpoint(args.checkpoint, args.export, tokenizer=tok))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""FSDP2, activation checkpointing and sharded checkpoints (quietstar/parallel.py), on CPU with gloo.
+
+- one FSDP2 step on 2 ranks equals the single-process step on the same global batch (loss, gradients),
+  both schedules, with and without activation checkpointing (tests/fsdp_step_worker.py under torchrun);
+- activation checkpointing recomputes every decoder layer and its backward is bit-identical to the
+  plain one (every attention backend's forward is deterministic), for both schedules;
+- a sharded checkpoint resumes on another world size (2 -> 1, 1 -> 2) and ends where an uninterrupted
+  run ends; the converter writes the same export as the run; a save killed midway leaves the previous
+  checkpoint loadable and nothing under the new name;
+- combinations that cannot work are refused with a message naming the flags.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quietstar import parallel
+from quietstar.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from fsdp_step_worker import step, tiny_model  # noqa: E402
+
+TINY = ["--model-hidden-size", "32", "--model-num-layers", "2", "--model-num-heads", "4", "--model-num-kv-heads",
+        "2", "--model-head-dim", "8", "--model-intermediate-size", "64", "--M", "2", "--K", "2", "--P", "2",
+        "--seq-len", "16", "--lm-head", "reference", "--attention", "split", "--steps", "2", "--lr", "3e-3",
+        "--tau-sample", "1e-6", "--grad-clip", "1", "--device", "cpu", "--parallel", "fsdp"]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _launch(target, args, nproc):
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + target
+    else:
+        cmd = [sys.executable] + target
+    r = subprocess.run(cmd + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# one step: FSDP2 on 2 ranks == one process on the whole batch
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fsdp_step_equals_single_process(tmp_path):
+    out = tmp_path / "step.json"
+    _launch([str(ROOT / "tests" / "fsdp_step_worker.py")], [str(out)], nproc=2)
+    res = json.loads(out.read_text())
+    assert set(res) == {"sample-then-train/split/ac=False", "sample-then-train/split/ac=True",
+                        "sequential/reference/ac=False", "sequential/reference/ac=True"}
+    for case, r in res.items():
+        assert r["n_params"] == r["n_fsdp_grads"] == 28, case      # the markers and mixing head included
+        assert r["loss_rel"] < 1e-6, (case, r)
+        assert r["min_cos"] > 0.99999, (case, r)
+        # the cosine cannot see a wrongly scaled gradient (e.g. per-rank instead of global counts): the norm can
+        assert r["max_grad_rel_err"] < 1e-4, (case, r)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation checkpointing: recomputed, and the same backward bit for bit
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule,attention", [
+    ("sample-then-train", "reference"), ("sample-then-train", "split"),
+    pytest.param("sample-then-train", "triton", marks=pytest.mark.slow),
+    ("sequential", "reference"), ("sequential", "split")])
+def test_activation_checkpointing_backward_is_identical(schedule, attention):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 11), generator=g)
+    vn = torch.rand(2, 11, generator=g) > 0.2
+    thoughts = torch.randint(0, 97, (2, 2, 11, 2), generator=g)
+    plain = tiny_model(head_dim=16)                # the Triton kernels take D in multiples of 16
+    ckpt = tiny_model(head_dim=16)
+    parallel.apply_activation_checkpointing(ckpt)
+    runs = {"plain": 0, "ckpt": 0}                 # calls of the decoder layers (pre-hooks: a recomputation stops early)
+
+    def count(name):
+        def hook(*args):
+            runs[name] += 1
+        return hook
+    for layer in plain.lm.model.layers:
+        layer.register_forward_pre_hook(count("plain"))
+    for layer in ckpt.lm.model.layers:
+        layer._checkpoint_wrapped_module.register_forward_pre_hook(count("ckpt"))
+    l0 = step(plain, ids, vn, thoughts, schedule, attention)
+    l1 = step(ckpt, ids, vn, thoughts, schedule, attention)
+    assert runs["plain"] > 0 and runs["ckpt"] == 2 * runs["plain"], f"not every layer call was recomputed: {runs}"
+    assert torch.equal(l0, l1)
+    named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in ckpt.named_parameters()}
+    assert named.keys() == dict(plain.named_parameters()).keys()
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()    # checkpoints and exports unchanged
+    for n, p in plain.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, named[n].grad), n
+
+
+@pytest.mark.gpu
+def test_activation_checkpointing_backward_is_identical_on_gpu():
+    """The same on CUDA with the Triton attention (fp32 model): the GPU's recomputed forward is bitwise
+    the stored one too (no atomics in our kernels; cuBLAS GEMMs repeat exactly on one device)."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 37), generator=g).cuda()
+    vn = (torch.rand(2, 37, generator=g) > 0.2).cuda()
+    thoughts = torch.randint(0, 97, (2, 2, 37, 2), generator=g).cuda()
+    plain, ckpt = tiny_model(head_dim=16).cuda(), tiny_model(head_dim=16).cuda()
+    parallel.apply_activation_checkpointing(ckpt)
+    assert torch.equal(step(plain, ids, vn, thoughts, "sample-then-train", "triton"),
+                       step(ckpt, ids, vn, thoughts, "sample-then-train", "triton"))
+    named = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in ckpt.named_parameters()}
+    for n, p in plain.named_parameters():
+        assert torch.equal(p.grad, named[n].grad), n
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded checkpoints: other world sizes, the converter, a killed save
+# ----------------------------------------------------------------------------------------------
+def _train(out, nproc, batch, extra=()):
+    _launch(["-m", "quietstar.train"], TINY + ["--batch-size", str(batch), "--out-dir", str(out)] + list(extra),
+            nproc)
+    return out
+
+
+def _export_weights(folder):
+    from safetensors.torch import load_file
+    return {**load_file(str(folder / "model.safetensors")),
+            **{"qs." + k: v for k, v in load_file(str(folder / "quietstar.safetensors")).items()}}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 steps of 2 micro-batches, global batch 2, a checkpoint after step 1: on 2 ranks (B=1 each, with a
+    held-out evaluation before and after: the root's parameters gathered outside its forward), and on 1
+    rank (B=2, with activation checkpointing)."""
+    base = tmp_path_factory.mktemp("fsdp")
+    return {"two": _train(base / "two", 2, 1, ["--ckpt-every", "1", "--grad-accum", "2", "--eval-rows", "2"]),
+            "one": _train(base / "one", 1, 2, ["--ckpt-every", "1", "--grad-accum", "2", "--activation-checkpointing"])}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")     # DCP read in this process, on purpose
+def test_sharded_checkpoint_resumes_on_other_world_sizes(runs, tmp_path):
+    two, one = _export_weights(runs["two"] / "export"), _export_weights(runs["one"] / "export")
+    _assert_same(two, one)                       # 2 ranks x B=1 == 1 rank x B=2
+    meta = json.loads((runs["two"] / "step000001" / parallel.META_FILE).read_text())
+    assert (meta["step"], meta["world_size"]) == (1, 2)
+    r21 = _train(tmp_path / "r21", 1, 2, ["--grad-accum", "2", "--resume", str(runs["two"] / "step000001")])
+    r12 = _train(tmp_path / "r12", 2, 1, ["--grad-accum", "2", "--resume", str(runs["one"] / "step000001")])
+    _assert_same(_export_weights(r21 / "export"), two)
+    _assert_same(_export_weights(r12 / "export"), one)
+    # the step-1 checkpoint is not the end: resuming from it did train a step
+    from torch.distributed import checkpoint as dcp
+    model = parallel.plain_model(meta["config"])
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(runs["two"] / "step000001"), no_dist=True)
+    ck1 = {k: v for k, v in state["model"].items() if k.startswith("lm.model.layers")}
+    assert max((ck1[k] - two[k.removeprefix("lm.")]).abs().max().item() for k in ck1) > 1e-4
+
+
+@pytest.mark.slow
+def test_converter_writes_the_runs_export(runs, tmp_path):
+    from quietstar.model import QuietStarModel
+    _launch(["-m", "quietstar.parallel"], [str(runs["two"] / "final"), str(tmp_path / "exp")], nproc=1)
+    _assert_same(_export_weights(tmp_path / "exp"), _export_weights(runs["two"] / "export"))
+    model = QuietStarModel.from_pretrained(tmp_path / "exp")
+    assert model.thought.M == 2 and model.markers.shape == (2, 32)
+    assert (tmp_path / "exp" / "tokenizer.json").read_text() == (runs["two"] / "export" / "tokenizer.json").read_text()
+
+
+def _objects(seed):
+    model = tiny_model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    return model, opt, sched
+
+
+def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    """Without a process group (one process): save at step 1, then a save at step 2 that dies while
+    writing its shards. The step-2 name never appears, the step-1 checkpoint loads, a later save works."""
+    from torch.distributed.checkpoint import filesystem
+    from torch.distributed.checkpoint.api import CheckpointException
+    model, opt, sched = _objects(0)
+    rng = {"torch": torch.get_rng_state()}
+    parallel.save_checkpoint(tmp_path / "step1", model, opt, sched, 1, rng, {})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def die(*a, **k):
+        raise OSError("killed while writing the shards")
+    monkeypatch.setattr(filesystem, "_write_files_from_queue", die)
+    with pytest.raises(CheckpointException) as e:          # DCP re-raises what a rank raised
+        parallel.save_checkpoint(tmp_path / "step2", model, opt, sched, 2, rng, {})
+    assert "killed while writing" in repr(e.value.failures)
+    monkeypatch.undo()
+    assert not (tmp_path / "step2").exists() and (tmp_path / "step2.tmp").exists()
+    with pytest.raises(FileNotFoundError, match="not a complete sharded checkpoint"):
+        parallel.read_meta(tmp_path / "step2.tmp")
+    fresh, fopt, fsched = _objects(1)
+    step_, got = parallel.load_checkpoint(tmp_path / "step1", fresh, fopt, fsched, {"torch": torch.get_rng_state()})
+    assert step_ == 1 and torch.equal(got["torch"], rng["torch"])
+    ref, _, _ = _objects(0)
+    for (n, a), b in zip(fresh.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), n
+    parallel.save_checkpoint(tmp_path / "step2", model, opt, sched, 2, rng, {})   # clears the .tmp
+    assert (tmp_path / "step2").exists() and not (tmp_path / "step2.tmp").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# refused combinations
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,flags", [
+    ({"parallel": "fsdp", "cuda_graphs": True}, ("--parallel fsdp", "--cuda-graphs")),
+    ({"activation_checkpointing": True, "cuda_graphs": True}, ("--activation-checkpointing", "--cuda-graphs")),
+    ({"parallel": "zero3"}, ("--parallel",)),
+])
+def test_bad_combinations_refused(kw, flags):
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**kw)
+    msg = str(e.value)
+    assert "\n" not in msg and all(f in msg for f in flags), msg
+
+
+def test_bad_combination_refused_on_the_command_line():
+    from quietstar.train import config_from_args
+    with pytest.raises(ValueError, match="--parallel fsdp does not work with --cuda-graphs"):
+        config_from_args(["--parallel", "fsdp", "--cuda-graphs", "--device", "cpu"])
+
+
+def test_unsupported_model_refused():
+    model = tiny_model()
+    model.lm.model.layers = torch.nn.Sequential(*model.lm.model.layers)      # not where FSDP looks for layers
+    for fn in (parallel.apply_activation_checkpointing, lambda m: parallel.apply_fsdp(m, torch.device("cpu"))):
+        with pytest.raises(ValueError, match="--parallel fsdp / --activation-checkpointing: unsupported model"):
+            fn(model)
+    shared = tiny_model()
+    shared.lm.model.layers[0].mlp.down_proj.weight = shared.lm.lm_head.weight   # a layer shares a root parameter
+    with pytest.raises(ValueError, match="--parallel fsdp: unsupported model, parameters"):
+        parallel.decoder_layers(shared)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU benchmark: fails fast without CUDA, its CPU rehearsal runs the same code
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_bench_fsdp_needs_cuda(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fsdp.py"), "--out", str(tmp_path)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_bench_fsdp_dry_run(tmp_path):
+    _launch([str(ROOT / "benchmarks" / "bench_fsdp.py")], ["--dry-run", "--out", str(tmp_path), "--steps", "1",
+                                                          "--warmup", "1"], nproc=1)
+    res = json.loads((tmp_path / "fsdp_ws1.json").read_text())
+    assert [(r["ac"], r["status"]) for r in res["runs"]] == [(True, "ok"), (False, "ok")]
+    assert res["runs"][0]["loss"] == pytest.approx(res["runs"][1]["loss"], rel=1e-5)   # same model, same step
+
+
+def test_memory_plan_recovers_a_known_model():
+    """benchmarks/memory_plan.py's analysis on synthetic points t = F + B (r0(T) + n r1(T)) with quadratic
+    r0, r1: it recovers F and the per-row fits, and the plan adds the counted state to them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import memory_plan as mp
+    F = {False: 5e8, True: 4e8}
+    r0 = {False: (1e8, 2e6, 10.0), True: (1e8, 2e6, 10.0)}
+    r1 = {False: (3e6, 8e6, 0.0), True: (1e6, 6e4, 0.0)}        # linear in T: what a layer keeps
+    points = [{"layers": n, "T": T, "B": B, "ac": ac,
+               "transient": F[ac] + B * (np.polyval(r0[ac][::-1], T) + n * np.polyval(r1[ac][::-1], T))}
+              for ac in (False, True) for T in (16, 32, 64, 128) for n in (1, 2) for B in ((1, 2) if T == 32 else (1,))]
+    fixed = {ac: mp.fixed_part(points, ac) for ac in (False, True)}
+    assert fixed == pytest.approx(F)
+    pl = mp.per_layer(points, fixed)
+    for ac in (False, True):
+        ts = sorted(T for (T, a) in pl if a == ac)
+        fit = (mp.fit_poly(ts, [pl[(T, ac)][0] for T in ts]),
+               mp.fit_poly(ts, [pl[(T, ac)][1] for T in ts], 1))
+        want = np.polyval(r0[ac][::-1], 256) + 32 * np.polyval(r1[ac][::-1], 256)
+        assert mp.act_row(fit, 256) == pytest.approx(want, rel=1e-6)
+    fits = {ac: (np.array(r0[ac]), np.array(r1[ac])) for ac in (False, True)}
+    rows = mp.plan(fits, F, mp.MISTRAL_7B)
+    n = mp.mistral7b_params(mp.MISTRAL_7B)
+    assert 7.2e9 < n["total"] < 7.3e9           # Mistral-7B (untied head) plus the extras
+    r = next(r for r in rows if (r["ranks"], r["B"], r["T"], r["ac"]) == (8, 2, 256, True))
+    act = F[True] + 2 * (np.polyval(r0[True][::-1], 256) + 32 * np.polyval(r1[True][::-1], 256))
+    assert r["peak_gb"] == pytest.approx((16 * n["total"] / 8 + r["buffers_gb"] * 1e9 + act) / 1e9)
+    assert r["fits_80gb"] == (r["peak_gb"] <= 72)
+
+
+def test_run_folder_helpers_know_sharded_checkpoints(tmp_path):
+    """--keep-last, --overwrite and a continued run handle stepNNNNNN/ folders (fsdp) like .pt files (ddp);
+    a .tmp folder of a killed write is not a checkpoint and is cleaned up."""
+    from quietstar.train import prepare_out_dir, prune_checkpoints, run_files, step_checkpoints
+    for s in (2, 4, 6):
+        (tmp_path / f"step{s:06d}").mkdir()
+        (tmp_path / f"step{s:06d}" / ".metadata").write_text("x")
+    (tmp_path / "step000008.tmp").mkdir()
+    (tmp_path / "step000001.pt").write_text("x")
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [1, 2, 4, 6]
+    prune_checkpoints(tmp_path, 2)
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [4, 6]
+    prepare_out_dir(tmp_path, continuing=True, overwrite=False, start=4)
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [4] and not (tmp_path / "step000008.tmp").exists()
+    (tmp_path / "final").mkdir()
+    assert {p.name for p in run_files(tmp_path)} == {"final", "step000004"}
+    prepare_out_dir(tmp_path, continuing=False, overwrite=True, start=0)
+    assert run_files(tmp_path) == []
