@@ -150,6 +150,9 @@ class TrainConfig:
     """Capture the thought-sampling loop in a CUDA graph and replay it each step (CUDA, --lm-head
     triton; quietstar/graphs.py): removes the kernel-launch overhead that dominates sampling at
     small models; the same thoughts as without. Its caches stay allocated between steps."""
+    document_mask: bool = True
+    """Mask attention by document in packed rows (--no-document-mask turns it off): the base pass and every
+    thought of position t see only t's own document, and talk targets in a later document are not scored."""
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "grad_accum", "seq_len"):

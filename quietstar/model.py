@@ -166,12 +166,12 @@ class QuietStarModel(nn.Module):
         return self.lm.model.embed_tokens(ids)
 
     def forward(self, input_ids, valid_next, loss_cfg, schedule="sample-then-train", backends=None, generator=None,
-                thoughts=None, denominators=None):
+                thoughts=None, denominators=None, doc_start=None):
         """One Quiet-STaR step's (loss, metrics, extras): `quietstar.thoughts.quietstar_forward` on this
         model (a module forward, so DistributedDataParallel can wrap it)."""
         from .thoughts import Backends, quietstar_forward
         return quietstar_forward(self, input_ids, valid_next, loss_cfg, schedule, backends or Backends(), generator,
-                                 thoughts, denominators)
+                                 thoughts, denominators, doc_start)
 
     # ------------------------------------------------------------------------------------------
     # export: a standard Hugging Face folder for the decoder + the Quiet-STaR extras beside it

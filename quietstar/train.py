@@ -141,12 +141,13 @@ def document_separator(tok) -> int:
     return int(tok.eos_token_id)
 
 
-def load_rows(data_spec, tok, T: int, split: str = "train"):
-    """Tokenize the documents and pack them into rows: (input_ids (R, T), valid_next (R, T))."""
+def load_rows(data_spec, tok, T: int, split: str = "train", with_doc_start: bool = False):
+    """Tokenize the documents and pack them into rows: (input_ids (R, T), valid_next (R, T)[, doc_start (R, T)])."""
     from . import data
     spec = data_spec[0] if len(data_spec) == 1 and data_spec[0] in ("default", "math") else list(data_spec)
     docs = data.load_documents(spec, split=split)
-    return data.pack_rows(data.tokenize_documents(docs, tok), T, sep_id=document_separator(tok))
+    return data.pack_rows(data.tokenize_documents(docs, tok), T, sep_id=document_separator(tok),
+                          with_doc_start=with_doc_start)
 
 
 def marker_init_id(tok, text: str) -> int:
@@ -211,7 +212,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
 
     # data
     tok = load_tokenizer(cfg.model)
-    rows, valid = load_rows(tc.data, tok, tc.seq_len)
+    packed = load_rows(tc.data, tok, tc.seq_len, with_doc_start=tc.document_mask)   # (rows, valid[, doc_start])
+    rows, valid = packed[:2]
     if rows.shape[0] < tc.batch_size * world:
         raise ValueError(f"--data gives {rows.shape[0]} rows of T={tc.seq_len} tokens; need at least "
                          f"batch_size*world_size={tc.batch_size * world}")
@@ -258,12 +260,14 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     last = {}
     eval_rows = None
     if tc.eval_rows > 0:
-        eval_rows = [x[: tc.eval_rows] for x in load_rows(tc.data, tok, tc.seq_len, split="heldout")]
+        eval_rows = [x[: tc.eval_rows] for x in load_rows(tc.data, tok, tc.seq_len, split="heldout",
+                                                          with_doc_start=tc.document_mask)]
 
     def evaluate(step: int) -> None:
         from .evaluate import heldout_losses
         g = torch.Generator(device=device).manual_seed(tc.seed + 12345)   # same thoughts' randomness each time
-        ev = heldout_losses(model, *eval_rows, backends, tc.batch_size, g, device, autocast)
+        ev = heldout_losses(model, *eval_rows[:2], backends, tc.batch_size, g, device, autocast,
+                            doc_start=eval_rows[2] if len(eval_rows) > 2 else None)
         ev["step"] = step
         if rank == 0:
             with open(metrics_path, "a") as f:
@@ -274,24 +278,25 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     if eval_rows is not None and start == 0:
         evaluate(0)
     # micro-batch i of the run is a pure function of (seed, i, rank): a resumed run reads the same rows
-    stream = data.batches((rows, valid), tc.batch_size, tc.seed, rank, world, start_step=start * tc.grad_accum)
+    stream = data.batches(packed, tc.batch_size, tc.seed, rank, world, start_step=start * tc.grad_accum)
     for step in bar:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         for micro in range(tc.grad_accum):
-            ids, vn = (x.to(device) for x in next(stream))
+            ids, vn, *ds = (x.to(device) for x in next(stream))
+            ds = ds[0] if ds else None               # doc_start (B, T) with --document-mask
             den = None
             if world > 1:   # divide by global counts / world: the averaged gradient is the big batch's
                 import torch.distributed as dist
-                c = target_counts(check_batch(ids, vn), cfg.thought.K, cfg.thought.P)
+                c = target_counts(check_batch(ids, vn, ds), cfg.thought.K, cfg.thought.P, ds)
                 flat = torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
                 dist.all_reduce(flat)
                 den = dict(zip(("n_base", "n_talk", "n_pol"), flat / world))
             sync = world == 1 or micro == tc.grad_accum - 1
             with autocast, (contextlib.nullcontext() if sync else fwd.no_sync()):
-                thoughts = sampler(ids) if sampler is not None else None      # else sampled inside
+                thoughts = sampler(ids, ds) if sampler is not None else None  # else sampled inside
                 loss, m, _ = fwd(ids, vn, cfg.loss, tc.schedule, backends, generator, thoughts=thoughts,
-                                 denominators=den)
+                                 denominators=den, doc_start=ds)
                 (loss / tc.grad_accum).backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum

@@ -228,13 +228,13 @@ def test_autocast_hands_one_dtype_to_the_attention_backends(monkeypatch):
     from kernels import reference as ref
     seen = []
 
-    def parallel(q, kb, vb, kc, vc, scale=None):
+    def parallel(q, kb, vb, kc, vc, scale=None, doc_start=None):
         seen.append({x.dtype for x in (q, kb, vb, kc, vc)})
-        return ref.thought_attention_ref(q, kb, vb, kc, vc, scale=scale)
+        return ref.thought_attention_ref(q, kb, vb, kc, vc, scale=scale, doc_start=doc_start)
 
-    def step(q, kb, vb, kc, vc, st, scale=None):
+    def step(q, kb, vb, kc, vc, st, scale=None, doc_start=None):
         seen.append({x.dtype for x in (q, kb, vb, kc, vc)})
-        return ref.thought_attention_step_ref(q, kb, vb, kc, vc, st, scale=scale)
+        return ref.thought_attention_step_ref(q, kb, vb, kc, vc, st, scale=scale, doc_start=doc_start)
 
     monkeypatch.setattr(kernels, "thought_attention", parallel)
     monkeypatch.setattr(kernels, "thought_attention_step", step)
