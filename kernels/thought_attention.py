@@ -958,8 +958,11 @@ def _signature(fn, ptr_types: dict, float_args=("sm_scale",)) -> tuple[dict, lis
     for name, is_constexpr in _params(fn):
         if is_constexpr:
             constexpr_names.append(name)
-        elif name.startswith("stride_") and name.endswith("d"):
-            specialized[name] = 1
+        elif name.startswith("stride_") and (name.endswith("d") or name in ("stride_dst", "stride_det")):
+            specialized[name] = 1       # head-dim strides, and the position stride of a (B, T) doc_start
+        elif name in ("DS", "DE"):
+            sig[name] = "*i32"
+            div16.append(name)
         elif name in ptr_types:
             sig[name] = ptr_types[name]
             div16.append(name)
@@ -987,19 +990,24 @@ def h100_compile_cases() -> list[dict]:
     def add(kernel, fn, ptr_types, constexprs, cfg, has_dot, dtype):
         constexprs = dict(D=D, **constexprs)
         sig, names, specialized, div16 = _signature(fn, ptr_types)
-        assert set(names) == set(constexprs), (kernel, names, constexprs)
-        config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k != "DOT_PREC")
-        config += f",warps={cfg['num_warps']},stages={cfg['num_stages']},{_TL_TYPE[dtype]}"
-        if any(t == "*fp32" for n, t in ptr_types.items() if n in ("DK", "DV")):
-            config += ",fp32-partials"
-        key = (kernel, config)
-        if key in seen:
-            return
-        seen.add(key)
-        cases.append(dict(kernel=kernel, config=config, fn=fn, signature=sig,
-                          constexprs={**constexprs, **specialized}, divisible_by_16=div16,
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], has_dot=has_dot,
-                          max_stack_bytes=cfg.get("max_stack_bytes", 0)))
+        docs_variants = (False, True) if "HAS_DOCS" in names else (None,)
+        for docs in docs_variants:       # every kernel that takes doc_start: without and with documents
+            cx = dict(constexprs) if docs is None else dict(constexprs, HAS_DOCS=docs)
+            assert set(names) == set(cx), (kernel, names, cx)
+            config = ",".join(f"{k}={v}" for k, v in cx.items() if k not in ("DOT_PREC", "HAS_DOCS"))
+            config += f",warps={cfg['num_warps']},stages={cfg['num_stages']},{_TL_TYPE[dtype]}"
+            if any(t == "*fp32" for n, t in ptr_types.items() if n in ("DK", "DV")):
+                config += ",fp32-partials"
+            if docs:
+                config += ",docs"
+            key = (kernel, config)
+            if key in seen:
+                continue
+            seen.add(key)
+            cases.append(dict(kernel=kernel, config=config, fn=fn, signature=sig,
+                              constexprs={**cx, **specialized}, divisible_by_16=div16,
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], has_dot=has_dot,
+                              max_stack_bytes=cfg.get("max_stack_bytes", 0)))
 
     for dtype in (torch.bfloat16, torch.float16):
         x, f32 = "*" + _TL_TYPE[dtype], "*fp32"
