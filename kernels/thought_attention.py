@@ -104,32 +104,35 @@ def _tile_rows(tile, POS, L, T, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _doc_key_start(doc0, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """First base key block a tile with per-row document starts doc0 must visit: keys below the
-    earliest document start of the tile are masked for every row, so their blocks are skipped."""
+def _doc_key_start(DS, b64, stride_dsb, stride_dst, t_lo, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """First base key block a tile of positions t_lo.. must visit: keys below the earliest document
+    start of the tile, DS[t_lo] (doc_start does not decrease along a row), are masked for every row,
+    so their blocks are skipped. One scalar load (loop bounds must not depend on a divided index, for
+    triton-sanitizer), clamped to [0, t_lo] so that no doc_start value can move a load out of bounds."""
     if HAS_DOCS:
-        ds_min = tl.min(doc0, 0)
-        lo = ds_min - ds_min % BLOCK_N
+        ds_lo = tl.load(DS + b64 * stride_dsb + t_lo.to(tl.int64) * stride_dst)
+        ds_lo = tl.minimum(tl.maximum(ds_lo, 0), t_lo)
+        lo = ds_lo - ds_lo % BLOCK_N
     else:
         lo = 0
     return lo
 
 
 @triton.jit
-def _attend_base_prefix(acc, m_i, l_i, q, t, doc0, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt, stride_vbd,
-                        d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+def _attend_base_prefix(acc, m_i, l_i, q, t, doc0, key_lo, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt,
+                        stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                         HAS_DOCS: tl.constexpr):
     """Fold base keys 0..t_hi-1 into the online softmax of rows at positions t (t_lo <= t < t_hi).
 
     Keys strictly below the tile's first position t_lo are visible to every row: no mask. The
     blocks from there to t_hi get the causal mask s <= t; key 0 of the first block is visible to
     every row, so no row is ever fully masked and m_i stays finite.
-    HAS_DOCS: row t sees only keys s >= doc0[t] (its document's start); the blocks wholly below the
-    tile's earliest document start are skipped, the rest masked, and a row may see nothing in a
-    block (its own key s = t is always visible, so it ends with a finite max)."""
+    HAS_DOCS: row t sees only keys s >= doc0[t] (its document's start); the blocks below key_lo
+    (``_doc_key_start``) are skipped, the rest masked, and a row may see nothing in a block (its own
+    key s = t is always visible, so it ends with a finite max)."""
     n = tl.arange(0, BLOCK_N)
     n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
-    for start in range(_doc_key_start(doc0, BLOCK_N, HAS_DOCS), n_full, BLOCK_N):
+    for start in range(key_lo, n_full, BLOCK_N):
         s = start + n
         k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
                     mask=d_ok[None, :], other=0.0)
@@ -157,8 +160,7 @@ def _attend_base_prefix(acc, m_i, l_i, q, t, doc0, kb_base, vb_base, stride_kbt,
 
 @triton.jit
 def _load_doc_start(DS, b64, stride_dsb, stride_dst, t, row_ok, t_lo, HAS_DOCS: tl.constexpr):
-    """Document start of each row's position (int32); rows outside the tile get t_lo, which no
-    real row's start exceeds, so they never lower the tile's skip bound."""
+    """Document start of each row's position (int32); rows outside the tile get t_lo."""
     if HAS_DOCS:
         doc0 = tl.load(DS + b64 * stride_dsb + t.to(tl.int64) * stride_dst, mask=row_ok, other=t_lo)
     else:
@@ -212,8 +214,10 @@ def _thought_attn_fwd_kernel(
     kb_base = KB + b64 * stride_kbb + hk64 * stride_kbh
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
     doc0 = _load_doc_start(DS, b64, stride_dsb, stride_dst, t, row_ok, t_lo, HAS_DOCS)
-    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, doc0, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt,
-                                        stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC, HAS_DOCS)
+    key_lo = _doc_key_start(DS, b64, stride_dsb, stride_dst, t_lo, BLOCK_N, HAS_DOCS)
+    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, doc0, key_lo, kb_base, vb_base, stride_kbt, stride_kbd,
+                                        stride_vbt, stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC,
+                                        HAS_DOCS)
 
     # chain keys of the tile's positions: same index set as the rows (j = p' * L + m)
     kc_ptrs = (KC + b64 * stride_kcb + hk64 * stride_kch + t[:, None].to(tl.int64) * stride_kct
@@ -313,7 +317,7 @@ def _thought_attn_bwd_dq_kernel(
     n = tl.arange(0, BLOCK_N)
     n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
     doc0 = _load_doc_start(DS, b64, stride_dsb, stride_dst, t, row_ok, t_lo, HAS_DOCS)
-    for start in range(_doc_key_start(doc0, BLOCK_N, HAS_DOCS), n_full, BLOCK_N):
+    for start in range(_doc_key_start(DS, b64, stride_dsb, stride_dst, t_lo, BLOCK_N, HAS_DOCS), n_full, BLOCK_N):
         s = start + n
         k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
                     mask=d_ok[None, :], other=0.0)
@@ -584,8 +588,10 @@ def _thought_attn_step_kernel(
     kb_base = KB + b64 * stride_kbb + hk64 * stride_kbh
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
     doc0 = _load_doc_start(DS, b64, stride_dsb, stride_dst, t, row_ok, t_lo, HAS_DOCS)
-    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, doc0, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt,
-                                        stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC, HAS_DOCS)
+    key_lo = _doc_key_start(DS, b64, stride_dsb, stride_dst, t_lo, BLOCK_N, HAS_DOCS)
+    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, doc0, key_lo, kb_base, vb_base, stride_kbt, stride_kbd,
+                                        stride_vbt, stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC,
+                                        HAS_DOCS)
 
     # chain keys (t, 0..step): one key per row per iteration, a gather on CUDA cores
     qf = q.to(tl.float32)

@@ -225,13 +225,17 @@ def _flex_fn():
 def _flex_block_mask(T: int, n: int, L_rows: int, device, docs: Documents | None = None):
     """Block mask for queries (t, l) (L_rows per position; l = row index, or fixed step when
     L_rows == 1) over [T base | T*n chain] keys. Built once per shape and cached; with `docs`, the
-    base keys also need s >= doc_start[b, t] (a per-row mask, built once per batch, cached in `docs`)."""
+    base keys also need s >= doc_start[b, t]: a per-row mask, built once per batch and cached in
+    `docs`. Its mask_mod is one closure per shape reading a persistent doc_start buffer (compiled
+    flex guards on the mask_mod: a closure per batch would recompile every step); the buffer is
+    refilled from `docs` on every call, so each call reads its own batch's documents."""
     key = (T, n, L_rows, str(device))
-    cache = _FLEX if docs is None else docs.cache
-    if key not in cache:
-        from torch.nn.attention.flex_attention import create_block_mask
-        ds = docs.doc_start if docs is not None else None
-
+    ds = None
+    if docs is not None:
+        key += (docs.doc_start.shape[0],)
+        ds = _FLEX.setdefault(("doc_start",) + key, torch.zeros_like(docs.doc_start))
+        ds.copy_(docs.doc_start)
+    if ("mod",) + key not in _FLEX:
         def mask_mod(b, h, q_idx, kv_idx):
             qt = q_idx // L_rows
             ql = (q_idx % L_rows) if L_rows > 1 else (n - 1)
@@ -242,9 +246,12 @@ def _flex_block_mask(T: int, n: int, L_rows: int, device, docs: Documents | None
             if ds is not None:
                 base_ok = base_ok & (kv_idx >= ds[b, qt])
             return (is_base & base_ok) | (~is_base & (ct == qt) & (cm <= ql))
-
+        _FLEX[("mod",) + key] = mask_mod
+    cache = _FLEX if docs is None else docs.cache
+    if key not in cache:
+        from torch.nn.attention.flex_attention import create_block_mask
         B = None if ds is None else ds.shape[0]
-        cache[key] = create_block_mask(mask_mod, B, None, T * L_rows, T + T * n, device=device)
+        cache[key] = create_block_mask(_FLEX[("mod",) + key], B, None, T * L_rows, T + T * n, device=device)
     return cache[key]
 
 

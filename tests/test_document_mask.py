@@ -241,6 +241,30 @@ def test_backends_match_reference_with_documents(backend):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)   # the float64 references differ by ~2e-7 without documents too
 
 
+def test_flex_masks_of_two_batches_interleaved():
+    """Flex keeps one mask_mod per shape over a doc_start buffer: every call must still read its own batch's
+    documents, whichever batch built its block mask last."""
+    B, H, H_KV, T, L, D = 2, 2, 1, 15, 2, 16
+    xs = _inputs(B, H, H_KV, T, L, D, seed=10, dtype=torch.float32)
+    a, b = Documents(doc_start_of([[4, 11], [15]])), Documents(doc_start_of([[1, 1, 13], [7, 8]]))
+    fn = parallel_fn("flex")
+    for docs in (a, b, a, b):
+        want = thought_attention_ref(*(x.double() for x in xs), doc_start=docs.doc_start)
+        assert _err(fn(*xs, D ** -0.5, docs), want) < 1e-5
+
+
+@pytest.mark.parametrize("attention", ["split", "flex", "triton"])
+def test_sampling_backends_sample_the_same_thoughts_with_documents(attention):
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(5))
+    ds = doc_start_of([[2, 9], [1, 4, 6]])
+    want = sample_thoughts(model, ids, Backends("reference"), torch.Generator().manual_seed(6), docs=ds)
+    got = sample_thoughts(model, ids, Backends(attention), torch.Generator().manual_seed(6), docs=ds)
+    assert torch.equal(got, want)
+    plain = sample_thoughts(model, ids, Backends("reference"), torch.Generator().manual_seed(6))
+    assert not torch.equal(plain, want), "documents must change the sampled thoughts of packed rows"
+
+
 # ----------------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------------
