@@ -23,7 +23,7 @@ from quietstar import Backends, LossConfig
 from quietstar.attention import Documents, parallel_fn, step_fn
 from quietstar.data import pack_rows
 from quietstar.thoughts import quietstar_forward, sample_thoughts, talk_validity
-from test_quietstar import V, tiny_model
+from test_quietstar import V, assert_schedules_match, loss_and_grads, tiny_model
 from test_thought_attention import ATOL, ERR_FACTOR, nan_empty  # noqa: F401  (autouse fixture: poison buffers)
 
 ta = importlib.import_module("kernels.thought_attention")
@@ -268,14 +268,6 @@ def test_sampling_backends_sample_the_same_thoughts_with_documents(attention):
 # ----------------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------------
-def _loss_grads(model, ids, valid, thoughts, schedule, backends, doc_start):
-    model.zero_grad(set_to_none=True)
-    loss, m, ex = quietstar_forward(model, ids, valid, LossConfig(beta_policy=3.0), schedule, backends,
-                                    thoughts=thoughts, doc_start=doc_start)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, ex
-
-
 @pytest.mark.parametrize("attention", ["reference", "split", "triton"])
 def test_schedules_agree_with_documents(attention):
     model = tiny_model()
@@ -283,14 +275,10 @@ def test_schedules_agree_with_documents(attention):
     valid = torch.ones(2, 11, dtype=torch.bool)
     ds = doc_start_of([[4, 1, 6], [10, 1]])
     thoughts = sample_thoughts(model, ids, Backends("reference"), torch.Generator().manual_seed(1), docs=ds)
-    ref_loss, ref_g, _ = _loss_grads(model, ids, valid, thoughts, "sequential", Backends("reference"), ds)
-    plain_loss, _, _ = _loss_grads(model, ids, valid, thoughts, "sequential", Backends("reference"), None)
+    ref_loss, ref_g, _ = loss_and_grads(model, ids, valid, thoughts, "sequential", Backends("reference"), ds)
+    plain_loss, _, _ = loss_and_grads(model, ids, valid, thoughts, "sequential", Backends("reference"))
     assert (ref_loss - plain_loss).abs() > 1e-4, "documents must change the loss of packed rows"
-    for sched in ["sample-then-train"] + (["sequential"] if attention != "triton" else []):
-        loss, g, _ = _loss_grads(model, ids, valid, thoughts, sched, Backends(attention), ds)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-        for n in ref_g:
-            torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{sched} {n}: {m}")
+    assert_schedules_match(model, ids, valid, thoughts, attention, ref_loss, ref_g, ds)
 
 
 @pytest.mark.parametrize("attention", ["reference", "split", "triton"])
@@ -302,8 +290,8 @@ def test_one_document_rows_equal_the_unmasked_step_exactly(attention):
     t0 = sample_thoughts(model, ids, be, torch.Generator().manual_seed(3))
     t1 = sample_thoughts(model, ids, be, torch.Generator().manual_seed(3), docs=zeros)
     assert torch.equal(t0, t1)
-    l0, g0, _ = _loss_grads(model, ids, None, t0, "sample-then-train", be, None)
-    l1, g1, _ = _loss_grads(model, ids, None, t0, "sample-then-train", be, zeros)
+    l0, g0, _ = loss_and_grads(model, ids, None, t0, "sample-then-train", be)
+    l1, g1, _ = loss_and_grads(model, ids, None, t0, "sample-then-train", be, zeros)
     assert torch.equal(l0, l1)
     for n in g0:
         assert torch.equal(g0[n], g1[n]), n
