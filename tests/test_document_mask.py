@@ -385,3 +385,55 @@ def test_train_masks_documents_on_every_backend(tmp_path):
     # backends' agreement above
     spread = max(abs(first[a] - first["reference"]) for a in first)
     assert abs(off - first["reference"]) > max(10 * spread, 2e-5 * abs(off))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: bf16 kernels, CUDA-graph sampling with documents
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,H_KV,T,L,D", [(2, 32, 8, 256, 14, 128), (2, 9, 3, 200, 5, 64)])
+def test_gpu_bf16_kernels_with_documents(B, H, H_KV, T, L, D):
+    dev, dt = "cuda", torch.bfloat16
+    lengths = [[100, 1, T - 101], [T - 1, 1]]
+    ds = doc_start_of(lengths).to(dev)
+    xs = [x.to(dev) for x in _inputs(B, H, H_KV, T, L, D, seed=11)]
+    x64 = [x.clone().requires_grad_() for x in xs]
+    ref = thought_attention_ref(*x64, doc_start=ds)
+    do = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, x64, do)
+    xb = [x.to(dt).requires_grad_() for x in xs]
+    pt = thought_attention_ref(*xb, doc_start=ds)
+    g_pt = torch.autograd.grad(pt, xb, do.to(dt))
+    xk = [x.to(dt).requires_grad_() for x in xs]
+    o = ta.thought_attention(*xk, doc_start=ds)
+    g_k = torch.autograd.grad(o, xk, do.to(dt))
+    for got, pyt, want in [(o, pt, ref)] + list(zip(g_k, g_pt, g_ref)):
+        assert _err(got, want) <= ERR_FACTOR * _err(pyt, want) + ATOL[dt] * want.abs().max().item()
+    step = L - 1
+    st = ta.thought_attention_step(xs[0][:, :, :, step].to(dt).contiguous(), *(x.to(dt) for x in xs[1:]), step,
+                                   doc_start=ds)
+    want = thought_attention_step_ref(xs[0][:, :, :, step], *xs[1:], step, doc_start=ds)
+    assert _err(st, want) <= 2 * _err(pt[:, :, :, step], ref[:, :, :, step]) + ATOL[dt] * want.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["triton", "split"])
+def test_gpu_graph_replay_with_documents(attention):
+    """The graph's static doc_start buffer is refilled each call, and the masks built from it inside the
+    graph: every replay equals the eager loop on its own batch's documents."""
+    from quietstar.graphs import GraphedSampler
+    dev = "cuda"
+    model = tiny_model(M=3).to(dev)
+    be = Backends(attention, "triton")
+    sampler = GraphedSampler(model, be, torch.Generator(device=dev).manual_seed(3))
+    for step, lengths in enumerate([[[4, 5], [9]], [[1, 1, 7], [3, 6]], [[9], [2, 7]]]):
+        ids = torch.randint(0, V, (2, 9), device=dev, generator=torch.Generator(device=dev).manual_seed(step))
+        ds = doc_start_of(lengths).to(dev)
+        with torch.no_grad():
+            got = sampler(ids, ds)
+            want = sample_thoughts(model, ids, be, seeds=sampler.last_seeds(), docs=ds)
+        assert torch.equal(got, want), f"step {step}: graph replay differs from the eager loop"
+    assert len(sampler.graphs) == 1
+    with torch.no_grad():
+        sampler(ids)                            # without documents: a capture of its own
+    assert len(sampler.graphs) == 2
