@@ -9,6 +9,14 @@ query (t, l), with scale = 1/sqrt(D) unless given:
 
 i.e. ``thought_attention_ref`` in kernels/reference.py, without ever building its mask.
 
+Documents (packed rows). With ``doc_start`` (B, T) int32 (the first position of t's document; see
+kernels/reference.py), keys(t, l) keeps only base keys s >= doc_start[t]. The kernels are compiled
+with HAS_DOCS=True then; ``doc_start=None`` compiles today's kernels (HAS_DOCS=False) unchanged.
+Forward, dQ and step start their base-key loop at the block of the tile's earliest document start
+(doc_start[t_lo], one scalar load): key blocks wholly before it are never read. The base dK/dV
+kernel stops its query rows at the end of the last key's document (``document_ends``, computed once
+per backward by a searchsorted): rows of later documents never see the block.
+
 Layout. q, o (B, H, T, L, D); k_base, v_base (B, H_KV, T, D); k_chain, v_chain (B, H_KV, T, L, D);
 the chain of position t is contiguous in the [pos, step] sense only logically: every tensor is
 addressed through its own strides (runtime arguments), so strided views of bigger buffers are
