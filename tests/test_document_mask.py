@@ -229,9 +229,8 @@ def test_backends_match_reference_with_documents(backend):
         want = thought_attention_step_ref(*(x.double() for x in (q[:, :, :, step], kb, vb, kc, vc)), step,
                                           doc_start=docs.doc_start)
         assert _err(got, want) < 1e-5
-    if backend == "split":   # gradients too (flex cannot train on CPU; triton: the kernel tests above)
-        x64 = [x.double().requires_grad_() for x in xs]
-        torch.autograd.gradcheck(lambda *a: parallel_fn("split")(*a, 0.3, docs), x64[:1] + [x.detach() for x in x64[1:]])
+    if backend == "split":   # gradients too, against the reference's autograd (flex cannot train on CPU; triton:
+        # the kernel tests above)
         xr = [x.double().requires_grad_() for x in xs]
         xsp = [x.double().requires_grad_() for x in xs]
         do = torch.randn(want.shape[:3] + (L, D), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
