@@ -20,7 +20,10 @@ prefix); ours gets its native (B, H_KV, T, L, D) [pos, step] tensors. Same value
 
 Cases: sampling (one call per chain step, steps summed), parallel fwd, bwd (backward of a retained
 graph), fwd+bwd. Shapes: every row of DESIGN.md section 8 (H=32, H_KV=8, D=128), the paper's
-(B=8, T=256, L=14) and SmolLM2's heads (H=9, H_KV=3, D=64).
+(B=8, T=256, L=14) and SmolLM2's heads (H=9, H_KV=3, D=64), and packed rows of MATH-length documents
+(``doc_len`` tokens each, rows starting at a different offset into the document stream) under
+document masking: dense gets the per-row mask, flex a per-row block mask, ours ``doc_start``; the
+proxy has no document form (skipped); useful FLOPs count the pairs the document mask keeps.
 
 Useful FLOPs (only unmasked QK^T and PV work; 2*D for QK^T + 2*D for PV per query-key pair):
   parallel:  pairs = B*H * sum_{t<T} sum_{l<L} ((t + 1) + (l + 1)) = B*H*L*T*(T+1)/2 + B*H*T*L*(L+1)/2
@@ -81,6 +84,7 @@ class Shape:
     H: int = 32
     H_KV: int = 8
     D: int = 128
+    doc_len: int = 0   # packed documents of this many tokens (document masking); 0: one document per row
 
 
 # most important first: a run cut short by a timeout still has these (results are written row by row)
@@ -97,16 +101,49 @@ PARALLEL_SHAPES = (
     Shape("B=2 T=1024 L=16", 2, 1024, 16),
     Shape("B=1 T=2048 L=8", 1, 2048, 8),
 )
-SMOKE_SAMPLING = (Shape("smoke T=21 4 steps", 1, 21, 4, 4, 2, 16), Shape("smoke T=13 3 steps H=3/1", 2, 13, 3, 3, 1, 16))
-SMOKE_PARALLEL = (Shape("smoke T=19 L=5", 1, 19, 5, 4, 2, 16), Shape("smoke T=11 L=3 H=3/1", 2, 11, 3, 3, 1, 16))
+# the median document of the default corpus (MATH problem + solution + separator): 224 tokens with SmolLM2's
+# tokenizer, 221 with Mistral's (mean ~300); a 256-token row holds parts of 2
+MATH_DOC = 224
+SAMPLING_SHAPES += (
+    Shape("paper B=8 T=256 14 steps MATH docs", 8, 256, 14, doc_len=MATH_DOC),
+    Shape("SmolLM2 B=8 T=256 14 steps H=9/3 D=64 MATH docs", 8, 256, 14, 9, 3, 64, doc_len=MATH_DOC),
+    Shape("B=2 T=1024 16 steps MATH docs", 2, 1024, 16, doc_len=MATH_DOC),
+)
+PARALLEL_SHAPES += (
+    Shape("paper B=8 T=256 L=14 MATH docs", 8, 256, 14, doc_len=MATH_DOC),
+    Shape("SmolLM2 B=8 T=256 L=14 H=9/3 D=64 MATH docs", 8, 256, 14, 9, 3, 64, doc_len=MATH_DOC),
+    Shape("B=2 T=1024 L=16 MATH docs", 2, 1024, 16, doc_len=MATH_DOC),
+)
+SMOKE_SAMPLING = (Shape("smoke T=21 4 steps", 1, 21, 4, 4, 2, 16), Shape("smoke T=13 3 steps H=3/1", 2, 13, 3, 3, 1, 16),
+                  Shape("smoke T=37 3 steps docs of 9", 2, 37, 3, 4, 2, 16, doc_len=9))
+SMOKE_PARALLEL = (Shape("smoke T=19 L=5", 1, 19, 5, 4, 2, 16), Shape("smoke T=11 L=3 H=3/1", 2, 11, 3, 3, 1, 16),
+                  Shape("smoke T=37 L=3 docs of 9", 2, 37, 3, 4, 2, 16, doc_len=9))
+
+
+def doc_start(s: Shape, device="cpu"):
+    """(B, T) int32 for packed documents of s.doc_len tokens, row b entering the stream at offset 37*b; None
+    when s.doc_len == 0."""
+    if not s.doc_len:
+        return None
+    t = torch.arange(s.T, device=device)[None, :]
+    off = (37 * torch.arange(s.B, device=device)[:, None]) % s.doc_len
+    return (((t + off) // s.doc_len) * s.doc_len - off).clamp_min(0).to(torch.int32)
+
+
+def _base_keys(s: Shape) -> int:
+    """Base (query position, key) pairs per (b, h) summed over b: causal, within documents."""
+    ds = doc_start(s)
+    if ds is None:
+        return s.B * s.T * (s.T + 1) // 2
+    return int((torch.arange(s.T)[None, :] - ds + 1).sum())
 
 
 def parallel_pairs(s: Shape) -> int:
-    return s.B * s.H * (s.L * s.T * (s.T + 1) // 2 + s.T * s.L * (s.L + 1) // 2)
+    return s.H * (s.L * _base_keys(s) + s.B * s.T * s.L * (s.L + 1) // 2)
 
 
 def sampling_pairs(s: Shape) -> int:
-    return sum(s.B * s.H * (s.T * (s.T + 1) // 2 + s.T * (l + 1)) for l in range(s.L))
+    return sum(s.H * (_base_keys(s) + s.B * s.T * (l + 1)) for l in range(s.L))
 
 
 def useful_flops(case: str, s: Shape) -> float:
@@ -141,12 +178,16 @@ def pos_major(base, chain):
     return torch.cat([base, chain.reshape(B, HK, T * L, D)], dim=2).contiguous()
 
 
-def sampling_dense_mask(T, n, device):
-    """(T, T + n*T) for step-major keys: base s <= t, chain (m, s) with s == t (m < n)."""
+def sampling_dense_mask(T, n, device, ds=None):
+    """(T, T + n*T) for step-major keys: base s <= t, chain (m, s) with s == t (m < n); with doc_start ds
+    (B, T): (B, 1, T, T + n*T), base keys also s >= ds[t]."""
     t = torch.arange(T, device=device)
     base = t[None, :] <= t[:, None]
     chain = t[:, None] == t.repeat(n)[None, :]
-    return torch.cat([base, chain], dim=1)
+    if ds is None:
+        return torch.cat([base, chain], dim=1)
+    B = ds.shape[0]
+    return torch.cat([kernels.reference.document_mask(ds), chain[None].expand(B, -1, -1)], dim=2)[:, None]
 
 
 def _expand(x, g):
@@ -207,36 +248,39 @@ def make_proxy(k, v, causal):
 _MASKS = {}
 
 
-def parallel_block_mask(T, L, device):
-    key = ("parallel", T, L, str(device))
+def parallel_block_mask(T, L, device, ds=None):
+    key = ("parallel", T, L, str(device), None if ds is None else ds.shape[0])
     if key not in _MASKS:
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, qi, kv):       # query (t, l) = qi; keys [base 0..T-1 | chain (s, m) at T + s*L + m]
             t, l = qi // L, qi % L
             c = kv - T
-            return torch.where(kv < T, kv <= t, ((c // L) == t) & ((c % L) <= l))
+            base = kv <= t if ds is None else (kv <= t) & (kv >= ds[b, t])
+            return torch.where(kv < T, base, ((c // L) == t) & ((c % L) <= l))
         t0 = time.perf_counter()
-        bm = create_block_mask(mask_mod, None, None, T * L, T + T * L, device=device)
+        bm = create_block_mask(mask_mod, None if ds is None else ds.shape[0], None, T * L, T + T * L, device=device)
         _sync(torch.device(device))
         _MASKS[key] = (bm, time.perf_counter() - t0)
     return _MASKS[key]
 
 
-def sampling_block_masks(T, L, device):
+def sampling_block_masks(T, L, device, ds=None):
     """(step_buf, [block mask of step l], build s): one mask_mod for all steps, the step read from step_buf."""
-    key = ("sampling", T, L, str(device))
+    key = ("sampling", T, L, str(device), None if ds is None else ds.shape[0])
     if key not in _MASKS:
         from torch.nn.attention.flex_attention import create_block_mask
         step_buf = torch.zeros((), dtype=torch.int32, device=device)
 
         def mask_mod(b, h, qi, kv):       # keys [base | step 0 | step 1 ...], chain (m, s) at T + m*T + s
             c = kv - T
-            return torch.where(kv < T, kv <= qi, ((c % T) == qi) & ((c // T) <= step_buf))
+            base = kv <= qi if ds is None else (kv <= qi) & (kv >= ds[b, qi])
+            return torch.where(kv < T, base, ((c % T) == qi) & ((c // T) <= step_buf))
         masks, t0 = [], time.perf_counter()
         for l in range(L):
             step_buf.fill_(l)
-            masks.append(create_block_mask(mask_mod, None, None, T, T + L * T, device=device))
+            masks.append(create_block_mask(mask_mod, None if ds is None else ds.shape[0], None, T, T + L * T,
+                                           device=device))
         _sync(torch.device(device))
         _MASKS[key] = (step_buf, masks, time.perf_counter() - t0)
     return _MASKS[key]
@@ -250,10 +294,14 @@ class State:
 def setup_parallel(provider, x, s: Shape, need_grad: bool, smoke: bool) -> State:
     B, T, L, H, HK, D = s.B, s.T, s.L, s.H, s.H_KV, s.D
     g = H // HK
+    ds = doc_start(s, x["q"].device)
     leaf = lambda t: t.detach().clone().requires_grad_(need_grad)  # noqa: E731
     if provider == "ours":
         ins = [leaf(x[n]) for n in ("q", "k_base", "v_base", "k_chain", "v_chain")]
-        return State(lambda: kernels.thought_attention(*ins), ins, lambda: [t.grad for t in ins])
+        docs = {} if ds is None else {"doc_start": ds}
+        return State(lambda: kernels.thought_attention(*ins, **docs), ins, lambda: [t.grad for t in ins])
+    if provider == "proxy" and ds is not None:
+        raise Skip("no document-masked proxy")
     if provider in ("dense", "flex"):
         q = leaf(x["q"].reshape(B, H, T * L, D))
         k, v = leaf(pos_major(x["k_base"], x["k_chain"])), leaf(pos_major(x["v_base"], x["v_chain"]))
@@ -264,7 +312,9 @@ def setup_parallel(provider, x, s: Shape, need_grad: bool, smoke: bool) -> State
             return [q.grad.reshape(B, H, T, L, D), kb, vb, kc, vc]
         t0 = time.perf_counter()
         if provider == "dense":
-            mask = kernels.reference.thought_attention_mask(T, L, q.device)       # (T*L, T + T*L)
+            mask = kernels.reference.thought_attention_mask(T, L, q.device, ds)   # ((B,) T*L, T + T*L)
+            if ds is not None:
+                mask = mask[:, None]
             _sync(q.device)
             build = time.perf_counter() - t0
 
@@ -272,7 +322,7 @@ def setup_parallel(provider, x, s: Shape, need_grad: bool, smoke: bool) -> State
                 o = F.scaled_dot_product_attention(q, _expand(k, g), _expand(v, g), attn_mask=mask)
                 return o.reshape(B, H, T, L, D)
             return State(run, [q, k, v], grads, build)
-        bm, build = parallel_block_mask(T, L, q.device)    # build time of its first construction
+        bm, build = parallel_block_mask(T, L, q.device, ds)    # build time of its first construction
         fx = flex_compiled(smoke)
         run = lambda: fx(q, k, v, block_mask=bm, enable_gqa=True).reshape(B, H, T, L, D)  # noqa: E731
         return State(run, [q, k, v], grads, build)
@@ -291,12 +341,16 @@ def setup_sampling(provider, x, s: Shape, smoke: bool) -> State:
     B, T, L, H, HK, D = s.B, s.T, s.L, s.H, s.H_KV, s.D
     g = H // HK
     qs = x["q"]                                         # (L, B, H, T, D): the queries of each step
+    ds = doc_start(s, qs.device)
     if provider == "ours":
         kb, vb, kc, vc = (x[n].contiguous() for n in ("k_base", "v_base", "k_chain", "v_chain"))
+        docs = {} if ds is None else {"doc_start": ds}
 
         def run():
-            return [kernels.thought_attention_step(qs[l], kb, vb, kc, vc, l) for l in range(L)]
+            return [kernels.thought_attention_step(qs[l], kb, vb, kc, vc, l, **docs) for l in range(L)]
         return State(run)
+    if provider == "proxy" and ds is not None:
+        raise Skip("no document-masked proxy")
     if provider == "proxy":
         kb, vb = x["k_base"].contiguous(), x["v_base"].contiguous()
         proxy = make_proxy(kb, vb, causal=True)
@@ -305,7 +359,7 @@ def setup_sampling(provider, x, s: Shape, smoke: bool) -> State:
     K, V = step_major(x["k_base"], x["k_chain"]), step_major(x["v_base"], x["v_chain"])   # (B, HK, T + L*T, D)
     t0 = time.perf_counter()
     if provider == "dense":
-        masks = [sampling_dense_mask(T, l + 1, qs.device) for l in range(L)]
+        masks = [sampling_dense_mask(T, l + 1, qs.device, ds) for l in range(L)]
         _sync(qs.device)
         build = time.perf_counter() - t0
 
@@ -318,7 +372,7 @@ def setup_sampling(provider, x, s: Shape, smoke: bool) -> State:
             return outs
         return State(run, mask_build_s=build)
     if provider == "flex":
-        step_buf, masks, build = sampling_block_masks(T, L, qs.device)
+        step_buf, masks, build = sampling_block_masks(T, L, qs.device, ds)
         fx = flex_compiled(smoke)
 
         def run():
@@ -429,14 +483,15 @@ def run_one(case, provider, s, x, device, smoke, dense_out):
 def reference_check(case, s, x, result, row, tol):
     """Smoke: compare a provider's output (and its five input grads) with kernels.reference in float64."""
     out, grads, dout = result
+    ds = doc_start(s, out.device)
     if case == "sampling":
         xs = {k: v.double() for k, v in x.items()}
         ref = torch.stack([thought_attention_step_ref(xs["q"][l], xs["k_base"], xs["v_base"], xs["k_chain"],
-                                                      xs["v_chain"], l) for l in range(s.L)])
+                                                      xs["v_chain"], l, doc_start=ds) for l in range(s.L)])
         err = float((out.double() - ref).abs().max())
     else:
         ins = [x[n].double().requires_grad_() for n in ("q", "k_base", "v_base", "k_chain", "v_chain")]
-        ref = thought_attention_ref(*ins)
+        ref = thought_attention_ref(*ins, doc_start=ds)
         err = float((out.double() - ref.detach()).abs().max())
         if grads is not None:
             ref.backward(dout.double())

@@ -28,6 +28,10 @@ non-embedding parameters plus the LM head's d*V, a trained token costs 6N and a 
     python benchmarks/bench_train_step.py --model smollm2-135m --B 1 --T 128     # CPU, as committed (B=2: the
                                                                                  # reference needs > 24 GiB)
     python benchmarks/bench_train_step.py --model smollm2-135m --B 8 --T 256     # GPU, paper shape
+
+Document masking (--document-mask, the default, as in training; --no-document-mask for rows that
+attend across their packed documents): every Quiet-STaR path gets the rows' doc_start; the floor is
+the stock model's plain causal pass either way.
 """
 from __future__ import annotations
 
@@ -100,7 +104,8 @@ def start_peak_window(cuda: bool) -> float:
 
 
 def build(args, device, tmp: Path):
-    """The model, B rows of T tokens and their target mask; the same in every child process.
+    """The model, B rows of T tokens, their target mask and doc_start (None without --document-mask or
+    on random tokens); the same in every child process.
 
     The first child caches the decoder's weights under `tmp` (SmolLM2's GGUF takes ~15 s to
     dequantise), the others load them. Rows come from the embedded corpus (the training part of the MATH test set's text); where it
@@ -136,25 +141,28 @@ def build(args, device, tmp: Path):
     try:
         tok = load_tokenizer(mc)
         docs = qdata.load_documents("default", "train")[:64]
-        rows, valid = qdata.pack_rows(qdata.tokenize_documents(docs, tok), args.T, sep_id=document_separator(tok))
+        rows, valid, doc_start = qdata.pack_rows(qdata.tokenize_documents(docs, tok), args.T,
+                                                 sep_id=document_separator(tok), with_doc_start=True)
         init_id, data = marker_init_id(tok, th.marker_init_text), "MATH test-set text rows (training part)"
     except (FileNotFoundError, ImportError) as e:
         g = torch.Generator().manual_seed(args.seed)
         rows = torch.randint(3, lm.config.vocab_size, (args.B, args.T), generator=g)
         valid = torch.ones(args.B, args.T, dtype=torch.bool)
+        doc_start = torch.zeros(args.B, args.T, dtype=torch.int32)
         init_id, data = 3, f"random tokens ({type(e).__name__}: {e})"
     model = QuietStarModel(lm, th, marker_init_id=init_id).to(device)
-    return model, rows[: args.B].to(device), valid[: args.B].to(device), data
+    ds = doc_start[: args.B].to(device) if args.document_mask else None
+    return model, rows[: args.B].to(device), valid[: args.B].to(device), ds, data
 
 
-def agreement(args, model, ids, vn, loss_cfg, schedule, backends, autocast, tmp: Path) -> dict:
+def agreement(args, model, ids, vn, ds, loss_cfg, schedule, backends, autocast, tmp: Path) -> dict:
     """Loss and flattened gradients on the shared thoughts; the reference saves its gradients, the
     other paths compare with them (relative loss difference, cosine). All buffers die on return."""
     import torch
     from quietstar.thoughts import quietstar_forward
     thoughts = torch.load(tmp / "thoughts.pt").to(ids.device)
     with autocast:
-        loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, thoughts=thoughts)
+        loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, thoughts=thoughts, doc_start=ds)
     loss.backward()
     g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
                    for p in model.parameters()])
@@ -175,20 +183,24 @@ def child(args) -> dict:
     from quietstar.thoughts import quietstar_forward, sample_thoughts
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model, ids, vn, data = build(args, device, Path(args.tmp))
+    model, ids, vn, ds, data = build(args, device, Path(args.tmp))
     params = [p for p in model.parameters()]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     loss_cfg = LossConfig()
     tmp = Path(args.tmp)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     res = {"path": args.child, "data": data}
+    if ds is not None:   # documents per row and the share of (query, base key) pairs the mask keeps
+        from kernels.reference import document_mask
+        res["documents_per_row"] = float((ds == torch.arange(ds.shape[1], device=ds.device)).sum()) / ds.shape[0]
+        res["attended_fraction"] = float(document_mask(ds).sum()) / (ds.shape[0] * ds.shape[1] * (ds.shape[1] + 1) / 2)
     th = model.thought
     B, T = ids.shape
 
     if args.child == "sample":
         with autocast:
             thoughts = sample_thoughts(model, ids, Backends("reference", "reference"),
-                                       torch.Generator(device=device).manual_seed(args.seed))
+                                       torch.Generator(device=device).manual_seed(args.seed), docs=ds)
         torch.save(thoughts.cpu(), tmp / "thoughts.pt")
         return res
 
@@ -220,7 +232,7 @@ def child(args) -> dict:
     else:
         schedule, attn, head = PATHS[args.child]
         backends = Backends(attn, head)
-        res.update(agreement(args, model, ids, vn, loss_cfg, schedule, backends, autocast, tmp))
+        res.update(agreement(args, model, ids, vn, ds, loss_cfg, schedule, backends, autocast, tmp))
         opt.zero_grad(set_to_none=True)
         gen = torch.Generator(device=device).manual_seed(args.seed + 1)
         sampler = None
@@ -230,8 +242,9 @@ def child(args) -> dict:
 
         def step():
             with autocast:
-                thoughts = sampler(ids) if sampler is not None else None
-                loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, gen, thoughts=thoughts)
+                thoughts = sampler(ids, ds) if sampler is not None else None
+                loss, _, _ = quietstar_forward(model, ids, vn, loss_cfg, schedule, backends, gen, thoughts=thoughts,
+                                               doc_start=ds)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -274,6 +287,8 @@ def main():
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--P", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="mask attention by the rows' packed documents (as training does by default)")
     p.add_argument("--paths", default=None, help="comma-separated; default: the device's list")
     p.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and
                    __import__("torch").cuda.is_available() else "cpu")
@@ -352,6 +367,9 @@ def write_results(args, results: list) -> str:
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "transformers": __import__("transformers").__version__,
             "shape": {k: getattr(args, k) for k in ("model", "B", "T", "M", "K", "P")},
+            "document_mask": args.document_mask,
+            "documents_per_row": next((r["documents_per_row"] for r in results if "documents_per_row" in r), None),
+            "attended_fraction": next((r["attended_fraction"] for r in results if "attended_fraction" in r), None),
             "repeats": args.repeats, "warmup": args.warmup,
             "data": next((r["data"] for r in results if "data" in r), "?")}
     stem = args.tag or f"train_step_{args.device}_{args.model}_B{args.B}_T{args.T}"
@@ -359,10 +377,14 @@ def write_results(args, results: list) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     cuda = args.device == "cuda"
+    docs = ("document masking on" + (f" ({meta['documents_per_row']:.1f} documents per row, "
+                                     f"{meta['attended_fraction']:.0%} of the causal base pairs kept)"
+                                     if meta["documents_per_row"] is not None else "")
+            if args.document_mask else "document masking off")
     lines = [f"# Quiet-STaR train step: {meta['shape']}", "",
              f"{meta['date']}, {meta['device']} ({meta['cpu_count']} cores), torch {meta['torch']}, "
              f"triton {meta['triton']}, transformers {meta['transformers']}; median of {args.repeats} after "
-             f"{args.warmup} warm-up; data: {meta['data']}", "",
+             f"{args.warmup} warm-up; data: {meta['data']}; {docs}", "",
              "| path | schedule/attention/lm-head | step ms | tok/s | peak extra MiB | x floor time | x floor mem "
              "| x faster than reference | loss rel diff | grad cosine |" + (" MFU |" if cuda else ""),
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]

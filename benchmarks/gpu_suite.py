@@ -65,8 +65,8 @@ class Stage:
 # the stages (GPU) and their rehearsal (--dry-run: CPU, smoke shapes, the same scripts and flags)
 # ----------------------------------------------------------------------------------------------
 # kernel files first (with xdist the order only matters for what a timed-out stage reached)
-GPU_TEST_FILES = ("tests/test_thought_attention.py", "tests/test_lm_head.py", "tests/test_graphs.py",
-                  "tests/test_quietstar.py", "tests/test_train.py")
+GPU_TEST_FILES = ("tests/test_thought_attention.py", "tests/test_document_mask.py", "tests/test_lm_head.py",
+                  "tests/test_graphs.py", "tests/test_quietstar.py", "tests/test_train.py", "tests/test_parallel.py")
 
 
 def stages(out: Path, raw: Path, dry: bool, workers: int, caps: dict, test_files=GPU_TEST_FILES,

@@ -7,6 +7,11 @@ memory-hungry on purpose; never use them on large shapes.
 
 Layouts (DESIGN.md sections 2-3): B batch, H query heads, H_KV key/value heads (H % H_KV == 0), T base length,
 L chain length, D head dim; the chain of base position t is contiguous ([pos, step] order).
+
+Documents (packed rows): ``doc_start`` (B, T) int32/int64, the first position of position t's
+document in its row (0 for the document the row starts in). With it, a query at position t (a base
+token or any chain token of t) sees base keys s with doc_start[t] <= s <= t only; ``None`` means one
+document per row (today's masks, exactly).
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ __all__ = [
     "token_logprob_ref",
     "sample_thought_tokens_ref",
     "thought_attention_mask",
+    "check_doc_start",
+    "document_mask",
 ]
 
 
@@ -88,13 +95,46 @@ def check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=Non
     return B, H, H_KV, T, L, D
 
 
+def check_doc_start(doc_start, B: int, T: int, device, values: bool = True):
+    """Validate a (B, T) integer ``doc_start`` (see the module docstring); returns it (None stays None).
+
+    Its values are checked (doc_start[:, 0] == 0; doc_start[:, t] is doc_start[:, t - 1] or t) only
+    for a tensor on the CPU: on a GPU that would read it back to the host, a sync per call (and an
+    error inside a CUDA-graph capture)."""
+    if doc_start is None:
+        return None
+    if not isinstance(doc_start, torch.Tensor) or doc_start.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"doc_start must be an int32 or int64 tensor, got "
+                        f"{getattr(doc_start, 'dtype', type(doc_start).__name__)}")
+    if tuple(doc_start.shape) != (B, T):
+        raise ValueError(f"doc_start must be (B={B}, T={T}), got shape {tuple(doc_start.shape)}")
+    if doc_start.device != torch.device(device):
+        raise ValueError(f"doc_start is on {doc_start.device} but the inputs are on {device}")
+    if values and doc_start.device.type == "cpu" and T > 0:
+        t = torch.arange(T)
+        ok = bool((doc_start[:, 0] == 0).all()) and bool(
+            ((doc_start[:, 1:] == doc_start[:, :-1]) | (doc_start[:, 1:] == t[1:])).all())
+        if not ok:
+            raise ValueError("doc_start must give each position's document start: doc_start[:, 0] == 0 and "
+                             "doc_start[:, t] equal to doc_start[:, t - 1] (same document) or to t (a new one)")
+    return doc_start
+
+
+def document_mask(doc_start: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool: query t sees base key s iff doc_start[t] <= s <= t (causal within documents)."""
+    T = doc_start.shape[1]
+    s = torch.arange(T, device=doc_start.device)
+    return (s[None, None, :] <= s[None, :, None]) & (s[None, None, :] >= doc_start[:, :, None])
+
+
 # ----------------------------------------------------------------------------------------------
 # thought attention
 # ----------------------------------------------------------------------------------------------
-def thought_attention_mask(T: int, L: int, device=None) -> torch.Tensor:
+def thought_attention_mask(T: int, L: int, device=None, doc_start=None) -> torch.Tensor:
     """Dense boolean mask (T*L, T + T*L): query (t, l) -> [base keys 0..T-1 | chain keys (s, m)].
 
     True where attention is allowed: base key s <= t, or chain key (s, m) with s == t and m <= l.
+    With ``doc_start`` (B, T): (B, T*L, T + T*L), base keys also need s >= doc_start[t].
     """
     t = torch.arange(T, device=device)
     l = torch.arange(L, device=device)
@@ -102,39 +142,49 @@ def thought_attention_mask(T: int, L: int, device=None) -> torch.Tensor:
     ql = l.repeat(T)                                 # (T*L,) chain index of each query row
     base = t[None, :] <= qt[:, None]                 # (T*L, T)
     chain = (qt[:, None] == qt[None, :]) & (ql[None, :] <= ql[:, None])  # (T*L, T*L)
-    return torch.cat([base, chain], dim=1)
+    if doc_start is None:
+        return torch.cat([base, chain], dim=1)
+    B = doc_start.shape[0]
+    base = document_mask(doc_start).repeat_interleave(L, dim=1)          # (B, T*L, T)
+    return torch.cat([base, chain[None].expand(B, -1, -1)], dim=2)
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.repeat_interleave(groups, dim=1) if groups > 1 else x
 
 
-def thought_attention_ref(q, k_base, v_base, k_chain, v_chain, scale=None):
+def thought_attention_ref(q, k_base, v_base, k_chain, v_chain, scale=None, doc_start=None):
     """o = softmax(q K^T * scale + mask) V over [base | chain] keys with the thought mask.
 
     q (B, H, T, L, D); k_base, v_base (B, H_KV, T, D); k_chain, v_chain (B, H_KV, T, L, D).
-    Query (t, l) sees base keys s <= t and chain keys (t, m), m <= l. Returns (B, H, T, L, D).
+    Query (t, l) sees base keys s <= t (and s >= doc_start[b, t] with ``doc_start`` (B, T)) and
+    chain keys (t, m), m <= l. Returns (B, H, T, L, D).
     """
     B, H, H_KV, T, L, D = check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain)
+    check_doc_start(doc_start, B, T, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     g = H // H_KV
     k = torch.cat([k_base, k_chain.reshape(B, H_KV, T * L, D)], dim=2)   # (B, H_KV, T + T*L, D)
     v = torch.cat([v_base, v_chain.reshape(B, H_KV, T * L, D)], dim=2)
-    mask = thought_attention_mask(T, L, q.device)                        # (T*L, T + T*L)
+    mask = thought_attention_mask(T, L, q.device, doc_start)             # ((B,) T*L, T + T*L)
+    if doc_start is not None:
+        mask = mask[:, None]                                             # (B, 1, T*L, T + T*L)
     o = F.scaled_dot_product_attention(
         q.reshape(B, H, T * L, D), _expand_kv(k, g), _expand_kv(v, g), attn_mask=mask, scale=scale)
     return o.reshape(B, H, T, L, D)
 
 
-def thought_attention_step_ref(q, k_base, v_base, k_chain, v_chain, step, scale=None):
+def thought_attention_step_ref(q, k_base, v_base, k_chain, v_chain, step, scale=None, doc_start=None):
     """The queries of chain index ``step``: thought_attention_ref(...)[:, :, :, step] over chain 0..step.
 
     q (B, H, T, D); k_base, v_base (B, H_KV, T, D); k_chain, v_chain (B, H_KV, T, L_max, D) caches
-    whose chain indices 0..step are valid (later ones are ignored). Returns (B, H, T, D).
+    whose chain indices 0..step are valid (later ones are ignored); ``doc_start`` (B, T) as in
+    thought_attention_ref. Returns (B, H, T, D).
     Plain PyTorch, so it is differentiable (the sequential schedule's reference path uses that);
     the kernel of the same contract is forward-only.
     """
     B, H, H_KV, T, L_max, D = check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=step)
+    check_doc_start(doc_start, B, T, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     g = H // H_KV
     n = step + 1
@@ -143,7 +193,10 @@ def thought_attention_step_ref(q, k_base, v_base, k_chain, v_chain, step, scale=
     t = torch.arange(T, device=q.device)
     base = t[None, :] <= t[:, None]                                        # (T, T)
     chain = (t[:, None] == t.repeat_interleave(n)[None, :])                # (T, T*n)
-    mask = torch.cat([base, chain], dim=1)
+    if doc_start is None:
+        mask = torch.cat([base, chain], dim=1)
+    else:                                                                  # (B, 1, T, T + T*n)
+        mask = torch.cat([document_mask(doc_start), chain[None].expand(B, -1, -1)], dim=2)[:, None]
     return F.scaled_dot_product_attention(q, _expand_kv(k, g), _expand_kv(v, g), attn_mask=mask, scale=scale)
 
 

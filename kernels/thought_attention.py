@@ -9,6 +9,14 @@ query (t, l), with scale = 1/sqrt(D) unless given:
 
 i.e. ``thought_attention_ref`` in kernels/reference.py, without ever building its mask.
 
+Documents (packed rows). With ``doc_start`` (B, T) int32 (the first position of t's document; see
+kernels/reference.py), keys(t, l) keeps only base keys s >= doc_start[t]. The kernels are compiled
+with HAS_DOCS=True then; ``doc_start=None`` compiles today's kernels (HAS_DOCS=False) unchanged.
+Forward, dQ and step start their base-key loop at the block of the tile's earliest document start
+(doc_start[t_lo], one scalar load): key blocks wholly before it are never read. The base dK/dV
+kernel stops its query rows at the end of the last key's document (``document_ends``, computed once
+per backward by a searchsorted): rows of later documents never see the block.
+
 Layout. q, o (B, H, T, L, D); k_base, v_base (B, H_KV, T, D); k_chain, v_chain (B, H_KV, T, L, D);
 the chain of position t is contiguous in the [pos, step] sense only logically: every tensor is
 addressed through its own strides (runtime arguments), so strided views of bigger buffers are
@@ -54,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_thought_attention_inputs
+from .reference import check_doc_start, check_thought_attention_inputs
 
 __all__ = [
     "thought_attention",
@@ -75,11 +83,18 @@ _MAX_L = 64
 # Loop bounds round with `x - x % B` instead of `(x // B) * B` (same value for x >= 0): triton-sanitizer
 # (triton-viz 3.0) must evaluate loop bounds concretely and has no integer division for that.
 @triton.jit
-def _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC: tl.constexpr):
-    """Fold one block of log2-domain scores qk (BLOCK_M, BLOCK_N) and values v (BLOCK_N, D) in."""
+def _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC: tl.constexpr, MAY_BE_EMPTY: tl.constexpr = False):
+    """Fold one block of log2-domain scores qk (BLOCK_M, BLOCK_N) and values v (BLOCK_N, D) in.
+
+    MAY_BE_EMPTY: a row may have seen no key yet and have none in this block (a document mask):
+    its max stays -inf and the block adds exactly 0 (subtracting -inf would give NaN)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    if MAY_BE_EMPTY:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    alpha = tl.math.exp2(m_i - m_sub)
+    p = tl.math.exp2(qk - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
@@ -97,23 +112,44 @@ def _tile_rows(tile, POS, L, T, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _attend_base_prefix(acc, m_i, l_i, q, t, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt, stride_vbd,
-                        d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _doc_key_start(DS, b64, stride_dsb, stride_dst, t_lo, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """First base key block a tile of positions t_lo.. must visit: keys below the earliest document
+    start of the tile, DS[t_lo] (doc_start does not decrease along a row), are masked for every row,
+    so their blocks are skipped. One scalar load (loop bounds must not depend on a divided index, for
+    triton-sanitizer), clamped to [0, t_lo] so that no doc_start value can move a load out of bounds."""
+    if HAS_DOCS:
+        ds_lo = tl.load(DS + b64 * stride_dsb + t_lo.to(tl.int64) * stride_dst)
+        ds_lo = tl.minimum(tl.maximum(ds_lo, 0), t_lo)
+        lo = ds_lo - ds_lo % BLOCK_N
+    else:
+        lo = 0
+    return lo
+
+
+@triton.jit
+def _attend_base_prefix(acc, m_i, l_i, q, t, doc0, key_lo, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt,
+                        stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                        HAS_DOCS: tl.constexpr):
     """Fold base keys 0..t_hi-1 into the online softmax of rows at positions t (t_lo <= t < t_hi).
 
     Keys strictly below the tile's first position t_lo are visible to every row: no mask. The
     blocks from there to t_hi get the causal mask s <= t; key 0 of the first block is visible to
-    every row, so no row is ever fully masked and m_i stays finite."""
+    every row, so no row is ever fully masked and m_i stays finite.
+    HAS_DOCS: row t sees only keys s >= doc0[t] (its document's start); the blocks below key_lo
+    (``_doc_key_start``) are skipped, the rest masked, and a row may see nothing in a block (its own
+    key s = t is always visible, so it ends with a finite max)."""
     n = tl.arange(0, BLOCK_N)
     n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
+    for start in range(key_lo, n_full, BLOCK_N):
         s = start + n
         k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
                     mask=d_ok[None, :], other=0.0)
         v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
                     mask=d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC)
+        if HAS_DOCS:
+            qk = tl.where(s[None, :] >= doc0[:, None], qk, float("-inf"))
+        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC, HAS_DOCS)
     for start in range(n_full, t_hi, BLOCK_N):
         s = start + n
         s_ok = s < T
@@ -122,9 +158,22 @@ def _attend_base_prefix(acc, m_i, l_i, q, t, kb_base, vb_base, stride_kbt, strid
         v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        qk = tl.where(s[None, :] <= t[:, None], qk, float("-inf"))
-        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC)
+        vis = s[None, :] <= t[:, None]
+        if HAS_DOCS:
+            vis = vis & (s[None, :] >= doc0[:, None])
+        qk = tl.where(vis, qk, float("-inf"))
+        acc, m_i, l_i = _online_softmax_update(acc, m_i, l_i, qk, v, DOT_PREC, HAS_DOCS)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _load_doc_start(DS, b64, stride_dsb, stride_dst, t, row_ok, t_lo, HAS_DOCS: tl.constexpr):
+    """Document start of each row's position (int32); rows outside the tile get t_lo."""
+    if HAS_DOCS:
+        doc0 = tl.load(DS + b64 * stride_dsb + t.to(tl.int64) * stride_dst, mask=row_ok, other=t_lo)
+    else:
+        doc0 = t_lo
+    return doc0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +181,7 @@ def _attend_base_prefix(acc, m_i, l_i, q, t, kb_base, vb_base, stride_kbt, strid
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _thought_attn_fwd_kernel(
-    Q, KB, VB, KC, VC, O, LSE,
+    Q, KB, VB, KC, VC, O, LSE, DS,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_ql, stride_qd,
     stride_kbb, stride_kbh, stride_kbt, stride_kbd,
@@ -140,8 +189,10 @@ def _thought_attn_fwd_kernel(
     stride_kcb, stride_kch, stride_kct, stride_kcl, stride_kcd,
     stride_vcb, stride_vch, stride_vct, stride_vcl, stride_vcd,
     stride_ob, stride_oh, stride_ot, stride_ol, stride_od,
+    stride_dsb, stride_dst,
     H, G, T, L, POS, NUM_TILES,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     # heaviest tiles (largest t, most base keys) first
     tile = NUM_TILES - 1 - tl.program_id(0)
@@ -170,8 +221,11 @@ def _thought_attn_fwd_kernel(
 
     kb_base = KB + b64 * stride_kbb + hk64 * stride_kbh
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
-    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt,
-                                        stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC)
+    doc0 = _load_doc_start(DS, b64, stride_dsb, stride_dst, t, row_ok, t_lo, HAS_DOCS)
+    key_lo = _doc_key_start(DS, b64, stride_dsb, stride_dst, t_lo, BLOCK_N, HAS_DOCS)
+    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, doc0, key_lo, kb_base, vb_base, stride_kbt, stride_kbd,
+                                        stride_vbt, stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC,
+                                        HAS_DOCS)
 
     # chain keys of the tile's positions: same index set as the rows (j = p' * L + m)
     kc_ptrs = (KC + b64 * stride_kcb + hk64 * stride_kch + t[:, None].to(tl.int64) * stride_kct
@@ -223,7 +277,7 @@ def _thought_attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _thought_attn_bwd_dq_kernel(
-    Q, KB, VB, KC, VC, DO, LSE, DELTA, DQ,
+    Q, KB, VB, KC, VC, DO, LSE, DELTA, DQ, DS,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_ql, stride_qd,
     stride_kbb, stride_kbh, stride_kbt, stride_kbd,
@@ -232,8 +286,10 @@ def _thought_attn_bwd_dq_kernel(
     stride_vcb, stride_vch, stride_vct, stride_vcl, stride_vcd,
     stride_dob, stride_doh, stride_dot, stride_dol, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dql, stride_dqd,
+    stride_dsb, stride_dst,
     H, G, T, L, POS, NUM_TILES,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """dQ = scale * sum_k dS_k k with P = exp(scale q.k - lse), dS = P * (dO.v - delta)."""
     tile = NUM_TILES - 1 - tl.program_id(0)
@@ -268,13 +324,16 @@ def _thought_attn_bwd_dq_kernel(
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
     n = tl.arange(0, BLOCK_N)
     n_full = t_lo - t_lo % BLOCK_N     # (t_lo // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
+    doc0 = _load_doc_start(DS, b64, stride_dsb, stride_dst, t, row_ok, t_lo, HAS_DOCS)
+    for start in range(_doc_key_start(DS, b64, stride_dsb, stride_dst, t_lo, BLOCK_N, HAS_DOCS), n_full, BLOCK_N):
         s = start + n
         k = tl.load(kb_base + s[:, None].to(tl.int64) * stride_kbt + d[None, :] * stride_kbd,
                     mask=d_ok[None, :], other=0.0)
         v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
                     mask=d_ok[None, :], other=0.0)
         pr = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+        if HAS_DOCS:
+            pr = tl.where(s[None, :] >= doc0[:, None], pr, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = pr * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -286,7 +345,10 @@ def _thought_attn_bwd_dq_kernel(
         v = tl.load(vb_base + s[:, None].to(tl.int64) * stride_vbt + d[None, :] * stride_vbd,
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         pr = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
-        pr = tl.where(s[None, :] <= t[:, None], pr, 0.0)
+        vis = s[None, :] <= t[:, None]
+        if HAS_DOCS:
+            vis = vis & (s[None, :] >= doc0[:, None])
+        pr = tl.where(vis, pr, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = pr * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -372,7 +434,7 @@ def _thought_attn_bwd_dkv_chain_kernel(
 
 @triton.jit
 def _thought_attn_bwd_dkv_base_kernel(
-    Q, KB, VB, DO, LSE, DELTA, DK, DV,
+    Q, KB, VB, DO, LSE, DELTA, DK, DV, DS, DE,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_ql, stride_qd,
     stride_kbb, stride_kbh, stride_kbt, stride_kbd,
@@ -380,14 +442,18 @@ def _thought_attn_bwd_dkv_base_kernel(
     stride_dob, stride_doh, stride_dot, stride_dol, stride_dod,
     stride_dks, stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvs, stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_dsb, stride_dst, stride_deb, stride_det,
     H, H_KV, G, T, L, HEADS_PER_PROG,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """Base dK/dV of BLOCK_N base keys from every query row (t, l), t >= s, of HEADS_PER_PROG heads.
 
     Rows are walked in flattened order r = t * L + l from s0 * L; the first BLOCK_N * L rows hold
     the causal diagonal and are masked, the rest see every key of the block. Split programs
     (program_id(2)) write fp32 partials at DK + split * stride_dks.
+    HAS_DOCS: row t sees key s only if s >= DS[t]; the rows stop at DE[last key of the block] * L
+    (DE[s]: the end of s's document, exclusive), since no later row sees any key of the block.
     """
     kblk = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -416,6 +482,13 @@ def _thought_attn_bwd_dkv_base_kernel(
     # first row block that lies entirely below the diagonal
     n_diag = diag_end - row0 + BLOCK_M - 1
     unmasked_start = row0 + n_diag - n_diag % BLOCK_M     # row0 + cdiv(diag_end - row0, BLOCK_M) * BLOCK_M
+    if HAS_DOCS:
+        s_last = tl.minimum(s0 + BLOCK_N, T) - 1
+        row_end = tl.minimum(tl.load(DE + b64 * stride_deb + s_last.to(tl.int64) * stride_det), T) * L
+        diag_stop = tl.minimum(unmasked_start, row_end)
+    else:
+        row_end = TL
+        diag_stop = unmasked_start
     rr = tl.arange(0, BLOCK_M)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
@@ -424,7 +497,7 @@ def _thought_attn_bwd_dkv_base_kernel(
         q_base = Q + b64 * stride_qb + h64 * stride_qh
         do_base = DO + b64 * stride_dob + h64 * stride_doh
         row_base = (b64 * H + h64) * TL
-        for start in range(row0, unmasked_start, BLOCK_M):
+        for start in range(row0, diag_stop, BLOCK_M):
             r = start + rr
             r_ok = r < TL
             t = r // L
@@ -437,12 +510,16 @@ def _thought_attn_bwd_dkv_base_kernel(
             lse2 = tl.load(LSE + row_base + r, mask=r_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + r, mask=r_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
-            pt = tl.where(s[:, None] <= t[None, :], pt, 0.0)
+            vis = s[:, None] <= t[None, :]
+            if HAS_DOCS:
+                doc0 = tl.load(DS + b64 * stride_dsb + t.to(tl.int64) * stride_dst, mask=r_ok, other=0)
+                vis = vis & (s[:, None] >= doc0[None, :])
+            pt = tl.where(vis, pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
-        for start in range(unmasked_start, TL, BLOCK_M):
+        for start in range(unmasked_start, row_end, BLOCK_M):
             r = start + rr
             r_ok = r < TL
             t = r // L
@@ -456,6 +533,9 @@ def _thought_attn_bwd_dkv_base_kernel(
             lse2 = tl.load(LSE + row_base + r, mask=r_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + r, mask=r_ok, other=0.0)
             pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+            if HAS_DOCS:
+                doc0 = tl.load(DS + b64 * stride_dsb + t.to(tl.int64) * stride_dst, mask=r_ok, other=0)
+                pt = tl.where(s[:, None] >= doc0[None, :], pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
@@ -473,7 +553,7 @@ def _thought_attn_bwd_dkv_base_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _thought_attn_step_kernel(
-    Q, KB, VB, KC, VC, O,
+    Q, KB, VB, KC, VC, O, DS,
     sm_scale, step,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kbb, stride_kbh, stride_kbt, stride_kbd,
@@ -481,8 +561,10 @@ def _thought_attn_step_kernel(
     stride_kcb, stride_kch, stride_kct, stride_kcl, stride_kcd,
     stride_vcb, stride_vch, stride_vct, stride_vcl, stride_vcd,
     stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dsb, stride_dst,
     H_KV, G, T, POS, NUM_TILES,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """Rows r = p * G + g: position t0 + p, query head hk * G + g; keys: base s <= t, chain 0..step."""
     tile = NUM_TILES - 1 - tl.program_id(0)
@@ -513,8 +595,11 @@ def _thought_attn_step_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     kb_base = KB + b64 * stride_kbb + hk64 * stride_kbh
     vb_base = VB + b64 * stride_vbb + hk64 * stride_vbh
-    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, kb_base, vb_base, stride_kbt, stride_kbd, stride_vbt,
-                                        stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC)
+    doc0 = _load_doc_start(DS, b64, stride_dsb, stride_dst, t, row_ok, t_lo, HAS_DOCS)
+    key_lo = _doc_key_start(DS, b64, stride_dsb, stride_dst, t_lo, BLOCK_N, HAS_DOCS)
+    acc, m_i, l_i = _attend_base_prefix(acc, m_i, l_i, q, t, doc0, key_lo, kb_base, vb_base, stride_kbt, stride_kbd,
+                                        stride_vbt, stride_vbd, d, d_ok, t_lo, t_hi, T, qk_scale, BLOCK_N, DOT_PREC,
+                                        HAS_DOCS)
 
     # chain keys (t, 0..step): one key per row per iteration, a gather on CUDA cores
     qf = q.to(tl.float32)
@@ -657,10 +742,36 @@ def _check_parallel(q, k_base, v_base, k_chain, v_chain):
     return B, H, H_KV, T, L, D
 
 
-def thought_attention_fwd(q, k_base, v_base, k_chain, v_chain, scale=None):
+_NO_DOCS: dict = {}
+
+
+def _docs_arg(doc_start, B: int, T: int, device):
+    """(pointer tensor, its two strides, HAS_DOCS) for the kernels: doc_start as int32, or a one-element
+    placeholder (never read: HAS_DOCS=False compiles today's kernels) when it is None."""
+    if doc_start is None:
+        key = str(device)
+        if key not in _NO_DOCS:
+            _NO_DOCS[key] = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        x = _NO_DOCS[key]
+        return x, 0, 0, False
+    check_doc_start(doc_start, B, T, device)
+    ds = doc_start if doc_start.dtype == torch.int32 else doc_start.to(torch.int32)
+    return ds, ds.stride(0), ds.stride(1), True
+
+
+def document_ends(doc_start: torch.Tensor) -> torch.Tensor:
+    """(B, T) int32: the end (exclusive) of position s's document, i.e. the number of positions t with
+    doc_start[t] <= s (doc_start is non-decreasing along a row). The base dK/dV kernel stops its rows there."""
+    B, T = doc_start.shape
+    s = torch.arange(T, device=doc_start.device, dtype=doc_start.dtype).expand(B, T).contiguous()
+    return torch.searchsorted(doc_start.contiguous(), s, right=True).to(torch.int32)
+
+
+def thought_attention_fwd(q, k_base, v_base, k_chain, v_chain, scale=None, doc_start=None):
     """Forward launcher: returns (o (B, H, T, L, D) in q's dtype, lse (B, H, T, L) fp32, natural log)."""
     B, H, H_KV, T, L, D = _check_parallel(q, k_base, v_base, k_chain, v_chain)
     scale = _check_scale(scale, D)
+    ds, stride_dsb, stride_dst, has_docs = _docs_arg(doc_start, B, T, q.device)
     G = H // H_KV
     o = torch.empty((B, H, T, L, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T, L), device=q.device, dtype=torch.float32)
@@ -668,19 +779,22 @@ def thought_attention_fwd(q, k_base, v_base, k_chain, v_chain, scale=None):
     pos = cfg["BLOCK_M"] // L
     num_tiles = triton.cdiv(T, pos)
     _thought_attn_fwd_kernel[(num_tiles, B * H)](
-        q, k_base, v_base, k_chain, v_chain, o, lse,
+        q, k_base, v_base, k_chain, v_chain, o, lse, ds,
         scale,
         *q.stride(), *k_base.stride(), *v_base.stride(), *k_chain.stride(), *v_chain.stride(), *o.stride(),
+        stride_dsb, stride_dst,
         H, G, T, L, pos, num_tiles,
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=_d_pad(D), DOT_PREC=_dot_prec(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_DOCS=has_docs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
 
 
-def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale):
+def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale, doc_start=None):
     """Backward launcher: (dq, dk_base, dv_base, dk_chain, dv_chain) in the inputs' dtype."""
     B, H, T, L, D = q.shape
+    ds, stride_dsb, stride_dst, has_docs = _docs_arg(doc_start, B, T, q.device)
+    de = document_ends(ds) if has_docs else ds
     H_KV = k_base.shape[1]
     G = H // H_KV
     dev, dt = q.device, q.dtype
@@ -699,12 +813,12 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
     pos = cfg["BLOCK_M"] // L
     num_tiles = triton.cdiv(T, pos)
     _thought_attn_bwd_dq_kernel[(num_tiles, B * H)](
-        q, k_base, v_base, k_chain, v_chain, do, lse, delta, dq,
+        q, k_base, v_base, k_chain, v_chain, do, lse, delta, dq, ds,
         scale,
         *q.stride(), *k_base.stride(), *v_base.stride(), *k_chain.stride(), *v_chain.stride(),
-        *do.stride(), *dq.stride(),
+        *do.stride(), *dq.stride(), stride_dsb, stride_dst,
         H, G, T, L, pos, num_tiles,
-        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec,
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec, HAS_DOCS=has_docs,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -731,12 +845,12 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
         dk_base = torch.empty((split, B, H_KV, T, D), device=dev, dtype=torch.float32)
         dv_base = torch.empty((split, B, H_KV, T, D), device=dev, dtype=torch.float32)
     _thought_attn_bwd_dkv_base_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * H_KV, split)](
-        q, k_base, v_base, do, lse, delta, dk_base, dv_base,
+        q, k_base, v_base, do, lse, delta, dk_base, dv_base, ds, de,
         scale,
         *q.stride(), *k_base.stride(), *v_base.stride(), *do.stride(), *dk_base.stride(),
-        *dv_base.stride(),
+        *dv_base.stride(), stride_dsb, stride_dst, de.stride(0), de.stride(1),
         H, H_KV, G, T, L, G // split,
-        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec,
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec, HAS_DOCS=has_docs,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split == 1:
@@ -746,13 +860,14 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
     return dq, dk_base, dv_base, dk_chain, dv_chain
 
 
-def thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, scale=None, out=None):
+def thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, scale=None, out=None, doc_start=None):
     """Step launcher: o (B, H, T, D) for chain index ``step``; writes into ``out`` when given."""
     B, H, H_KV, T, L_max, D = check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=step)
     _check_head_dim(D)
     if q.dtype == torch.float64:
         raise TypeError("q is float64; the Triton kernels take float32, float16 or bfloat16")
     scale = _check_scale(scale, D)
+    ds, stride_dsb, stride_dst, has_docs = _docs_arg(doc_start, B, T, q.device)
     G = H // H_KV
     if out is None:
         out = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
@@ -762,12 +877,13 @@ def thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, sca
     pos = cfg["BLOCK_M"] // G
     num_tiles = triton.cdiv(T, pos)
     _thought_attn_step_kernel[(num_tiles, B * H_KV)](
-        q, k_base, v_base, k_chain, v_chain, out,
+        q, k_base, v_base, k_chain, v_chain, out, ds,
         scale, step,
         *q.stride(), *k_base.stride(), *v_base.stride(), *k_chain.stride(), *v_chain.stride(), *out.stride(),
+        stride_dsb, stride_dst,
         H_KV, G, T, pos, num_tiles,
         D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=_d_pad(D), DOT_PREC=_dot_prec(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_DOCS=has_docs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
@@ -776,44 +892,50 @@ def thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, sca
 # autograd.Function
 # ----------------------------------------------------------------------------------------------
 class ThoughtAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: saves (q, k_base, v_base, k_chain, v_chain, o, lse); lse is fp32."""
+    """Autograd wrapper: saves (q, k_base, v_base, k_chain, v_chain, o, lse[, doc_start]); lse is fp32."""
 
     @staticmethod
-    def forward(ctx, q, k_base, v_base, k_chain, v_chain, scale=None):
-        o, lse = thought_attention_fwd(q, k_base, v_base, k_chain, v_chain, scale)
-        ctx.save_for_backward(q, k_base, v_base, k_chain, v_chain, o, lse)
+    def forward(ctx, q, k_base, v_base, k_chain, v_chain, scale=None, doc_start=None):
+        o, lse = thought_attention_fwd(q, k_base, v_base, k_chain, v_chain, scale, doc_start)
+        ctx.save_for_backward(q, k_base, v_base, k_chain, v_chain, o, lse,
+                              *(() if doc_start is None else (doc_start,)))
         ctx.scale = _check_scale(scale, q.shape[-1])
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k_base, v_base, k_chain, v_chain, o, lse = ctx.saved_tensors
-        grads = thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, ctx.scale)
-        return (*grads, None)
+        q, k_base, v_base, k_chain, v_chain, o, lse, *docs = ctx.saved_tensors
+        grads = thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, ctx.scale,
+                                      docs[0] if docs else None)
+        return (*grads, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
-def thought_attention(q, k_base, v_base, k_chain, v_chain, scale=None):
-    """Equals ``thought_attention_ref(q, k_base, v_base, k_chain, v_chain, scale)`` without any mask.
+def thought_attention(q, k_base, v_base, k_chain, v_chain, scale=None, doc_start=None):
+    """Equals ``thought_attention_ref(q, k_base, v_base, k_chain, v_chain, scale, doc_start)`` without any mask.
 
     q (B, H, T, L, D); k_base, v_base (B, H_KV, T, D); k_chain, v_chain (B, H_KV, T, L, D); any
-    strides. Query (t, l) sees base keys s <= t and chain keys (t, m), m <= l. Differentiable in
-    all five inputs. Returns o (B, H, T, L, D) in q's dtype.
+    strides. Query (t, l) sees base keys s <= t and chain keys (t, m), m <= l; with ``doc_start``
+    (B, T) int32 (packed documents: the first position of t's document) only base keys
+    s >= doc_start[b, t], and key tiles wholly before a query tile's earliest document start are
+    skipped. Differentiable in all five inputs. Returns o (B, H, T, L, D) in q's dtype.
     """
-    return ThoughtAttentionFunction.apply(q, k_base, v_base, k_chain, v_chain, scale)
+    return ThoughtAttentionFunction.apply(q, k_base, v_base, k_chain, v_chain, scale, doc_start)
 
 
 @torch.no_grad()
-def thought_attention_step(q, k_base, v_base, k_chain, v_chain, step, scale=None):
-    """Equals ``thought_attention(q_full, ...)[:, :, :, step]`` over the first step + 1 chain keys.
+def thought_attention_step(q, k_base, v_base, k_chain, v_chain, step, scale=None, doc_start=None):
+    """Equals ``thought_attention(q_full, ..., doc_start=doc_start)[:, :, :, step]`` over the first step + 1
+    chain keys.
 
     q (B, H, T, D) queries of chain index ``step``; k_chain, v_chain (B, H_KV, T, L_max, D) caches
-    whose indices 0..step are valid. No grad; no host sync and no allocation but the output, so it
+    whose indices 0..step are valid; ``doc_start`` (B, T) as in thought_attention (int32: an int64
+    one is converted, an allocation). No grad; no host sync and no allocation but the output, so it
     can be captured in a CUDA graph. Returns (B, H, T, D).
     """
-    return thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, scale)
+    return thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, scale, doc_start=doc_start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -850,8 +972,11 @@ def _signature(fn, ptr_types: dict, float_args=("sm_scale",)) -> tuple[dict, lis
     for name, is_constexpr in _params(fn):
         if is_constexpr:
             constexpr_names.append(name)
-        elif name.startswith("stride_") and name.endswith("d"):
-            specialized[name] = 1
+        elif name.startswith("stride_") and (name.endswith("d") or name in ("stride_dst", "stride_det")):
+            specialized[name] = 1       # head-dim strides, and the position stride of a (B, T) doc_start
+        elif name in ("DS", "DE"):
+            sig[name] = "*i32"
+            div16.append(name)
         elif name in ptr_types:
             sig[name] = ptr_types[name]
             div16.append(name)
@@ -879,19 +1004,24 @@ def h100_compile_cases() -> list[dict]:
     def add(kernel, fn, ptr_types, constexprs, cfg, has_dot, dtype):
         constexprs = dict(D=D, **constexprs)
         sig, names, specialized, div16 = _signature(fn, ptr_types)
-        assert set(names) == set(constexprs), (kernel, names, constexprs)
-        config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k != "DOT_PREC")
-        config += f",warps={cfg['num_warps']},stages={cfg['num_stages']},{_TL_TYPE[dtype]}"
-        if any(t == "*fp32" for n, t in ptr_types.items() if n in ("DK", "DV")):
-            config += ",fp32-partials"
-        key = (kernel, config)
-        if key in seen:
-            return
-        seen.add(key)
-        cases.append(dict(kernel=kernel, config=config, fn=fn, signature=sig,
-                          constexprs={**constexprs, **specialized}, divisible_by_16=div16,
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], has_dot=has_dot,
-                          max_stack_bytes=cfg.get("max_stack_bytes", 0)))
+        docs_variants = (False, True) if "HAS_DOCS" in names else (None,)
+        for docs in docs_variants:       # every kernel that takes doc_start: without and with documents
+            cx = dict(constexprs) if docs is None else dict(constexprs, HAS_DOCS=docs)
+            assert set(names) == set(cx), (kernel, names, cx)
+            config = ",".join(f"{k}={v}" for k, v in cx.items() if k not in ("DOT_PREC", "HAS_DOCS"))
+            config += f",warps={cfg['num_warps']},stages={cfg['num_stages']},{_TL_TYPE[dtype]}"
+            if any(t == "*fp32" for n, t in ptr_types.items() if n in ("DK", "DV")):
+                config += ",fp32-partials"
+            if docs:
+                config += ",docs"
+            key = (kernel, config)
+            if key in seen:
+                continue
+            seen.add(key)
+            cases.append(dict(kernel=kernel, config=config, fn=fn, signature=sig,
+                              constexprs={**cx, **specialized}, divisible_by_16=div16,
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], has_dot=has_dot,
+                              max_stack_bytes=cfg.get("max_stack_bytes", 0)))
 
     for dtype in (torch.bfloat16, torch.float16):
         x, f32 = "*" + _TL_TYPE[dtype], "*fp32"

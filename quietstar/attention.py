@@ -14,6 +14,12 @@ function of every layer. The layout says what the tokens of this call are:
 - ``step`` (with a `ThoughtCache`): P x T chain tokens of chain index `step` ([p, t] order);
   their K/V go into the cache, then each attends to base tokens 0..t and its own chain 0..step.
 
+Packed documents: a layout may carry `Documents` (one per batch: a (B, T) int32 ``doc_start``, the
+first position of each position's document). Then every base token and every chain token of position
+t attends only to base tokens of t's own document (doc_start[t] <= s <= t), in every mode and backend;
+``docs=None`` is one document per row, exactly the code path without it. The masks a backend needs
+(the dense T x T base mask, FlexAttention block masks) are built once per batch and kept in it.
+
 Backends (the same math, DESIGN.md section 7): ``reference`` (dense boolean masks + SDPA with K/V expanded),
 ``flex`` (FlexAttention with a block mask built once per shape), ``triton`` (our kernels), and
 ``split`` (PyTorch only, no T*L x T*L mask: SDPA of the chain queries over the base keys, an L x L
@@ -34,8 +40,34 @@ NAME = "quietstar"
 
 
 # ----------------------------------------------------------------------------------------------
-# layout and cache
+# documents, layout and cache
 # ----------------------------------------------------------------------------------------------
+class Documents:
+    """The packed documents of one batch, shared by every model call and layer of its step.
+
+    doc_start (B, T) int32: the first position of position t's document in its row (quietstar/data.py
+    builds it from the packing layout). Masks derived from it are built on first use and cached here,
+    so a batch builds each once, whatever the number of layers, steps and passes. A plain class, not a
+    dataclass, for the reason ThoughtCache gives: under FSDP2 every layer must see this one object."""
+
+    def __init__(self, doc_start: torch.Tensor):
+        ds = doc_start
+        if not isinstance(ds, torch.Tensor) or ds.dim() != 2:
+            raise ValueError(f"doc_start must be a (B, T) tensor, got {getattr(ds, 'shape', type(ds).__name__)}")
+        ref.check_doc_start(ds, ds.shape[0], ds.shape[1], ds.device)
+        self.doc_start = ds.to(torch.int32)       # no copy when it is int32 already
+        self.cache: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Documents(doc_start={tuple(self.doc_start.shape)})"
+
+    def base_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool for SDPA: causal within documents."""
+        if "base" not in self.cache:
+            self.cache["base"] = ref.document_mask(self.doc_start)[:, None]
+        return self.cache["base"]
+
+
 class ThoughtCache:
     """Per-layer K/V of the base pass and of the chain steps so far, for step-by-step schedules.
 
@@ -90,6 +122,7 @@ class Layout:
     P: int = 1
     step: int = 0
     cache: ThoughtCache | None = None
+    docs: Documents | None = None
 
     def __post_init__(self):
         if self.mode not in ("causal", "parallel", "base", "step"):
@@ -103,20 +136,27 @@ class Layout:
 # ----------------------------------------------------------------------------------------------
 # per-backend primitives
 # ----------------------------------------------------------------------------------------------
-def causal_attention(q, k, v, scale):
+def causal_attention(q, k, v, scale, docs: Documents | None = None):
     """Causal self-attention with GQA: q (B, H, S, D), k/v (B, H_KV, S, D) -> (B, H, S, D).
-    K/V are not expanded to all heads (SDPA's enable_gqa), so the flash kernels run and nothing is copied."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    K/V are not expanded to all heads (SDPA's enable_gqa), so the flash kernels run and nothing is copied.
+    With `docs`, causal within documents: SDPA with the batch's (B, 1, S, S) mask (built once per batch)."""
+    gqa = q.shape[1] != k.shape[1]
+    if docs is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.base_mask(), scale=scale, enable_gqa=gqa)
 
 
-def _split_scores(q, kbx, kcx, scale):
+def _split_scores(q, kbx, kcx, scale, doc_start=None):
     """Masked fp32 scores of the split pattern: base (B, H, T*L, T) and chain (B, H, T, L, L)."""
     B, H, T, L, D = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
     t = torch.arange(T, device=q.device)
     li = torch.arange(L, device=q.device)
     sb = torch.matmul(q.reshape(B, H, T * L, D), kbx.transpose(-1, -2)).to(acc) * scale
-    sb = sb.masked_fill(~(t[None, :] <= t.repeat_interleave(L)[:, None]), float("-inf"))   # (t, l) sees s <= t
+    if doc_start is None:
+        sb = sb.masked_fill(~(t[None, :] <= t.repeat_interleave(L)[:, None]), float("-inf"))   # (t, l) sees s <= t
+    else:   # (t, l) sees doc_start[t] <= s <= t
+        sb = sb.masked_fill(~ref.document_mask(doc_start).repeat_interleave(L, dim=1)[:, None], float("-inf"))
     sc = torch.matmul(q, kcx.transpose(-1, -2)).to(acc) * scale
     sc = sc.masked_fill(~(li[None, :] <= li[:, None]), float("-inf"))                      # (t, l) sees (t, m <= l)
     return sb, sc
@@ -129,17 +169,17 @@ class SplitThoughtAttention(torch.autograd.Function):
     keeping them (which would cost B*H*T*L*T floats per layer)."""
 
     @staticmethod
-    def forward(ctx, q, kb, vb, kc, vc, scale):
+    def forward(ctx, q, kb, vb, kc, vc, scale, doc_start=None):
         B, H, T, L, D = q.shape
         g = H // kb.shape[1]
         kbx, vbx, kcx, vcx = (ref._expand_kv(x, g) for x in (kb, vb, kc, vc))
-        sb, sc = _split_scores(q, kbx, kcx, scale)
+        sb, sc = _split_scores(q, kbx, kcx, scale, doc_start)
         lse = torch.logaddexp(torch.logsumexp(sb, -1), torch.logsumexp(sc, -1).reshape(B, H, T * L))   # (B, H, T*L)
         pb = torch.exp(sb - lse[..., None]).to(q.dtype)
         pc = torch.exp(sc - lse.view(B, H, T, L)[..., None]).to(q.dtype)
         o = torch.matmul(pb, vbx).view(B, H, T, L, D) + torch.matmul(pc, vcx)
         ctx.save_for_backward(q, kb, vb, kc, vc, o, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.doc_start = scale, doc_start
         return o
 
     @staticmethod
@@ -150,7 +190,7 @@ class SplitThoughtAttention(torch.autograd.Function):
         H_KV = kb.shape[1]
         g = H // H_KV
         kbx, vbx, kcx, vcx = (ref._expand_kv(x, g) for x in (kb, vb, kc, vc))
-        sb, sc = _split_scores(q, kbx, kcx, scale)
+        sb, sc = _split_scores(q, kbx, kcx, scale, ctx.doc_start)
         pb = torch.exp(sb - lse[..., None])                                   # (B, H, T*L, T) fp32
         pc = torch.exp(sc - lse.view(B, H, T, L)[..., None])                  # (B, H, T, L, L)
         del sb, sc
@@ -169,11 +209,11 @@ class SplitThoughtAttention(torch.autograd.Function):
         dkc = torch.matmul(dsc.transpose(-1, -2), q) * scale
         # sum the G query heads of each KV head
         fold = lambda x: x.unflatten(1, (H_KV, g)).sum(2) if g > 1 else x
-        return dq, fold(dkb), fold(dvb), fold(dkc), fold(dvc), None
+        return dq, fold(dkb), fold(dvb), fold(dkc), fold(dvc), None, None
 
 
-def _split_parallel(q, kb, vb, kc, vc, scale):
-    return SplitThoughtAttention.apply(q, kb, vb, kc, vc, scale)
+def _split_parallel(q, kb, vb, kc, vc, scale, doc_start=None):
+    return SplitThoughtAttention.apply(q, kb, vb, kc, vc, scale, doc_start)
 
 
 _FLEX = {}
@@ -191,26 +231,40 @@ def _flex_fn():
     return _FLEX["fn"]
 
 
-def _flex_block_mask(T: int, n: int, L_rows: int, device):
+def _flex_block_mask(T: int, n: int, L_rows: int, device, docs: Documents | None = None):
     """Block mask for queries (t, l) (L_rows per position; l = row index, or fixed step when
-    L_rows == 1) over [T base | T*n chain] keys. Built once per shape and cached."""
+    L_rows == 1) over [T base | T*n chain] keys. Built once per shape and cached; with `docs`, the
+    base keys also need s >= doc_start[b, t]: a per-row mask, built once per batch and cached in
+    `docs`. Its mask_mod is one closure per shape reading a persistent doc_start buffer (compiled
+    flex guards on the mask_mod: a closure per batch would recompile every step); the buffer is
+    refilled from `docs` on every call, so each call reads its own batch's documents."""
     key = (T, n, L_rows, str(device))
-    if key not in _FLEX:
-        from torch.nn.attention.flex_attention import create_block_mask
-
+    ds = None
+    if docs is not None:
+        key += (docs.doc_start.shape[0],)
+        ds = _FLEX.setdefault(("doc_start",) + key, torch.zeros_like(docs.doc_start))
+        ds.copy_(docs.doc_start)
+    if ("mod",) + key not in _FLEX:
         def mask_mod(b, h, q_idx, kv_idx):
             qt = q_idx // L_rows
             ql = (q_idx % L_rows) if L_rows > 1 else (n - 1)
             is_base = kv_idx < T
             ct = (kv_idx - T) // n
             cm = (kv_idx - T) % n
-            return (is_base & (kv_idx <= qt)) | (~is_base & (ct == qt) & (cm <= ql))
+            base_ok = kv_idx <= qt
+            if ds is not None:
+                base_ok = base_ok & (kv_idx >= ds[b, qt])
+            return (is_base & base_ok) | (~is_base & (ct == qt) & (cm <= ql))
+        _FLEX[("mod",) + key] = mask_mod
+    cache = _FLEX if docs is None else docs.cache
+    if key not in cache:
+        from torch.nn.attention.flex_attention import create_block_mask
+        B = None if ds is None else ds.shape[0]
+        cache[key] = create_block_mask(_FLEX[("mod",) + key], B, None, T * L_rows, T + T * n, device=device)
+    return cache[key]
 
-        _FLEX[key] = create_block_mask(mask_mod, None, None, T * L_rows, T + T * n, device=device)
-    return _FLEX[key]
 
-
-def _flex_parallel(q, kb, vb, kc, vc, scale):
+def _flex_parallel(q, kb, vb, kc, vc, scale, docs=None):
     B, H, T, L, D = q.shape
     H_KV = kb.shape[1]
     if q.requires_grad and q.device.type == "cpu":
@@ -219,11 +273,11 @@ def _flex_parallel(q, kb, vb, kc, vc, scale):
     k = torch.cat([kb, kc.reshape(B, H_KV, T * L, D)], dim=2)
     v = torch.cat([vb, vc.reshape(B, H_KV, T * L, D)], dim=2)
     o = _flex_fn()(q.reshape(B, H, T * L, D).contiguous(), k.contiguous(), v.contiguous(),
-                   block_mask=_flex_block_mask(T, L, L, q.device), scale=scale, enable_gqa=H != H_KV)
+                   block_mask=_flex_block_mask(T, L, L, q.device, docs), scale=scale, enable_gqa=H != H_KV)
     return o.view(B, H, T, L, D)
 
 
-def _flex_step(q, kb, vb, kc, vc, step, scale):
+def _flex_step(q, kb, vb, kc, vc, step, scale, docs=None):
     B, H, T, D = q.shape
     H_KV = kb.shape[1]
     if q.requires_grad and q.device.type == "cpu":
@@ -232,33 +286,44 @@ def _flex_step(q, kb, vb, kc, vc, step, scale):
     n = step + 1
     k = torch.cat([kb, kc[:, :, :, :n].reshape(B, H_KV, T * n, D)], dim=2)
     v = torch.cat([vb, vc[:, :, :, :n].reshape(B, H_KV, T * n, D)], dim=2)
-    return _flex_fn()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=_flex_block_mask(T, n, 1, q.device),
-                      scale=scale, enable_gqa=H != H_KV)
+    return _flex_fn()(q.contiguous(), k.contiguous(), v.contiguous(),
+                      block_mask=_flex_block_mask(T, n, 1, q.device, docs), scale=scale, enable_gqa=H != H_KV)
 
 
-def _split_step(q, kb, vb, kc, vc, step, scale):
+def _split_step(q, kb, vb, kc, vc, step, scale, docs=None):
     # the step is the parallel pattern's last row of a chain of length step + 1
     n = step + 1
-    o = _split_parallel(q.unsqueeze(3).expand(-1, -1, -1, n, -1), kb, vb, kc[:, :, :, :n], vc[:, :, :, :n], scale)
+    o = _split_parallel(q.unsqueeze(3).expand(-1, -1, -1, n, -1), kb, vb, kc[:, :, :, :n], vc[:, :, :, :n], scale,
+                        _doc_start(docs))
     return o[:, :, :, -1]
 
 
+def _doc_start(docs: Documents | None):
+    return None if docs is None else docs.doc_start
+
+
 def parallel_fn(backend: str):
-    return {"reference": lambda q, kb, vb, kc, vc, s: ref.thought_attention_ref(q, kb, vb, kc, vc, scale=s),
-            "triton": lambda q, kb, vb, kc, vc, s: kernels.thought_attention(q, kb, vb, kc, vc, scale=s),
-            "flex": _flex_parallel, "split": _split_parallel}[backend]
+    """fn(q, kb, vb, kc, vc, scale, docs) of one backend (docs: Documents or None)."""
+    return {"reference": lambda q, kb, vb, kc, vc, s, docs: ref.thought_attention_ref(
+                q, kb, vb, kc, vc, scale=s, doc_start=_doc_start(docs)),
+            "triton": lambda q, kb, vb, kc, vc, s, docs: kernels.thought_attention(
+                q, kb, vb, kc, vc, scale=s, doc_start=_doc_start(docs)),
+            "flex": _flex_parallel,
+            "split": lambda q, kb, vb, kc, vc, s, docs: _split_parallel(q, kb, vb, kc, vc, s, _doc_start(docs))}[backend]
 
 
 def step_fn(backend: str):
-    return {"reference": lambda q, kb, vb, kc, vc, st, s: ref.thought_attention_step_ref(q, kb, vb, kc, vc, st, scale=s),
+    """fn(q, kb, vb, kc, vc, step, scale, docs) of one backend."""
+    return {"reference": lambda q, kb, vb, kc, vc, st, s, docs: ref.thought_attention_step_ref(
+                q, kb, vb, kc, vc, st, scale=s, doc_start=_doc_start(docs)),
             "triton": _triton_step, "flex": _flex_step, "split": _split_step}[backend]
 
 
-def _triton_step(q, kb, vb, kc, vc, step, scale):
+def _triton_step(q, kb, vb, kc, vc, step, scale, docs=None):
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, kb, vb, kc, vc)):
         raise RuntimeError("the triton step kernel has no backward: the sequential schedule needs gradients "
                            "through every step; use attention='reference' or 'flex' with schedule='sequential'")
-    return kernels.thought_attention_step(q, kb, vb, kc, vc, step, scale=scale)
+    return kernels.thought_attention_step(q, kb, vb, kc, vc, step, scale=scale, doc_start=_doc_start(docs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,24 +376,24 @@ def quietstar_attention(module, query, key, value, attention_mask, scaling=None,
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     lay = qs_layout
     if lay.mode == "causal":
-        o = causal_attention(query, key, value, scale)
+        o = causal_attention(query, key, value, scale, lay.docs)
     elif lay.mode == "base":
         lay.cache.base_k[module.layer_idx] = key
         lay.cache.base_v[module.layer_idx] = value
-        o = causal_attention(query, key, value, scale)
+        o = causal_attention(query, key, value, scale, lay.docs)
     elif lay.mode == "parallel":
         T, L, P = lay.T, lay.L, lay.P
         S = query.shape[2]
         if S != T + P * T * L:
             raise ValueError(f"parallel layout expects T + P*T*L = {T + P * T * L} tokens, got {S}")
         kb, vb = key[:, :, :T], value[:, :, :T]
-        outs = [causal_attention(query[:, :, :T], kb, vb, scale)]
+        outs = [causal_attention(query[:, :, :T], kb, vb, scale, lay.docs)]
         fn = parallel_fn(lay.backend)
         qc = query[:, :, T:].unflatten(2, (P, T, L))                      # (B, H, P, T, L, D) views
         kc = key[:, :, T:].unflatten(2, (P, T, L))
         vc = value[:, :, T:].unflatten(2, (P, T, L))
         for p in range(P):
-            outs.append(fn(qc[:, :, p], kb, vb, kc[:, :, p], vc[:, :, p], scale).flatten(2, 3))
+            outs.append(fn(qc[:, :, p], kb, vb, kc[:, :, p], vc[:, :, p], scale, lay.docs).flatten(2, 3))
         o = torch.cat(outs, dim=2)
     else:  # step
         c = lay.cache
@@ -339,7 +404,7 @@ def quietstar_attention(module, query, key, value, attention_mask, scaling=None,
         kc, vc = c.put_chain(module.layer_idx, lay.step, key, value)      # (B, H_KV, P, T, n|L, D)
         fn = step_fn(lay.backend)
         qs = query.unflatten(2, (c.P, c.T))                                # (B, H, P, T, D)
-        outs = [fn(qs[:, :, p], kb, vb, kc[:, :, p], vc[:, :, p], lay.step, scale) for p in range(c.P)]
+        outs = [fn(qs[:, :, p], kb, vb, kc[:, :, p], vc[:, :, p], lay.step, scale, lay.docs) for p in range(c.P)]
         o = torch.cat(outs, dim=2)
     return o.transpose(1, 2).contiguous(), None
 

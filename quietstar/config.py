@@ -196,6 +196,9 @@ class TrainConfig:
     Under `torchrun` with several ranks, or on one rank for the same code path."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of storing them (both schedules)."""
+    document_mask: bool = True
+    """Mask attention by document in packed rows (--no-document-mask turns it off): the base pass and every
+    thought of position t see only t's own document, and talk targets in a later document are not scored."""
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "grad_accum", "seq_len"):

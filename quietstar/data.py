@@ -21,7 +21,14 @@ BOS) and lies in the same row. So the last column is always False, and a languag
 The position of an inserted separator does predict the first token of the next document (scored);
 a document token's prediction of the following separator is not. Which tokens are inserted is
 known from the layout, never inferred from token values (a document may contain id 0 or 1 itself).
-Rows cross document boundaries and attend across them (plain causal attention, as in the paper).
+
+Documents in a row (``pack_rows(..., with_doc_start=True)``): ``doc_start[r, t]`` is the first
+position in row r of position t's document, where a document starts at its inserted separator (the
+separator belongs to the document it opens: it predicts that document's first token) and a row that
+begins inside a document has doc_start 0 there. Training masks attention by it (``--document-mask``,
+on by default), so a position sees only its own document; the targets above are consistent with it
+(the position before a separator predicts the separator, never scored; the separator's own position
+predicts its document's first token). Without it, rows attend across documents (plain causal attention).
 
 Batches (``batches``): a global batch of ``batch_size * world_size`` rows per step, drawn from a
 permutation of all rows that is fixed by (seed, epoch); rank r takes the r-th slice of
@@ -123,21 +130,24 @@ def tokenize_documents(docs: Sequence[str], tokenizer) -> list[list[int]]:
 # ----------------------------------------------------------------------------- packing
 
 def pack_rows(docs_token_ids: Sequence[Sequence[int]], T: int, sep_id: int,
-              bos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              bos_id: int | None = None, with_doc_start: bool = False):
     """Pack documents as ``[sep] (bos) doc [sep] (bos) doc ...`` into rows of `T` tokens.
 
     Returns ``(input_ids, target_mask)``, LongTensor and BoolTensor of shape (R, T), R = (stream
     length) // T (the partial last row is dropped). ``target_mask[r, t]`` is True iff the target of
     position t, ``input_ids[r, t + 1]``, is a document token in this row (see the module docstring);
-    ``target_mask[:, -1]`` is False.
+    ``target_mask[:, -1]`` is False. With ``with_doc_start``, also ``doc_start`` (R, T) int32: the
+    first position in the row of position t's document (its separator, or 0 for a document the row
+    starts inside).
     """
     if T < 2:
         raise ValueError(f"T must be at least 2, got {T}")
     prefix = [sep_id] if bos_id is None else [sep_id, bos_id]
-    parts, inserted = [], []
+    parts, inserted, opens = [], [], []
     for ids in docs_token_ids:
         parts += [np.asarray(prefix, dtype=np.int64), np.asarray(ids, dtype=np.int64)]
         inserted += [np.ones(len(prefix), dtype=bool), np.zeros(len(ids), dtype=bool)]
+        opens += [np.arange(len(prefix)) == 0, np.zeros(len(ids), dtype=bool)]
     if not parts:
         raise ValueError("no documents to pack")
     stream, is_inserted = np.concatenate(parts), np.concatenate(inserted)
@@ -148,24 +158,36 @@ def pack_rows(docs_token_ids: Sequence[Sequence[int]], T: int, sep_id: int,
     doc_token = torch.from_numpy(~is_inserted[:R * T].reshape(R, T))    # (R, T)
     target_mask = torch.zeros(R, T, dtype=torch.bool)
     target_mask[:, :-1] = doc_token[:, 1:]  # position t is scored on token t + 1
-    return input_ids, target_mask
+    if not with_doc_start:
+        return input_ids, target_mask
+    idx = np.arange(R * T)
+    start = np.maximum.accumulate(np.where(np.concatenate(opens)[:R * T], idx, 0))   # stream index of the doc's sep
+    row0 = (idx // T) * T
+    doc_start = torch.from_numpy((np.maximum(start, row0) - row0).reshape(R, T).astype(np.int32))
+    return input_ids, target_mask, doc_start
 
 
 # ----------------------------------------------------------------------------- batches
 
 @dataclass(frozen=True)
 class RowDataset:
-    """Packed rows: ``input_ids`` (R, T) int64 and ``target_mask`` (R, T) bool (see ``pack_rows``)."""
+    """Packed rows: ``input_ids`` (R, T) int64, ``target_mask`` (R, T) bool and optionally
+    ``doc_start`` (R, T) int32 (see ``pack_rows``); items are (ids, mask) or (ids, mask, doc_start)."""
 
     input_ids: torch.Tensor
     """(R, T) token ids."""
     target_mask: torch.Tensor
     """(R, T) True where the target of position t (token t + 1) is scored."""
+    doc_start: torch.Tensor | None = None
+    """(R, T) the first position of position t's document in its row, or None (not tracked)."""
 
     def __post_init__(self):
         if self.input_ids.ndim != 2 or self.input_ids.shape != self.target_mask.shape:
             raise ValueError(f"input_ids {tuple(self.input_ids.shape)} and target_mask "
                              f"{tuple(self.target_mask.shape)} must both be (R, T)")
+        if self.doc_start is not None and self.doc_start.shape != self.input_ids.shape:
+            raise ValueError(f"doc_start {tuple(self.doc_start.shape)} must be (R, T) like input_ids "
+                             f"{tuple(self.input_ids.shape)}")
         if self.target_mask.dtype != torch.bool:
             raise ValueError(f"target_mask must be bool, got {self.target_mask.dtype}")
 
@@ -177,8 +199,10 @@ class RowDataset:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def __getitem__(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.input_ids[idx], self.target_mask[idx]
+    def __getitem__(self, idx) -> tuple[torch.Tensor, ...]:
+        if self.doc_start is None:
+            return self.input_ids[idx], self.target_mask[idx]
+        return self.input_ids[idx], self.target_mask[idx], self.doc_start[idx]
 
     @property
     def num_targets(self) -> int:
@@ -201,10 +225,11 @@ def steps_per_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:
     return num_rows // (batch_size * world_size)
 
 
-def batches(rows: RowDataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, seed: int,
+def batches(rows: RowDataset | tuple[torch.Tensor, ...], batch_size: int, seed: int,
             rank: int = 0, world_size: int = 1,
-            start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield this rank's ``(input_ids, target_mask)``, each (batch_size, T), for steps start_step, ...
+            start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield this rank's ``(input_ids, target_mask)`` (and ``doc_start`` when `rows` has it), each
+    (batch_size, T), for steps start_step, ...
 
     Endless (wrap with ``itertools.islice`` or ``zip(range(...), ...)``). Step s belongs to epoch
     ``s // steps_per_epoch`` and uses global rows ``perm[j*G:(j+1)*G]`` with ``j = s % steps_per_epoch``,

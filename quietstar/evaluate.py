@@ -16,11 +16,14 @@ from .thoughts import Backends, quietstar_forward
 
 
 def heldout_losses(model, rows: torch.Tensor, valid: torch.Tensor, backends: Backends, batch_size: int,
-                   generator: torch.Generator | None = None, device=None, autocast=None) -> dict:
-    """The training log's held-out evaluation: mean NLL without and with thoughts over the scored targets."""
+                   generator: torch.Generator | None = None, device=None, autocast=None,
+                   doc_start: torch.Tensor | None = None) -> dict:
+    """The training log's held-out evaluation: mean NLL without and with thoughts over the scored targets
+    (`doc_start`: the packed rows' documents, attended within, as in training)."""
     valid = valid.clone()
     valid[:, -1] = False                          # x_T does not exist
-    base, mixed = token_nll(model, rows, valid, backends, batch_size, True, generator, device, autocast)
+    base, mixed = token_nll(model, rows, valid, backends, batch_size, True, generator, device, autocast,
+                            doc_start=doc_start)
     n = int(valid.sum())
     return {"heldout_nll_base": float(base.double().sum()) / max(n, 1),
             "heldout_nll_thought": float(mixed.double().sum()) / max(n, 1), "heldout_targets": n}
@@ -50,10 +53,13 @@ def document_rows(docs_token_ids, T: int, sep_id: int, pad_id: int | None = None
 @torch.no_grad()
 def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts: bool = True,
               generator: torch.Generator | None = None, device=None, autocast=None, progress: bool = False,
-              desc: str = "rows"):
+              desc: str = "rows", doc_start: torch.Tensor | None = None):
     """Per-target NLL (R, T) of the base prediction and (with `thoughts`) of the k = 1 mixed prediction after a
     sampled thought, averaged over the P thoughts; 0 where not scored. The model's train/eval mode is
-    restored on return."""
+    restored on return. `doc_start` (R, T): packed rows' documents, each position attending within its own
+    (with `thoughts` only)."""
+    if doc_start is not None and not thoughts:
+        raise ValueError("doc_start (document masking) is only supported with thoughts=True")
     was_training = model.training
     model.eval()
     device = device or model.lm_head_weight.device
@@ -68,10 +74,12 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
         vb = valid[i:i + batch_size]
         last = int(vb.any(0).nonzero().max()) + 2 if bool(vb.any()) else 2
         ids, vn = rows[i:i + batch_size, :last].to(device), vb[:, :last].to(device)
+        ds = None if doc_start is None else doc_start[i:i + batch_size, :last].to(device)
         ctx = autocast if autocast is not None else torch.autocast(device.type, enabled=False)
         with ctx:
             if thoughts:
-                _, _, ex = quietstar_forward(model, ids, vn, LossConfig(), "sample-then-train", backends, generator)
+                _, _, ex = quietstar_forward(model, ids, vn, LossConfig(), "sample-then-train", backends, generator,
+                                             doc_start=ds)
                 lp_base, lp_mix = ex.lp_base, ex.lp_mix[..., 0].mean(1)          # (B, T)
             else:
                 h = model.lm.model(input_ids=ids).last_hidden_state

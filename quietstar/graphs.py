@@ -6,8 +6,10 @@ hundred short kernels, so the loop is bound by kernel launches, not by the GPU (
 shape and autocast dtype and then replays it: one launch per step of training instead of thousands.
 
 What is static and what is not:
-- the input ids are copied into a static buffer before each replay; the thoughts are cloned out
-  of the graph's output buffer after it (so a caller may keep them across steps);
+- the input ids (and, for packed documents, the (B, T) int32 doc_start) are copied into static
+  buffers before each replay; the masks derived from doc_start are built inside the graph, so every
+  replay uses its batch's documents; the thoughts are cloned out of the graph's output buffer after
+  it (so a caller may keep them across steps);
 - the randomness does not go through a `torch.Generator` inside the graph: the M Philox keys of the
   Triton sampler are drawn eagerly from `generator` into a static (M,) buffer before each replay,
   one one-element draw per step, exactly the draws the eager loop makes; so a generator state gives
@@ -42,8 +44,9 @@ MAX_GRAPHS = 8
 class GraphedSampler:
     """`sample_thoughts(model, input_ids, backends, generator)` by CUDA-graph replay.
 
-    Call it like the eager function minus the fixed arguments: ``thoughts = sampler(input_ids)``.
-    The first call for a new (B, T) shape or autocast dtype runs the loop `warmup` times eagerly on
+    Call it like the eager function minus the fixed arguments: ``thoughts = sampler(input_ids)``, or
+    ``sampler(input_ids, doc_start)`` for packed documents.
+    The first call for a new (B, T) shape, autocast dtype or with/without documents runs the loop `warmup` times eagerly on
     a side stream (Triton compiles, cuBLAS and the banned-id cache initialise) and captures it.
     """
 
@@ -87,11 +90,13 @@ class GraphedSampler:
         return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None else \
             contextlib.nullcontext()
 
-    def _capture(self, input_ids: torch.Tensor, key) -> SimpleNamespace:
+    def _capture(self, input_ids: torch.Tensor, doc_start, key) -> SimpleNamespace:
         from kernels.lm_head import _banned_on_device
         M = self.model.thought.M
         dev = input_ids.device
         ids = input_ids.clone()
+        # each sample_thoughts call below wraps it in a fresh Documents: the capture records the masks' construction
+        ds = None if doc_start is None else doc_start.to(torch.int32).clone()
         seeds = torch.zeros(M, dtype=torch.int64, device=dev)
         # the graph reads the banned-id tensor by address: hold it here, not only in the kernel's cache
         banned = _banned_on_device(self.model.banned_ids, self.model.lm_head_weight.shape[0], dev)
@@ -101,22 +106,25 @@ class GraphedSampler:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), self._autocast(key[1]):
             for _ in range(self.warmup):
-                sample_thoughts(self.model, ids, self.backends, seeds=seeds)
+                sample_thoughts(self.model, ids, self.backends, seeds=seeds, docs=ds)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # one pool for every shape: replays run one at a time and their outputs are cloned at once
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream), self._autocast(key[1]):
-            thoughts = sample_thoughts(self.model, ids, self.backends, seeds=seeds)
-        return SimpleNamespace(graph=graph, ids=ids, seeds=seeds, thoughts=thoughts, banned=banned)
+            thoughts = sample_thoughts(self.model, ids, self.backends, seeds=seeds, docs=ds)
+        return SimpleNamespace(graph=graph, ids=ids, doc_start=ds, seeds=seeds, thoughts=thoughts, banned=banned)
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.device.type != "cuda":
             raise ValueError(f"input_ids must be a CUDA tensor for CUDA-graph sampling, got "
                              f"{getattr(input_ids, 'device', type(input_ids).__name__)}")
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise ValueError(f"input_ids must be (B, T) int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        if doc_start is not None:
+            from kernels.reference import check_doc_start
+            check_doc_start(doc_start, *input_ids.shape, input_ids.device)
         fp = self._fingerprint()
-        key = (tuple(input_ids.shape), self._autocast_dtype(), input_ids.device)
+        key = (tuple(input_ids.shape), self._autocast_dtype(), input_ids.device, doc_start is not None)
         if fp != self.fingerprint or len(self.graphs) >= MAX_GRAPHS and key not in self.graphs:
             self.graphs.clear()                   # free the old graphs (and their pool) before capturing anew
             self.pool = self.stream = self.last = None
@@ -124,8 +132,10 @@ class GraphedSampler:
         with torch.cuda.device(input_ids.device):
             g = self.graphs.get(key)
             if g is None:
-                g = self.graphs[key] = self._capture(input_ids, key)
+                g = self.graphs[key] = self._capture(input_ids, doc_start, key)
             g.ids.copy_(input_ids)
+            if doc_start is not None:
+                g.doc_start.copy_(doc_start)
             for l in range(g.seeds.numel()):      # the eager loop's draws: one (1,) key per step
                 torch.randint(0, 2**62, (1,), generator=self.generator, device=g.seeds.device, dtype=torch.int64,
                               out=g.seeds[l:l + 1])

@@ -173,15 +173,15 @@ class QuietStarModel(nn.Module):
         return self.lm.model.embed_tokens(ids)
 
     def forward(self, input_ids, valid_next, loss_cfg, schedule="sample-then-train", backends=None, generator=None,
-                thoughts=None, denominators=None, plain=False):
+                thoughts=None, denominators=None, doc_start=None, plain=False):
         """One Quiet-STaR step's (loss, metrics, extras): `quietstar.thoughts.quietstar_forward` on this
         model (a module forward, so DistributedDataParallel can wrap it); with `plain`, the no-thought
         control's plain language-model loss (`quietstar.thoughts.plain_lm_forward`)."""
         from .thoughts import Backends, plain_lm_forward, quietstar_forward
         if plain:
-            return plain_lm_forward(self, input_ids, valid_next, backends or Backends(), denominators)
+            return plain_lm_forward(self, input_ids, valid_next, backends or Backends(), denominators, doc_start)
         return quietstar_forward(self, input_ids, valid_next, loss_cfg, schedule, backends or Backends(), generator,
-                                 thoughts, denominators)
+                                 thoughts, denominators, doc_start)
 
     # ------------------------------------------------------------------------------------------
     # export: a standard Hugging Face folder for the decoder + the Quiet-STaR extras beside it

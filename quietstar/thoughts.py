@@ -12,6 +12,12 @@ Two schedules give the same loss and gradients for the same sampled thoughts (a 
   gradients through all of them (the reference algorithm);
 - `sample-then-train`: M no-grad steps to sample, then ONE forward+backward over the base tokens and
   all P*T*L chain tokens with the parallel thought-attention pattern.
+
+Packed documents (``doc_start`` (B, T), quietstar/data.py; None = one document per row): the base
+pass and every chain of position t see only t's own document, and a talk target x_{t+k} that lies
+in a later document than t is not scored (a thought is not rewarded for predicting the next,
+unrelated document). RoPE positions stay row-relative (see README: with RoPE and the mask, a
+restart per document would change nothing but rounding).
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .attention import Layout, ThoughtCache
+from kernels.reference import check_doc_start
+
+from .attention import Documents, Layout, ThoughtCache
 from .config import LossConfig
 from .model import QuietStarModel
 
@@ -67,8 +75,10 @@ class Backends:
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
-def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None) -> torch.Tensor:
-    """Validate a batch; return valid_next (B, T) bool: True where target x_{t+1} is scored."""
+def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None,
+                doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Validate a batch (and its (B, T) ``doc_start``, if any: values checked on the CPU only);
+    return valid_next (B, T) bool: True where target x_{t+1} is scored."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must be an int64 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
     if input_ids.dim() != 2:
@@ -81,6 +91,7 @@ def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None) -> tor
     elif valid_next.shape != (B, T) or valid_next.dtype != torch.bool:
         raise ValueError(f"valid_next must be a (B={B}, T={T}) bool tensor, got {tuple(valid_next.shape)} "
                          f"{valid_next.dtype}")
+    check_doc_start(doc_start, B, T, input_ids.device)
     valid_next = valid_next.clone()
     valid_next[:, -1] = False                      # x_T does not exist
     return valid_next
@@ -116,8 +127,11 @@ def chain_embeddings(model: QuietStarModel, input_ids: torch.Tensor, thoughts: t
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Backends,
-                    generator: torch.Generator | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
+                    docs: Documents | torch.Tensor | None = None) -> torch.Tensor:
     """Sample M thought tokens for every (pass, position): (B, P, T, M) int64, tokenwise in parallel.
+
+    `docs`: the batch's packed documents (a `Documents` or its (B, T) doc_start), None for one per row.
 
     The noise comes from `generator`, or with the Triton LM head from `seeds`: an (M,) int64 tensor
     on the device whose entry l keys step l's Philox noise (a CUDA graph reads them from a static
@@ -135,20 +149,21 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
         if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or tuple(seeds.shape) != (M,):
             raise ValueError(f"seeds must be an (M={M},) int64 tensor, got "
                              f"{tuple(getattr(seeds, 'shape', ()))} {getattr(seeds, 'dtype', type(seeds).__name__)}")
+    docs = _documents(docs)
     ops = lm_head_ops(backends.lm_head)
     W = model.lm_head_weight
     if backends.lm_head == "triton" and W.is_cuda and torch.is_autocast_enabled("cuda"):
         W = W.to(torch.get_autocast_dtype("cuda"))     # once, not in each of the M sampler calls
     cache = ThoughtCache(P=P, T=T, L=M)                 # indices 0..M-1 are the ones that sample
     pos_base = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache))
+    model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache, docs=docs))
     pos = chain_positions(T, L, input_ids.device)                          # (T, L)
     sot, _ = model.marker_embeddings()
     thoughts = input_ids.new_empty(B, P, T, M)
     emb = sot.expand(B, P * T, sot.shape[-1])
     for l in range(M):
         p_l = pos[:, l].repeat(P)[None].expand(B, P * T)
-        h = model.hidden(emb, p_l, Layout("step", backends.attention, step=l, cache=cache))   # (B, P*T, d)
+        h = model.hidden(emb, p_l, Layout("step", backends.attention, step=l, cache=cache, docs=docs))  # (B, P*T, d)
         noise = {"generator": generator} if seeds is None else {"seed": seeds[l:l + 1]}
         s = ops.sample(h.reshape(B * P * T, -1), W, temperature=th.tau_sample, banned_ids=model.banned_ids, **noise)
         thoughts[..., l] = s.view(B, P, T)
@@ -159,7 +174,11 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
 # ----------------------------------------------------------------------------------------------
 # the chains with gradients: two schedules
 # ----------------------------------------------------------------------------------------------
-def run_sample_then_train(model: QuietStarModel, input_ids, thoughts, backends: Backends):
+def _documents(docs) -> Documents | None:
+    return docs if docs is None or isinstance(docs, Documents) else Documents(docs)
+
+
+def run_sample_then_train(model: QuietStarModel, input_ids, thoughts, backends: Backends, docs=None):
     """One forward over [T base | P*T*L chain] tokens; returns h_base (B, T, d), h_chain (B, P, T, L, d)."""
     B, T = input_ids.shape
     P, L = model.thought.P, model.thought.L
@@ -168,17 +187,18 @@ def run_sample_then_train(model: QuietStarModel, input_ids, thoughts, backends: 
     emb = torch.cat([model.embed(input_ids), chain.reshape(B, P * T * L, d)], dim=1)
     pos_c = chain_positions(T, L, input_ids.device).reshape(-1).repeat(P)  # (P*T*L,)
     pos = torch.cat([torch.arange(T, device=input_ids.device), pos_c])[None].expand(B, -1)
-    h = model.hidden(emb, pos, Layout("parallel", backends.attention, T=T, L=L, P=P))
+    h = model.hidden(emb, pos, Layout("parallel", backends.attention, T=T, L=L, P=P, docs=_documents(docs)))
     return h[:, :T], h[:, T:].reshape(B, P, T, L, d)
 
 
-def run_sequential(model: QuietStarModel, input_ids, thoughts, backends: Backends):
+def run_sequential(model: QuietStarModel, input_ids, thoughts, backends: Backends, docs=None):
     """The base pass, then L steps of P*T tokens on a growing cache, gradients through all steps."""
+    docs = _documents(docs)
     B, T = input_ids.shape
     P, L = model.thought.P, model.thought.L
     cache = ThoughtCache(P=P, T=T, L=L)
     pos_base = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    h_base = model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache))
+    h_base = model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache, docs=docs))
     chain = chain_embeddings(model, input_ids, thoughts)                    # (B, P, T, L, d)
     d = chain.shape[-1]
     pos = chain_positions(T, L, input_ids.device)
@@ -186,7 +206,7 @@ def run_sequential(model: QuietStarModel, input_ids, thoughts, backends: Backend
     for l in range(L):
         p_l = pos[:, l].repeat(P)[None].expand(B, P * T)
         h = model.hidden(chain[:, :, :, l].reshape(B, P * T, d), p_l,
-                         Layout("step", backends.attention, step=l, cache=cache))
+                         Layout("step", backends.attention, step=l, cache=cache, docs=docs))
         hs.append(h.view(B, P, T, d))
     return h_base, torch.stack(hs, dim=3)
 
@@ -194,21 +214,25 @@ def run_sequential(model: QuietStarModel, input_ids, thoughts, backends: Backend
 # ----------------------------------------------------------------------------------------------
 # loss (DESIGN.md section 5)
 # ----------------------------------------------------------------------------------------------
-def talk_validity(valid_next: torch.Tensor, K: int):
+def talk_validity(valid_next: torch.Tensor, K: int, doc_start: torch.Tensor | None = None):
     """For talk prediction k of position t (target x_{t+k}): the base position t + k - 1 that predicts
-    the same token, clamped (T, K), and whether the target is scored (B, T, K)."""
+    the same token, clamped (T, K), and whether the target is scored (B, T, K). With `doc_start`, only
+    targets in t's own document are scored."""
     T = valid_next.shape[1]
     dev = valid_next.device
     src = torch.arange(T, device=dev)[:, None] + torch.arange(1, K + 1, device=dev)[None, :] - 1   # (T, K)
     src_c = src.clamp(max=T - 1)
-    return src_c, (src <= T - 1)[None] & valid_next[:, src_c]
+    valid = (src <= T - 1)[None] & valid_next[:, src_c]
+    if doc_start is not None:
+        valid = valid & (doc_start[:, (src + 1).clamp(max=T - 1)] == doc_start[:, :, None])
+    return src_c, valid
 
 
-def target_counts(valid_next: torch.Tensor, K: int, P: int) -> dict:
+def target_counts(valid_next: torch.Tensor, K: int, P: int, doc_start: torch.Tensor | None = None) -> dict:
     """The denominators of the three means: scored base targets, talk targets (x P passes), and
     policy positions (x P). Data-parallel training sums them over ranks so that every rank divides
     by the global count (then the averaged gradients equal one big batch's)."""
-    _, valid_tk = talk_validity(valid_next, K)
+    _, valid_tk = talk_validity(valid_next, K, doc_start)
     n = valid_next.sum()
     return {"n_base": n.float(), "n_talk": valid_tk.sum().float() * P, "n_pol": n.float() * P}
 
@@ -229,7 +253,8 @@ ADDITIVE_METRICS = ("loss", "nll_base", "nll_talk", "policy", "w_mean", "reward"
 
 
 def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_base, h_chain,
-                   loss_cfg: LossConfig, backends: Backends, denominators: dict | None = None):
+                   loss_cfg: LossConfig, backends: Backends, denominators: dict | None = None,
+                   doc_start: torch.Tensor | None = None):
     """L = beta_base NLL_base + beta_talk NLL_talk + beta_policy L_policy, and the metrics.
 
     Each mean divides by the count of scored items in this batch, or by `denominators` when given
@@ -242,12 +267,12 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
     ignore = -100
 
     lp_base = base_logprobs(model, input_ids, valid_next, h_base, ops)                        # (B * T,)
-    den = denominators if denominators is not None else target_counts(valid_next, K, P)
+    den = denominators if denominators is not None else target_counts(valid_next, K, P, doc_start)
     n_base, n_talk, n_pol = (den[k].clamp_min(1) for k in ("n_base", "n_talk", "n_pol"))
     nll_base = -lp_base.sum() / n_base
 
     # talk: prediction k = 1..K of x_{t+k} from chain index M + k, mixed with base at t + k - 1
-    src_c, valid_tk = talk_validity(valid_next, K)                                           # (T, K), (B, T, K)
+    src_c, valid_tk = talk_validity(valid_next, K, doc_start)                                # (T, K), (B, T, K)
     tgt = torch.where(valid_tk, future_tokens(input_ids, K), ignore)                         # (B, T, K)
     h_talk = h_chain[:, :, :, M + 1:M + 1 + K]                                               # (B, P, T, K, d)
     h_b = h_base[:, src_c][:, None].expand(B, P, T, K, d)                                    # (B, P, T, K, d)
@@ -294,41 +319,51 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
 def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,
                       loss_cfg: LossConfig, schedule: str = "sample-then-train",
                       backends: Backends = Backends(), generator: torch.Generator | None = None,
-                      thoughts: torch.Tensor | None = None, denominators: dict | None = None):
-    """Sample thoughts (unless given), run the chains by `schedule`, return (loss, metrics, extras)."""
-    valid_next = check_batch(input_ids, valid_next)
+                      thoughts: torch.Tensor | None = None, denominators: dict | None = None,
+                      doc_start: torch.Tensor | None = None):
+    """Sample thoughts (unless given), run the chains by `schedule`, return (loss, metrics, extras).
+
+    doc_start (B, T): the rows' packed documents (quietstar/data.py), each position attending within
+    its own document; None: one document per row."""
+    valid_next = check_batch(input_ids, valid_next, doc_start)
+    docs = None if doc_start is None else Documents(doc_start)
     model.check_lengths(input_ids.shape[1])
     th = model.thought
     B, T = input_ids.shape
     if thoughts is None:
-        thoughts = sample_thoughts(model, input_ids, backends, generator)
+        thoughts = sample_thoughts(model, input_ids, backends, generator, docs=docs)
     elif thoughts.shape != (B, th.P, T, th.M):
         raise ValueError(f"thoughts must be (B={B}, P={th.P}, T={T}, M={th.M}), got {tuple(thoughts.shape)}")
     if schedule == "sample-then-train":
-        h_base, h_chain = run_sample_then_train(model, input_ids, thoughts, backends)
+        h_base, h_chain = run_sample_then_train(model, input_ids, thoughts, backends, docs)
     elif schedule == "sequential":
         if backends.attention == "triton":
             raise ValueError("schedule='sequential' needs gradients through every step, which the triton step "
                              "kernel does not have: use attention='reference' or 'flex', or "
                              "schedule='sample-then-train'")
-        h_base, h_chain = run_sequential(model, input_ids, thoughts, backends)
+        h_base, h_chain = run_sequential(model, input_ids, thoughts, backends, docs)
     else:
         raise ValueError(f"schedule must be 'sequential' or 'sample-then-train', got {schedule!r}")
     loss, metrics, extras = quietstar_loss(model, input_ids, valid_next, thoughts, h_base, h_chain, loss_cfg,
-                                           backends, denominators)
+                                           backends, denominators, docs.doc_start if docs is not None else None)
     extras.thoughts = thoughts
     return loss, metrics, extras
 
 
 def plain_lm_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,
-                     backends: Backends = Backends(), denominators: dict | None = None):
+                     backends: Backends = Backends(), denominators: dict | None = None, doc_start=None):
     """The no-thought control (`quietstar-train --no-thoughts`): the decoder trained as an ordinary
     language model on the same rows. Loss = the mean NLL of x_{t+1} over the scored targets: the same
-    targets, LM-head op and denominator (n_base) as NLL_base, at weight 1; no thought is sampled and
-    the markers and mixing head get no gradient. Returns (loss, metrics, extras) like quietstar_forward."""
-    valid_next = check_batch(input_ids, valid_next)
+    targets, LM-head op, denominator (n_base) and document masking (`doc_start`) as NLL_base, at weight
+    1; no thought is sampled and the markers and mixing head get no gradient. Returns (loss, metrics,
+    extras) like quietstar_forward."""
+    valid_next = check_batch(input_ids, valid_next, doc_start)
     B, T = input_ids.shape
-    h = model.lm.model(input_ids=input_ids).last_hidden_state
+    if doc_start is None:
+        h = model.lm.model(input_ids=input_ids).last_hidden_state
+    else:                                            # causal within documents, as the Quiet-STaR base pass
+        pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        h = model.hidden(model.embed(input_ids), pos, Layout("causal", backends.attention, docs=_documents(doc_start)))
     lp_base = base_logprobs(model, input_ids, valid_next, h, lm_head_ops(backends.lm_head))
     den = denominators if denominators is not None else {"n_base": valid_next.sum().float()}
     nll = -lp_base.sum() / den["n_base"].clamp_min(1)

@@ -108,7 +108,7 @@ SECTIONS = {"model": ModelConfig, "thought": ThoughtConfig, "loss": LossConfig, 
 # backends (each computes the same step). batch_size may change with the number of ranks (checked in train).
 RESUME_MAY_CHANGE = {"steps", "out_dir", "overwrite", "log_every", "ckpt_every", "keep_last", "resume", "eval_rows",
                      "eval_data", "eval_every", "thoughts_every", "device", "attention", "lm_head", "schedule",
-                     "cuda_graphs", "batch_size"}
+                     "cuda_graphs", "batch_size", "activation_checkpointing"}
 
 
 def _flag(section: str, name: str) -> str:
@@ -231,14 +231,15 @@ def document_separator(tok) -> int:
 BUILTIN_DATA = ("default", "math")
 
 
-def load_rows(data_spec, tok, T: int, split: str = "train"):
-    """Tokenize the documents and pack them into rows: (input_ids (R, T), valid_next (R, T))."""
+def load_rows(data_spec, tok, T: int, split: str = "train", with_doc_start: bool = False):
+    """Tokenize the documents and pack them into rows: (input_ids (R, T), valid_next (R, T)[, doc_start (R, T)])."""
     from . import data
     spec = data_spec[0] if len(data_spec) == 1 and data_spec[0] in BUILTIN_DATA else list(data_spec)
     flag = "--data" if split == "train" or spec in BUILTIN_DATA else "--eval-data"
     try:
         docs = data.load_documents(spec, split=split)
-        return data.pack_rows(data.tokenize_documents(docs, tok), T, sep_id=document_separator(tok))
+        return data.pack_rows(data.tokenize_documents(docs, tok), T, sep_id=document_separator(tok),
+                              with_doc_start=with_doc_start)
     except (OSError, ValueError) as e:       # a missing or binary file, a bad JSON line, too little text
         raise ValueError(f"{flag} {' '.join(map(str, data_spec))}: {e}") from e
 
@@ -450,8 +451,9 @@ def step_denominators(micros, K: int, P: int, world: int = 1) -> dict:
     Each micro-batch's loss divides its sums by these, so the micro-batch losses add up (and DDP's mean
     over ranks averages them) to the means over the step's whole batch."""
     total = 0
-    for ids, vn in micros:
-        c = target_counts(check_batch(ids, vn), K, P)
+    for ids, vn, *ds in micros:                      # ds: [doc_start] with --document-mask
+        ds = ds[0] if ds else None
+        c = target_counts(check_batch(ids, vn, ds), K, P, ds)
         total = total + torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
     if world > 1:
         import torch.distributed as dist
@@ -461,20 +463,21 @@ def step_denominators(micros, K: int, P: int, world: int = 1) -> dict:
 
 def accumulate_gradients(fwd, micros, cfg: Config, backends: Backends, generator, sampler=None, world: int = 1,
                          autocast=None):
-    """Forward and backward over the micro-batches `micros` [(input_ids, valid_next), ...] of one optimizer
+    """Forward and backward over the micro-batches `micros` [(input_ids, valid_next[, doc_start]), ...] of one optimizer
     step; returns (metrics of the step, the last micro-batch's extras). Every mean divides by the counts
     of the whole step (`step_denominators`), so A micro-batches of B rows give the loss and gradients of
-    one batch of A*B rows however unequal their scored-target counts (tested). `sampler(ids)` gives the
-    thoughts (a CUDA-graphed sampler); None samples them inside the forward."""
+    one batch of A*B rows however unequal their scored-target counts (tested). `sampler(ids, doc_start)` gives
+    the thoughts (a CUDA-graphed sampler); None samples them inside the forward."""
     den = step_denominators(micros, cfg.thought.K, cfg.thought.P, world)
     sums: dict[str, torch.Tensor] = {}
     extras = None
-    for i, (ids, vn) in enumerate(micros):
+    for i, (ids, vn, *ds) in enumerate(micros):
+        ds = ds[0] if ds else None
         sync = world == 1 or i == len(micros) - 1
         with autocast or contextlib.nullcontext(), parallel.grad_sync(fwd, sync):   # DDP no_sync / FSDP2
-            thoughts = sampler(ids) if sampler is not None else None
+            thoughts = sampler(ids, ds) if sampler is not None else None
             loss, m, extras = fwd(ids, vn, cfg.loss, cfg.train.schedule, backends, generator, thoughts=thoughts,
-                                  denominators=den, plain=not cfg.train.thoughts)
+                                  denominators=den, doc_start=ds, plain=not cfg.train.thoughts)
             loss.backward()
         for k, v in m.items():     # partial sums over the step's counts add up; the rest are averaged
             v = v.float() if k in ADDITIVE_METRICS else v.float() / len(micros)
@@ -483,12 +486,12 @@ def accumulate_gradients(fwd, micros, cfg: Config, backends: Backends, generator
 
 
 def thought_samples(tok, ids: torch.Tensor, valid_next: torch.Tensor, extras, K: int, n: int = 3,
-                    context: int = 24) -> list[dict]:
+                    context: int = 24, doc_start: torch.Tensor | None = None) -> list[dict]:
     """A few decoded thoughts of the batch's first row and pass, at evenly spaced scored positions t: the
     text up to x_t (its last `context` tokens), the thought, the next K true tokens, and the thought gain
     there (mean over the scored talk targets of log p_mix - log p_base, nats)."""
     from .thoughts import talk_validity
-    _, valid_tk = talk_validity(check_batch(ids, valid_next), K)
+    _, valid_tk = talk_validity(check_batch(ids, valid_next, doc_start), K, doc_start)
     vt = valid_tk[0].cpu()                                                  # (T, K)
     pos = vt.any(-1).nonzero()[:, 0].tolist()
     picks = [pos[round(i * (len(pos) - 1) / max(1, n - 1))] for i in range(min(n, len(pos)))]
@@ -515,7 +518,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
 
     # data
     tok = load_tokenizer(cfg.model)
-    rows, valid = load_rows(tc.data, tok, tc.seq_len)
+    packed = load_rows(tc.data, tok, tc.seq_len, with_doc_start=tc.document_mask)   # (rows, valid[, doc_start])
+    rows, valid = packed[:2]
     if rows.shape[0] < tc.batch_size * world:
         raise ValueError(f"--data gives {rows.shape[0]} rows of T={tc.seq_len} tokens; need at least "
                          f"batch_size*world_size={tc.batch_size * world}")
@@ -524,7 +528,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         if not tc.eval_data and not (len(tc.data) == 1 and tc.data[0] in BUILTIN_DATA):
             raise ValueError("--eval-rows: file --data has no held-out part (the training rows would be scored); "
                              "name held-out text files with --eval-data FILES")
-        eval_rows = [x[: tc.eval_rows] for x in load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout")]
+        eval_rows = [x[: tc.eval_rows] for x in load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout",
+                                                          with_doc_start=tc.document_mask)]
 
     # model: fp32 master weights
     lm = build_decoder(cfg.model, dtype=torch.float32)
@@ -591,7 +596,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         from .evaluate import heldout_losses
         g = torch.Generator(device=device).manual_seed(tc.seed + 12345)   # same thoughts' randomness each time
         with parallel.gathered(model):
-            ev = heldout_losses(model, *eval_rows, backends, tc.batch_size, g, device, autocast)
+            ev = heldout_losses(model, *eval_rows[:2], backends, tc.batch_size, g, device, autocast,
+                                doc_start=eval_rows[2] if len(eval_rows) > 2 else None)
         ev["step"] = step
         if rank == 0:
             with open(metrics_path, "a") as f:
@@ -602,14 +608,15 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     if eval_rows is not None and start == 0:
         evaluate(0)
     # micro-batch i of the run is a pure function of (seed, i, rank): a resumed run reads the same rows
-    stream = data.batches((rows, valid), tc.batch_size, tc.seed, rank, world, start_step=start * tc.grad_accum)
+    stream = data.batches(packed, tc.batch_size, tc.seed, rank, world, start_step=start * tc.grad_accum)
     for step in bar:
         t0 = time.perf_counter()
-        micros = [tuple(x.to(device) for x in next(stream)) for _ in range(tc.grad_accum)]
+        micros = [tuple(x.to(device) for x in next(stream)) for _ in range(tc.grad_accum)]   # (ids, valid[, doc_start])
         sums, extras = accumulate_gradients(fwd, micros, cfg, backends, generator, sampler, world, autocast)
         samples = None
         if rank == 0 and tc.thoughts and tc.thoughts_every and (step + 1) % tc.thoughts_every == 0:
-            samples = thought_samples(tok, *micros[-1], extras, cfg.thought.K)
+            samples = thought_samples(tok, *micros[-1][:2], extras, cfg.thought.K,
+                                      doc_start=micros[-1][2] if len(micros[-1]) > 2 else None)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         opt.step()
         sched.step()

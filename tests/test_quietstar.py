@@ -25,12 +25,23 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def loss_and_grads(model, ids, valid, thoughts, schedule, backends):
+def loss_and_grads(model, ids, valid, thoughts, schedule, backends, doc_start=None):
     model.zero_grad(set_to_none=True)
     loss, metrics, ex = quietstar_forward(model, ids, valid, LossConfig(beta_policy=3.0), schedule, backends,
-                                          thoughts=thoughts)
+                                          thoughts=thoughts, doc_start=doc_start)
     loss.backward()
     return loss.detach(), grads(model), metrics
+
+
+def assert_schedules_match(model, ids, valid, thoughts, attention, ref_loss, ref_g, doc_start=None):
+    """Both schedules on `attention` (triton: sample-then-train only) give the reference's loss and grads."""
+    schedules = ["sample-then-train"] if attention == "triton" else ["sample-then-train", "sequential"]
+    for sched in schedules:
+        loss, g, _ = loss_and_grads(model, ids, valid, thoughts, sched, Backends(attention), doc_start)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        assert g.keys() == ref_g.keys()
+        for n in ref_g:
+            torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{sched} {n}: {m}")
 
 
 TRAIN_BACKENDS = ["reference", "split", "triton"]
@@ -47,13 +58,7 @@ def test_schedules_give_same_loss_and_grads(attention):
     ref_loss, ref_g, ref_m = loss_and_grads(model, ids, valid, thoughts, "sequential", Backends("reference"))
     assert ref_m["policy"].abs() > 0 and ref_m["nll_talk"] > 0
     assert all(g.abs().sum() > 0 for n, g in ref_g.items() if "markers" in n or "mixing" in n)
-    schedules = ["sample-then-train"] if attention == "triton" else ["sample-then-train", "sequential"]
-    for sched in schedules:
-        loss, g, _ = loss_and_grads(model, ids, valid, thoughts, sched, Backends(attention))
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-        assert g.keys() == ref_g.keys()
-        for n in ref_g:
-            torch.testing.assert_close(g[n], ref_g[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{sched} {n}: {m}")
+    assert_schedules_match(model, ids, valid, thoughts, attention, ref_loss, ref_g)
 
 
 @pytest.mark.parametrize("attention", ["split", "flex", "triton"])
@@ -228,13 +233,13 @@ def test_autocast_hands_one_dtype_to_the_attention_backends(monkeypatch):
     from kernels import reference as ref
     seen = []
 
-    def parallel(q, kb, vb, kc, vc, scale=None):
+    def parallel(q, kb, vb, kc, vc, scale=None, doc_start=None):
         seen.append({x.dtype for x in (q, kb, vb, kc, vc)})
-        return ref.thought_attention_ref(q, kb, vb, kc, vc, scale=scale)
+        return ref.thought_attention_ref(q, kb, vb, kc, vc, scale=scale, doc_start=doc_start)
 
-    def step(q, kb, vb, kc, vc, st, scale=None):
+    def step(q, kb, vb, kc, vc, st, scale=None, doc_start=None):
         seen.append({x.dtype for x in (q, kb, vb, kc, vc)})
-        return ref.thought_attention_step_ref(q, kb, vb, kc, vc, st, scale=scale)
+        return ref.thought_attention_step_ref(q, kb, vb, kc, vc, st, scale=scale, doc_start=doc_start)
 
     monkeypatch.setattr(kernels, "thought_attention", parallel)
     monkeypatch.setattr(kernels, "thought_attention_step", step)

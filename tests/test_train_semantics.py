@@ -39,12 +39,12 @@ def test_accumulated_micro_batches_equal_one_big_batch(schedule):
     backends = Backends("reference", "reference")
 
     model.zero_grad(set_to_none=True)
-    big, _ = accumulate_gradients(model, [(ids, valid)], cfg, backends, None, sampler=lambda x: thoughts)
+    big, _ = accumulate_gradients(model, [(ids, valid)], cfg, backends, None, sampler=lambda x, ds: thoughts)
     g_big = _grads(model)
     model.zero_grad(set_to_none=True)
     parts = iter(thoughts.split(B))
     micros = list(zip(ids.split(B), valid.split(B)))
-    small, _ = accumulate_gradients(model, micros, cfg, backends, None, sampler=lambda x: next(parts))
+    small, _ = accumulate_gradients(model, micros, cfg, backends, None, sampler=lambda x, ds: next(parts))
     g_small = _grads(model)
 
     for k in ("loss", "nll_base", "nll_talk", "policy", "reward", "w_mean", "thought_gain"):

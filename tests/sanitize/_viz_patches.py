@@ -1,4 +1,4 @@
-"""Five fixes to triton-sanitizer's (PyPI triton-viz 3.0) modelling, backported from upstream triton-viz.
+"""Six fixes to triton-sanitizer's (PyPI triton-viz 3.0) modelling, backported from upstream triton-viz.
 
 Import this module from a sanitize script BEFORE its first kernel launch; it patches the already
 imported triton_viz in place and is a no-op outside triton-sanitizer. Neither fix removes a check:
@@ -48,6 +48,19 @@ tool model what the kernel actually does.
    ``tl.constexpr`` ("Unsupported type"): every ``tl.randint`` kernel dies. Fix: define that global
    in those modules, as ``patch_lang`` does for the kernel's own module, and unwrap constexpr loop
    bounds to their int value before the hook reads them. Philox has no loads or stores.
+
+6. Loop bounds computed from loaded values (not fixed upstream as of 2026-11). 3.0 makes a loop
+   bound that depends on a load concrete by replacing the load with its value, then reads the
+   result as a constant: a bound that is a load passes, but arithmetic on a loaded value
+   (``tl.minimum(tl.load(p), T) * L``) raises "to_py must be implemented by subclasses", and a load
+   whose address divides (``ptr + (pid // H) * stride``, a batch index split off a program id, as
+   the document-masked thought-attention kernels read doc_start) raises "Concretize for op idiv is
+   not implemented". Fix: concretize such a bound entirely (as 3.0 does for bounds without loads,
+   after marking the run as needing the full grid, as it does for loads), with ``idiv``
+   concretized by the interpreter's own ``create_idiv`` (Triton's semantics). Only how a bound's
+   value is computed changes, not which accesses are checked. Self-check:
+   tests/sanitize_selfcheck/oob_loaded_bound.py (a loop whose loaded, divided-index, arithmetic
+   bound runs one element too far must still be reported).
 """
 from __future__ import annotations
 
@@ -86,9 +99,19 @@ def _patch_nested_loop_constraints(san) -> None:
 
         wrap_range = callbacks.range_wrapper_factory
 
+        def concrete_bound(v):
+            # fix 6: a bound computed from a load -> one constant node, the value it takes in this program
+            if isinstance(v, (int, tl.constexpr)) or v is None:
+                return v
+            e = san.SymbolicExpr.from_value(v)
+            if e.op != "const" and e.has_op("load"):
+                self.need_full_grid = True
+                return e.replace_subtree("load").replace_subtree()
+            return v
+
         def range_wrapper(iterable, lineno, range_type, iter_args=None, iter_kwargs=None, *rest):
             # fix 5: un-patched library functions pass tl.constexpr loop bounds
-            unwrap = lambda v: v.value if isinstance(v, tl.constexpr) else v  # noqa: E731
+            unwrap = lambda v: concrete_bound(v.value if isinstance(v, tl.constexpr) else v)  # noqa: E731
             iter_args = tuple(unwrap(v) for v in (iter_args or ()))
             iter_kwargs = {k: unwrap(v) for k, v in (iter_kwargs or {}).items()}
             return wrap_range(iterable, lineno, range_type, iter_args, iter_kwargs, *rest)
@@ -184,6 +207,23 @@ def _patch_stdlib_loop_global() -> None:
         module.__dict__.setdefault("_triton_viz_loop_patcher", _loop_patcher)
 
 
+def _patch_concrete_idiv(san) -> None:
+    Binary = san.BinarySymbolicExpr
+    if getattr(Binary.concretize, "_idiv_fix", False):
+        return
+    original = Binary.concretize
+
+    def concretize(self):
+        # the other binary ops go through a numpy table into the builder's binary_op; idiv's concrete_fn
+        # is the interpreter builder's own create_idiv(lhs, rhs): Triton's semantics exactly
+        if self.op == "idiv" and "idiv" not in self._NUMPY_OPS:
+            return self.concrete_fn(self.lhs.concretize(), self.rhs.concretize())
+        return original(self)
+
+    concretize._idiv_fix = True
+    Binary.concretize = concretize
+
+
 def apply() -> bool:
     """Apply both fixes once; returns False (and does nothing) when not under triton-sanitizer."""
     global _APPLIED
@@ -199,6 +239,7 @@ def apply() -> bool:
     _patch_math_umulhi()
     _patch_symbolic_argminmax(san)
     _patch_stdlib_loop_global()
+    _patch_concrete_idiv(san)
     _APPLIED = True
     return True
 
