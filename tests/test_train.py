@@ -140,3 +140,22 @@ def test_no_thoughts_control_is_the_plain_lm_loss(tmp_path):
     assert rows[0]["loss"] == rows[0]["nll_base"]
     with pytest.raises(ValueError, match="--no-thoughts"):
         config_from_args(["--no-thoughts", "--cuda-graphs"])
+
+
+def test_no_thoughts_control_masks_documents_like_the_base_pass():
+    """With packed documents the control's base pass is the Quiet-STaR base pass: causal within documents."""
+    from quietstar.config import LossConfig
+    from quietstar.model import QuietStarModel, build_decoder
+    from quietstar.thoughts import Backends, plain_lm_forward, quietstar_forward
+    cfg = config_from_args(TINY)
+    torch.manual_seed(0)
+    model = QuietStarModel(build_decoder(cfg.model), cfg.thought, marker_init_id=5)
+    ids = torch.randint(3, 1000, (2, 16))
+    doc_start = torch.tensor([[0] * 5 + [5] * 11, [0] * 9 + [9] * 7], dtype=torch.int32)
+    be = Backends("split", "chunked")
+    plain, _, _ = plain_lm_forward(model, ids, None, be, doc_start=doc_start)
+    _, m, _ = quietstar_forward(model, ids, None, LossConfig(), "sample-then-train", be,
+                                torch.Generator().manual_seed(0), doc_start=doc_start)
+    assert torch.allclose(plain, m["nll_base"], rtol=1e-5, atol=1e-6), (plain, m["nll_base"])
+    unmasked, _, _ = plain_lm_forward(model, ids, None, be)
+    assert abs(float(unmasked - plain)) > 1e-4        # the masks matter here: the comparison can fail
