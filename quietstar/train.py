@@ -666,6 +666,9 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         save_checkpoint(ckpt, model, opt, sched, tc.steps, generator, cfg, world)
         model.save_pretrained(export, tokenizer=tok)    # a Hugging Face folder + the Quiet-STaR extras
         print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
+    if world > 1:      # rank 0 writes the export alone: the ranks leave together (no teardown while one works)
+        import torch.distributed as dist
+        dist.barrier()
     return {"checkpoint": str(ckpt), "export": str(export), "metrics": str(metrics_path), "last": last,
             "model": model}
 

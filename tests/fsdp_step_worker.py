@@ -82,6 +82,7 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
+    dist.barrier()             # rank 0 computes the references alone: no rank tears gloo down while another works
     dist.destroy_process_group()
 
 
