@@ -32,10 +32,8 @@ On a lent GPU: benchmarks/learn_experiment.sh (two back-to-back calls; see bench
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import shutil
