@@ -17,7 +17,9 @@ B=4, 2, 1 until it fits, then on at that B for a like-for-like time ratio. The C
 ~227 KiB per trained token and decoder layer without checkpointing at Mistral-7B's layer shape; about half
 of that at d=2048 puts B=8 x 7,424 tokens x 16 layers near 110 GB, so off is expected to run out of memory
 at B=8. Without CUDA (and without --dry-run) it exits 2 at once.
-Writes `fsdp_ws1.json` and `fsdp_ws1.md` into --out.
+`--budget-s S` bounds the whole run (each configuration gets the rest, one with under 20 s left is
+reported SKIPPED): so it can close another device call (benchmarks/learn_experiment.sh measure).
+Writes `fsdp_ws1.json` and `fsdp_ws1.md` into --out, after every configuration.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ MODEL_1B = dict(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=4, h
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
             vocab_size=512, tie_word_embeddings=False)
 THOUGHT = dict(M=9, K=4, P=2)
+MIN_CONFIG_S = 20        # a configuration needs at least this (process start, model, a compiled step)
 
 
 def child(args) -> dict:
@@ -93,7 +96,7 @@ def child(args) -> dict:
     return rec
 
 
-def run(ac: bool, B: int, args) -> dict:
+def run(ac: bool, B: int, args, cap_s: float) -> dict:
     cmd = [sys.executable, __file__, "--child", "--B", str(B), "--T", str(args.T), "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--ac"] if ac else []) + (["--dry-run"] if args.dry_run else [])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -101,9 +104,9 @@ def run(ac: bool, B: int, args) -> dict:
         env.pop("TRITON_INTERPRET", None)      # compiled kernels on the GPU
     t0 = time.time()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cap_s, env=env, cwd=REPO)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=cap_s, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
-        return {"ac": ac, "B": B, "T": args.T, "status": f"TIMEOUT after {args.cap_s} s"}
+        return {"ac": ac, "B": B, "T": args.T, "status": f"TIMEOUT after {cap_s:.0f} s"}
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         return {"ac": ac, "B": B, "T": args.T, "status": f"FAILED rc={r.returncode}", "stderr": r.stderr[-2000:]}
@@ -148,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (Triton compiles)")
     ap.add_argument("--cap-s", type=int, default=200, help="seconds per configuration before it is killed")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="seconds for all configurations together (0: no limit): each runs under the budget's "
+                         f"rest, and one with under {MIN_CONFIG_S} s left is reported SKIPPED")
     ap.add_argument("--ac", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -160,13 +166,27 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("bench_fsdp.py: no CUDA GPU (use --dry-run for the CPU rehearsal)", file=sys.stderr)
         return 2
-    recs = [run(True, args.B, args), run(False, args.B, args)]
+    t_end = time.time() + (args.budget_s or float("inf"))
+    recs = []
+
+    def add(ac: bool, B: int) -> bool:
+        """Run one configuration within the budget's rest; write the tables. False: the budget is spent."""
+        left = t_end - time.time()
+        if left < MIN_CONFIG_S:
+            recs.append({"ac": ac, "B": B, "T": args.T, "status": f"SKIPPED ({left:.0f} s of --budget-s left)"})
+        else:
+            recs.append(run(ac, B, args, min(args.cap_s, left)))
+        write(Path(args.out), recs, args)      # after every configuration: a cut call keeps what ran
+        return not recs[-1]["status"].startswith("SKIPPED")
+
     B = args.B
-    while recs[-1]["status"] == "OOM" and B > 1:      # halve B until no checkpointing fits: a like-for-like pair
-        B //= 2
-        recs.append(run(False, B, args))
-    if B != args.B and recs[-1]["status"] == "ok":
-        recs.append(run(True, B, args))
+    if add(True, B) and add(False, B):
+        while recs[-1]["status"] == "OOM" and B > 1:  # halve B until no checkpointing fits: a like-for-like pair
+            B //= 2
+            if not add(False, B):
+                break
+        if B != args.B and recs[-1]["status"] == "ok":
+            add(True, B)
     print(write(Path(args.out), recs, args))
     return 0 if all(r["status"] in ("ok", "OOM") for r in recs) else 1
 

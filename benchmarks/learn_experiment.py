@@ -19,7 +19,11 @@ for both states).
 
 Phases, in this order, each saving results.json (atomically) and re-rendering table.md and
 curves.png, so a run that is cut short leaves everything it finished:
-  before -> (train, evaluate) each Quiet-STaR arm -> (train, evaluate) the control
+  before -> (train, evaluate) the control -> (train, evaluate) each Quiet-STaR arm
+
+Sizing (--budget-s, the GPU run): the number of steps (the same for every arm) is chosen after the
+"before" phase, from what is left of the budget, the step times and per-arm overheads that --measure
+timed on a random-init model of the same shape, and --measure's estimate of each evaluation's time.
 The training metrics stream into train_<arm>/metrics.jsonl step by step (with a few decoded thoughts
 every --thoughts-every steps).
 
@@ -68,12 +72,13 @@ SMOKE = {"model": "tiny", "steps": 3, "batch_size": 2, "seq_len": 32, "M": 2, "K
 
 
 def arms(args) -> list[tuple[str, float | None]]:
-    """(name, beta_policy) of every arm, Quiet-STaR ones first; the control's beta is None."""
+    """(name, beta_policy) of every arm, the control first (its beta is None), then the Quiet-STaR ones in the
+    order of --policy-weights: the order they train in, so that a run cut short has the control for what it has."""
     betas = [float(b) for b in str(args.policy_weights).split(",") if b.strip()]
     if not betas:
         raise SystemExit("learn_experiment: --policy-weights needs at least one value")
     name = lambda b: f"{b:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")  # noqa: E731  1e6
-    return [(f"quietstar_b{name(b)}", b) for b in betas] + [("control", None)]
+    return [("control", None)] + [(f"quietstar_b{name(b)}", b) for b in betas]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +186,7 @@ def render_table(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Does it learn? Quiet-STaR vs a no-thought control ({m['model']})", "",
              f"{m['date']}; {m['device']}; torch {m['torch']}, triton {m['triton']}; seed {m['seed']}", "",
-             f"Training: {m.get('steps', '?')} steps of B={m['batch_size']} rows x T={m['seq_len']} tokens per arm "
+             f"Training: {m.get('steps') or '?'} steps of B={m['batch_size']} rows x T={m['seq_len']} tokens per arm "
              f"(the same rows in the same order), lr {m['lr']:g} (warm-up {m['warmup_steps']}), AdamW; Quiet-STaR "
              f"M={m['M']} K={m['K']} P={m['P']}, betas base/talk {m['beta_base']:g}/{m['beta_talk']:g}, policy weight "
              f"per arm below.", "",
@@ -216,6 +221,8 @@ def render_table(res: dict) -> str:
                 c, q = ctl[f"{key}_base"], res[arm]["eval"][f"{key}_{kind}"]
                 d = bootstrap_diff(c["sum"], c["n"], q["sum"], q["n"])
                 lines.append(f"| {label} | {row[len('Quiet-STaR '):]} | {_fmt_ci(d, nd)} |")
+    if m.get("gpu_tests"):
+        lines += ["", f"GPU tests on this machine before the run: {m['gpu_tests']}"]
     lines += ["", "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in res.get("seconds", {}).items()]
     return "\n".join(lines) + "\n"
 
@@ -307,41 +314,98 @@ def train_arm(args, arm: str, beta, steps: int, out: Path, model: str):
     return r["model"]
 
 
+def eval_seconds(model, sets: EvalSets, thoughts: bool, backends, batch: int, device, autocast, rows: int) -> float:
+    """Estimated seconds of evaluate_state on the whole sets: token_nll timed on the first `rows` rows of each
+    part (after one untimed batch: compiles, allocator) and scaled to the part's size."""
+    from quietstar.evaluate import token_nll
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    parts = [(sets.rows, sets.valid), sets.gsm, sets.csqa]
+    token_nll(model, parts[0][0][:batch], parts[0][1][:batch], backends, batch, thoughts, None, device, autocast)
+    total = 0.0
+    for ids, valid in parts:
+        k = min(rows, ids.shape[0])
+        sync()
+        t0 = time.perf_counter()
+        token_nll(model, ids[:k], valid[:k], backends, batch, thoughts, None, device, autocast)
+        sync()
+        total += (time.perf_counter() - t0) * ids.shape[0] / k
+    return total
+
+
 def measure(args, out: Path) -> dict:
-    """Median step time of each arm on a random-init model of the same shape (the same work)."""
-    model = {"smollm2-135m": "smollm2-135m-random"}.get(args.model, args.model)
-    res = {"model": model, "device": args.device}
+    """On a random-init model of the same shape (the same work): each arm's median step time and its fixed
+    cost (set-up, the first step's compiles and graph capture: the wall time less the other steps), and
+    the time of one evaluation with and without thoughts (timed on a part of the sets, scaled)."""
+    from quietstar.train import document_separator, load_tokenizer
+    model_name = {"smollm2-135m": "smollm2-135m-random"}.get(args.model, args.model)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    backends = Backends("triton", "triton") if cuda else Backends("split", "chunked")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
+    tok = load_tokenizer(ModelConfig(name=args.model))
+    sets = EvalSets(tok, document_separator(tok), args.seq_len, args.eval_docs, args.bench_items)
+    res = {"model": model_name, "device": args.device, "measure_steps": args.measure_steps}
     for arm, beta in (("quietstar", 1.0), ("control", None)):        # beta_policy does not change the work
-        train_arm(args, arm, beta, args.measure_steps, out / "measure", model)
+        t0 = time.time()
+        model = train_arm(args, arm, beta, args.measure_steps, out / "measure", model_name)
+        wall = time.time() - t0
         ms = [r["ms"] for r in read_metrics(metrics_path(out / "measure", arm))][1:]    # the first compiles
         res[f"{arm}_ms"] = sorted(ms)[len(ms) // 2]
+        res[f"{arm}_overhead_s"] = max(0.0, wall - len(ms) * res[f"{arm}_ms"] / 1000)
+        kind = "thought" if beta is not None else "base"
+        res[f"eval_{kind}_s"] = eval_seconds(model, sets, beta is not None, backends, args.eval_batch, device,
+                                             autocast, args.measure_eval_rows)
+        del model
     save_json(out / "step_times.json", res)
     shutil.rmtree(out / "measure", ignore_errors=True)
     print(json.dumps(res))
     return res
 
 
-def plan_steps(args) -> int:
+SIZING_MARGIN = 1.2      # on --measure's overheads and evaluation times (the step times are taken as they are)
+SIZING_SLACK_S = 15.0    # left unplanned at the end of --budget-s (the last table, the files)
+
+
+def plan_steps(args, left_s: float | None = None) -> int:
+    """Optimizer steps per arm: --steps; or the training time (--train-budget-s, or with --budget-s what is left
+    of it, `left_s`, less every arm's fixed cost and evaluation) over one step of every arm."""
     if args.steps:
         return args.steps
     if not args.step_times:
-        raise SystemExit("learn_experiment: give --steps N, or --step-times FILE (from --measure) and --train-budget-s")
+        raise SystemExit("learn_experiment: give --steps N, or --step-times FILE (from --measure) and "
+                         "--train-budget-s or --budget-s")
     st = json.loads(Path(args.step_times).read_text())
     n_qs = len(arms(args)) - 1
     per_step_s = (n_qs * st["quietstar_ms"] + st["control_ms"]) / 1000
-    steps = int(args.train_budget_s / per_step_s)
-    print(f"sizing: {n_qs} x {st['quietstar_ms']:.0f} + {st['control_ms']:.0f} ms per step of all arms, "
-          f"{args.train_budget_s:.0f} s -> {steps} steps (cap {args.max_steps})", flush=True)
-    return max(1, min(steps, args.max_steps))
+    if left_s is None:
+        train_s, how = args.train_budget_s, f"--train-budget-s {args.train_budget_s:.0f}"
+    else:
+        missing = [k for k in ("quietstar_overhead_s", "control_overhead_s", "eval_thought_s", "eval_base_s")
+                   if k not in st]
+        if missing:
+            raise SystemExit(f"learn_experiment: --budget-s needs {', '.join(missing)} in --step-times "
+                             f"{args.step_times} (rerun --measure)")
+        fixed = SIZING_MARGIN * (n_qs * (st["quietstar_overhead_s"] + st["eval_thought_s"])
+                                 + st["control_overhead_s"] + st["eval_base_s"])
+        train_s = left_s - fixed - SIZING_SLACK_S
+        how = (f"--budget-s: {left_s:.0f} s left - {fixed:.0f} s of set-up and evaluation (x{SIZING_MARGIN}) "
+               f"- {SIZING_SLACK_S:.0f} s slack = {train_s:.0f} s of training")
+    steps = int(train_s / per_step_s)
+    print(f"sizing: {how}; {n_qs} x {st['quietstar_ms']:.0f} + {st['control_ms']:.0f} ms per step of all arms "
+          f"-> {steps} steps (cap {args.max_steps})", flush=True)
+    if steps < 1:
+        raise SystemExit(f"learn_experiment: no time to train ({how})")
+    return min(steps, args.max_steps)
 
 
 def run(args, out: Path) -> dict:
     from quietstar.train import document_separator, load_tokenizer
+    t_start = time.time()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     backends = Backends("triton", "triton") if cuda else Backends("split", "chunked")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
-    steps = plan_steps(args)
+    steps = None if args.budget_s else plan_steps(args)          # with --budget-s: after the "before" phase
     tok = load_tokenizer(ModelConfig(name=args.model))
     sets = EvalSets(tok, document_separator(tok), args.seq_len, args.eval_docs, args.bench_items)
     import triton
@@ -353,6 +417,8 @@ def run(args, out: Path) -> dict:
                     "beta_base": LossConfig().beta_base, "beta_talk": LossConfig().beta_talk,
                     "arms": dict(arms(args)), "sizes": sets.sizes(), "argv": sys.argv[1:]},
            "seconds": {}}
+    if args.gpu_tests:                  # what the GPU tests of the same machine said (learn_experiment.sh)
+        res["meta"]["gpu_tests"] = Path(args.gpu_tests).read_text().strip() if Path(args.gpu_tests).exists() else "-"
     render(out, res)
 
     def phase(name, fn):
@@ -373,6 +439,8 @@ def run(args, out: Path) -> dict:
     res["hard_targets"] = int(sets.hard.sum())
     torch.save({"mask": sets.hard, "seq_len": args.seq_len}, out / "hard_mask.pt")
     del start
+    if steps is None:
+        steps = res["meta"]["steps"] = plan_steps(args, left_s=args.budget_s - (time.time() - t_start))
     render(out, res)
     for arm, beta in arms(args):
         model = phase(f"train_{arm}", lambda: train_arm(args, arm, beta, steps, out, args.model))
@@ -397,7 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-steps", type=int, default=4, help="--measure: steps per arm (the first is dropped)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per arm (0: sized from --step-times)")
     p.add_argument("--step-times", default="", help="step_times.json from --measure")
-    p.add_argument("--train-budget-s", type=float, default=300.0, help="training time of both arms together")
+    p.add_argument("--train-budget-s", type=float, default=300.0, help="training time of all arms together")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="the whole run's time (0: off): the steps are sized after the 'before' phase from what is "
+                        "left, less --step-times' measured set-up and evaluation times (overrides --train-budget-s)")
+    p.add_argument("--measure-eval-rows", type=int, default=48,
+                   help="--measure: rows of each evaluation set timed (scaled to the whole set)")
+    p.add_argument("--gpu-tests", default="", help="a file whose text (the GPU tests' result) goes into results.json")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--eval-docs", type=int, default=1000, help="held-out documents (the built-in split has 503)")
     p.add_argument("--bench-items", type=int, default=300, help="GSM8K problems and CommonsenseQA questions")

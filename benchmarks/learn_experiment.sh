@@ -2,14 +2,18 @@
 # The learning experiment (benchmarks/learn_experiment.py) on a lent GPU, in two back-to-back device
 # calls: the real SmolLM2-135M file (98 MB) is over what one call carries, so it travels in two parts
 # (`bash scripts/gpu_carry.sh --model` splits it here). State that the second call needs stays on the
-# warm machine under runs/learn/ (git-ignored, kept between calls).
+# warm machine under runs/learn/ (git-ignored, kept between calls): issue call 2 AT ONCE after call 1
+# (the machine goes back 30 s after a call, and part1 with it).
 #
 #   call 1: bash benchmarks/learn_experiment.sh "$OUT" measure   carry [".whl", "quietstar/data", ".smollm2/part1"]
-#           the GPU suite's tests + train step (budget --suite-budget-s, default 170 s; "--suite-budget-s 0"
-#           skips it), then both arms' step times on a random-init model of the same shape
-#   call 2: bash benchmarks/learn_experiment.sh "$OUT" run       carry [".smollm2/part2"]
-#           joins the parts (sha256-checked by quietstar.assets), sizes the run from call 1's step times
-#           and runs the experiment; extra arguments go to learn_experiment.py (e.g. --train-budget-s 240)
+#           1. the GPU tests (gpu_suite.py's gpu_tests stage; --suite-budget-s, default 110, 0 skips them)
+#           2. both arms' step times, set-up times and evaluation times on a random-init model of the same
+#              shape (runs/learn/step_times.json: call 2 sizes its steps from it)
+#           3. issue 17's FSDP2 measurement, bench_fsdp.py (--fsdp-budget-s, default 100, 0 skips it)
+#   call 2: bash benchmarks/learn_experiment.sh "$OUT" run --budget-s 400    carry [".smollm2/part2"]
+#           joins the parts (sha256-checked by quietstar.assets), sizes the steps to what is left of
+#           --budget-s after the "before" evaluation, and runs the experiment; extra arguments go to
+#           learn_experiment.py (--budget-s S or --train-budget-s S or --steps N)
 #   rehearsal: bash benchmarks/learn_experiment.sh DIR smoke     (CPU, the tiny model, ~1-2 min)
 set -u
 OUT="${1:?usage: benchmarks/learn_experiment.sh OUTDIR measure|run|smoke [options]}"
@@ -35,19 +39,38 @@ fi
 
 case "$MODE" in
   measure)
-    budget=170
-    if [ "${1:-}" = "--suite-budget-s" ]; then budget="$2"; shift 2; fi
-    if [ "$budget" -gt 0 ]; then
-      bash benchmarks/gpu_suite.sh "$OUT/suite" --stages gpu_tests,train_step --train-paths floor,fast-gpu,fast-gpu-graphs \
-        --caps gpu_tests=80,train_step=90 --budget-s "$budget" > "$OUT/suite.log" 2>&1
-      echo "GPU suite (tests + train step): exit $? (digest: $OUT/suite/digest.md)"
+    suite_budget=110 fsdp_budget=100 rest=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --suite-budget-s) suite_budget="$2"; shift 2 ;;
+        --fsdp-budget-s) fsdp_budget="$2"; shift 2 ;;
+        *) rest+=("$1"); shift ;;
+      esac
+    done
+    rm -f "$STATE/gpu_tests.txt"
+    if [ "$suite_budget" -gt 0 ]; then
+      bash benchmarks/gpu_suite.sh "$OUT/suite" --stages gpu_tests --caps gpu_tests=$((suite_budget - 20)) \
+        --budget-s "$suite_budget" > "$OUT/suite.log" 2>&1
+      echo "GPU suite (tests): exit $? (digest: $OUT/suite/digest.md)"
       tail -c 3000 "$OUT/suite/digest.md" 2>/dev/null
+      # one line for call 2's results.json: the tests' counts and the failed ones
+      grep -E '^(GPU tests:|- FAILED)' "$OUT/suite/digest.md" 2>/dev/null | paste -sd ';' > "$STATE/gpu_tests.txt"
       for f in "$OUT"/suite/*; do mv "$f" "$OUT/suite_$(basename "$f")"; done; rmdir "$OUT/suite" 2>/dev/null
     fi
     set -o pipefail
-    "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "$@" 2>&1 | tee "$OUT/measure.log" | grep -v "it/s\]$"
+    "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "${rest[@]}" 2>&1 | tee "$OUT/measure.log" \
+      | grep -v "it/s\]$\|s/it\]$"
     rc=$?
     cp "$STATE/step_times.json" "$OUT/" 2>/dev/null
+    if [ "$fsdp_budget" -gt 0 ]; then
+      # its own hard stop too: the budget plus the last table's time
+      timeout $((fsdp_budget + 30)) "$PY" benchmarks/bench_fsdp.py --out "$OUT" --budget-s "$fsdp_budget" \
+        > "$OUT/fsdp.log" 2>&1
+      echo "bench_fsdp.py: exit $?"
+      cat "$OUT/fsdp_ws1.md" 2>/dev/null
+    fi
+    n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+    [ "$n" -le 8 ] || echo "WARNING: $n files in $OUT, the device tool brings back 8"
     exit $rc ;;
   run)
     if [ ! -f "$STATE/smollm2.gguf" ]; then
@@ -59,6 +82,7 @@ case "$MODE" in
     times=()
     [ -f "$STATE/step_times.json" ] && times=(--step-times "$STATE/step_times.json")
     set -o pipefail
+    [ -f "$STATE/gpu_tests.txt" ] && times+=(--gpu-tests "$STATE/gpu_tests.txt")
     "$PY" benchmarks/learn_experiment.py --out "$STATE/exp" "${times[@]}" "$@" 2>&1 | tee "$OUT/run.log" \
       | grep -v "it/s\]$\|s/it\]$"
     rc=$?

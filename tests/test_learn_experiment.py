@@ -43,6 +43,35 @@ def test_steps_sized_from_measured_step_times(tmp_path):
     assert lx.plan_steps(args) == 50
     with pytest.raises(SystemExit, match="--step-times"):
         lx.plan_steps(lx.build_parser().parse_args([]))
+    # --budget-s: what is left after the "before" phase, less each arm's measured set-up and evaluation
+    with pytest.raises(SystemExit, match="quietstar_overhead_s, control_overhead_s, eval_thought_s, eval_base_s"):
+        lx.plan_steps(lx.build_parser().parse_args(["--step-times", str(st)]), left_s=300)
+    st.write_text(json.dumps({"quietstar_ms": 400.0, "control_ms": 100.0, "quietstar_overhead_s": 10.0,
+                              "control_overhead_s": 5.0, "eval_thought_s": 20.0, "eval_base_s": 4.0}))
+    m, slack = lx.SIZING_MARGIN, lx.SIZING_SLACK_S
+    args = lx.build_parser().parse_args(["--step-times", str(st)])                       # two Quiet-STaR arms
+    assert lx.plan_steps(args, left_s=300) == int((300 - m * (2 * (10 + 20) + 5 + 4) - slack) / 0.9)
+    args = lx.build_parser().parse_args(["--step-times", str(st), "--policy-weights", "1"])
+    assert lx.plan_steps(args, left_s=300) == int((300 - m * (10 + 20 + 5 + 4) - slack) / 0.5)
+    with pytest.raises(SystemExit, match="no time to train"):
+        lx.plan_steps(args, left_s=m * 39 + slack)
+
+
+def test_measure_then_budgeted_run(tmp_path):
+    """--measure writes every number --budget-s needs; a budgeted run sizes its steps after the 'before' phase."""
+    lx.main(SMALL + ["--measure", "--measure-steps", "2", "--measure-eval-rows", "1", "--out", str(tmp_path)])
+    st = json.loads((tmp_path / "step_times.json").read_text())
+    for k in ("quietstar_ms", "control_ms", "quietstar_overhead_s", "control_overhead_s", "eval_thought_s", "eval_base_s"):
+        assert st[k] > 0, k
+    assert not (tmp_path / "measure").exists()
+    (tmp_path / "tests.txt").write_text("12 passed, 0 failed")
+    out = tmp_path / "exp"
+    lx.main(SMALL + ["--policy-weights", "1", "--step-times", str(tmp_path / "step_times.json"), "--budget-s", "1e5",
+                     "--max-steps", "2", "--gpu-tests", str(tmp_path / "tests.txt"), "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["steps"] == 2 and res["meta"]["gpu_tests"] == "12 passed, 0 failed"
+    assert [r["step"] for r in lx.read_metrics(lx.metrics_path(out, "quietstar_b1"))] == [1, 2]
+    assert "GPU tests on this machine before the run: 12 passed, 0 failed" in (out / "table.md").read_text()
 
 
 def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
@@ -54,7 +83,8 @@ def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
         steps = lx.read_metrics(lx.metrics_path(out, arm))
         assert [r["step"] for r in steps] == [1, 2], arm
     # the same rows in the same order: step 1 of both arms starts from the same model on the same batch
-    q1, q2, c1 = (lx.read_metrics(lx.metrics_path(out, a))[0] for a in res["meta"]["arms"])
+    assert list(res["meta"]["arms"]) == ["control", "quietstar_b1", "quietstar_b1e6"]     # the control trains first
+    q1, q2, c1 = (lx.read_metrics(lx.metrics_path(out, a))[0] for a in ("quietstar_b1", "quietstar_b1e6", "control"))
     assert q1["nll_base"] == pytest.approx(c1["nll_base"], rel=1e-5)
     # the arms differ only in the policy weight: at step 1 w = 0, so every advantage and the policy term are 0
     # and both arms take the same update; at step 2 the same policy term, weighted differently
@@ -82,7 +112,7 @@ def test_killed_run_leaves_its_metrics(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "learn_experiment.py"), *SMALL, "--steps", "50",
                           "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = lx.metrics_path(out, "quietstar_b1")
+    metrics = lx.metrics_path(out, "control")
     try:
         deadline = time.time() + 600
         while time.time() < deadline and len(lx.read_metrics(metrics)) < 2:
@@ -93,7 +123,7 @@ def test_killed_run_leaves_its_metrics(tmp_path):
         p.wait()
     assert len(lx.read_metrics(metrics)) >= 2
     res = json.loads((out / "results.json").read_text())          # written atomically: never half a file
-    assert "before" in res and "quietstar_b1" not in res
+    assert "before" in res and "control" not in res
     table = (out / "table.md").read_text()
     assert "not run" in table and (out / "curves.png").exists()
 

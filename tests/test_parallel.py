@@ -272,6 +272,17 @@ def test_bench_fsdp_dry_run(tmp_path):
     assert res["runs"][0]["loss"] == pytest.approx(res["runs"][1]["loss"], rel=1e-5)   # same model, same step
 
 
+def test_bench_fsdp_budget_spent_skips_and_still_writes(tmp_path):
+    """--budget-s: a configuration with under 20 s of the budget left is not started but reported SKIPPED, the
+    tables are written anyway (bench_fsdp closes learn_experiment.sh's first device call), and it exits 1."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fsdp.py"), "--dry-run", "--budget-s", "5",
+                        "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    runs = json.loads((tmp_path / "fsdp_ws1.json").read_text())["runs"]
+    assert [(x["ac"], x["status"].split(" ")[0]) for x in runs] == [(True, "SKIPPED")]
+    assert "| on | 2 | 16 | SKIPPED (" in (tmp_path / "fsdp_ws1.md").read_text()
+
+
 def test_memory_plan_recovers_a_known_model():
     """benchmarks/memory_plan.py's analysis on synthetic points t = F + B (r0(T) + n r1(T)) with quadratic
     r0, r1: it recovers F and the per-row fits, and the plan adds the counted state to them."""
