@@ -222,7 +222,7 @@ def render_table(res: dict) -> str:
                 d = bootstrap_diff(c["sum"], c["n"], q["sum"], q["n"])
                 lines.append(f"| {label} | {row[len('Quiet-STaR '):]} | {_fmt_ci(d, nd)} |")
     if m.get("gpu_tests"):
-        lines += ["", f"GPU tests on this machine before the run: {m['gpu_tests']}"]
+        lines += ["", f"Before the run, on the same machine: {m['gpu_tests']}"]
     lines += ["", "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in res.get("seconds", {}).items()]
     return "\n".join(lines) + "\n"
 

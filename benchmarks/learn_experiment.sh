@@ -51,11 +51,13 @@ case "$MODE" in
     if [ "$suite_budget" -gt 0 ]; then
       bash benchmarks/gpu_suite.sh "$OUT/suite" --stages gpu_tests --caps gpu_tests=$((suite_budget - 20)) \
         --budget-s "$suite_budget" > "$OUT/suite.log" 2>&1
-      echo "GPU suite (tests): exit $? (digest: $OUT/suite/digest.md)"
+      src=$?
+      echo "GPU suite (tests): exit $src (digest: $OUT/suite/digest.md)"
       tail -c 3000 "$OUT/suite/digest.md" 2>/dev/null
       # one line for call 2's results.json: the tests' counts and the failed ones
-      grep -E '^(GPU tests:|- FAILED)' "$OUT/suite/digest.md" 2>/dev/null | paste -sd ';' > "$STATE/gpu_tests.txt"
-      for f in "$OUT"/suite/*; do mv "$f" "$OUT/suite_$(basename "$f")"; done; rmdir "$OUT/suite" 2>/dev/null
+      line="$(grep -E '^(GPU tests:|- FAILED)' "$OUT/suite/digest.md" 2>/dev/null | paste -sd ';')"
+      echo "${line:-GPU tests: no result (gpu_suite.py exit $src, see suite.log)}" > "$STATE/gpu_tests.txt"
+      for f in "$OUT"/suite/*; do [ -e "$f" ] && mv "$f" "$OUT/suite_$(basename "$f")"; done; rmdir "$OUT/suite" 2>/dev/null
     fi
     set -o pipefail
     "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "${rest[@]}" 2>&1 | tee "$OUT/measure.log" \

@@ -71,7 +71,7 @@ def test_measure_then_budgeted_run(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["steps"] == 2 and res["meta"]["gpu_tests"] == "12 passed, 0 failed"
     assert [r["step"] for r in lx.read_metrics(lx.metrics_path(out, "quietstar_b1"))] == [1, 2]
-    assert "GPU tests on this machine before the run: 12 passed, 0 failed" in (out / "table.md").read_text()
+    assert "Before the run, on the same machine: 12 passed, 0 failed" in (out / "table.md").read_text()
 
 
 def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
