@@ -52,7 +52,8 @@ import torch  # noqa: E402
 
 from quietstar import data as qdata  # noqa: E402
 from quietstar import evaluate as qeval  # noqa: E402
-from quietstar.config import Config, LossConfig, ModelConfig, ThoughtConfig, TrainConfig  # noqa: E402
+from quietstar.config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, Config, LossConfig, ModelConfig,  # noqa: E402
+                              ThoughtConfig, TrainConfig)
 from quietstar.thoughts import Backends  # noqa: E402
 
 # The recipe, scaled to a 135M model and a lease of minutes (every arm gets the same lr and steps):
@@ -69,6 +70,25 @@ from quietstar.thoughts import Backends  # noqa: E402
 DEFAULTS = {"lr": 1e-5, "warmup_steps": 20, "M": 9, "K": 4, "P": 2, "batch_size": 8, "seq_len": 256}
 SMOKE = {"model": "tiny", "steps": 3, "batch_size": 2, "seq_len": 32, "M": 2, "K": 2, "P": 2, "eval_docs": 6,
          "bench_items": 4, "eval_batch": 4, "warmup_steps": 1, "lr": 1e-3, "policy_weights": "1"}
+
+
+# A kernel family that failed its GPU tests on the machine of the run is not trusted with the experiment:
+# (a failed test's "file::name" prefix, the setting that replaces it by the plain-PyTorch path or turns it off)
+FALLBACKS = (("test_document_mask::test_gpu_graph", "cuda_graphs", False), ("test_graphs::", "cuda_graphs", False),
+             ("test_document_mask::", "document_mask", False), ("test_thought_attention::", "attention", "split"),
+             ("test_lm_head::", "lm_head", "chunked"))
+
+
+def apply_fallbacks(args, gpu_tests: str) -> list[str]:
+    """Set args per FALLBACKS from the GPU tests' one-line result ("GPU tests: ...;- FAILED file::name: msg;...");
+    returns what changed, as "setting=value" strings."""
+    failed = [part.split("FAILED ", 1)[1] for part in gpu_tests.split(";") if "FAILED " in part]
+    changed = []
+    for prefix, attr, value in FALLBACKS:
+        if any(f.startswith(prefix) for f in failed) and getattr(args, attr) != value:
+            setattr(args, attr, value)
+            changed.append(f"{attr}={value}")
+    return changed
 
 
 def arms(args) -> list[tuple[str, float | None]]:
@@ -189,7 +209,9 @@ def render_table(res: dict) -> str:
              f"Training: {m.get('steps') or '?'} steps of B={m['batch_size']} rows x T={m['seq_len']} tokens per arm "
              f"(the same rows in the same order), lr {m['lr']:g} (warm-up {m['warmup_steps']}), AdamW; Quiet-STaR "
              f"M={m['M']} K={m['K']} P={m['P']}, betas base/talk {m['beta_base']:g}/{m['beta_talk']:g}, policy weight "
-             f"per arm below.", "",
+             f"per arm below. Backends: attention {m.get('attention', '?')}, LM head {m.get('lm_head', '?')}, "
+             f"document masking {'on' if m.get('document_mask', True) else 'off'}, CUDA-graph sampler "
+             f"{'on' if m.get('cuda_graphs') else 'off'}.", "",
              f"Evaluation: {m['sizes']['heldout_documents']} held-out MATH documents ({m['sizes']['heldout_targets']} "
              f"targets; hard = the 10% with the highest NLL under the starting model), "
              f"{m['sizes']['gsm8k_problems']} GSM8K problems, {m['sizes']['csqa_questions']} CommonsenseQA questions. "
@@ -223,6 +245,8 @@ def render_table(res: dict) -> str:
                 lines.append(f"| {label} | {row[len('Quiet-STaR '):]} | {_fmt_ci(d, nd)} |")
     if m.get("gpu_tests"):
         lines += ["", f"Before the run, on the same machine: {m['gpu_tests']}"]
+        if m.get("fallbacks"):
+            lines += ["", f"**Fallback** (a kernel family failed its GPU tests): {', '.join(m['fallbacks'])}"]
     lines += ["", "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in res.get("seconds", {}).items()]
     return "\n".join(lines) + "\n"
 
@@ -296,9 +320,15 @@ def arm_config(args, beta: float | None, steps: int, out_dir: Path, model: str) 
         loss=LossConfig(beta_policy=beta if thoughts else 0.0),
         train=TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                           warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
-                          attention="triton" if cuda else "split", lm_head="triton" if cuda else "chunked",
-                          out_dir=str(out_dir), thoughts=thoughts, cuda_graphs=cuda and thoughts and args.cuda_graphs,
+                          attention=args.attention, lm_head=args.lm_head, document_mask=args.document_mask,
+                          out_dir=str(out_dir), thoughts=thoughts, cuda_graphs=thoughts and graphs_on(args),
                           thoughts_every=args.thoughts_every if thoughts else 0))
+
+
+def graphs_on(args) -> bool:
+    """Whether the Quiet-STaR arms replay the thought sampler from a CUDA graph (CUDA, the backends it captures)."""
+    from quietstar.graphs import GRAPH_ATTENTION
+    return args.device == "cuda" and args.cuda_graphs and args.lm_head == "triton" and args.attention in GRAPH_ATTENTION
 
 
 def metrics_path(out: Path, arm: str) -> Path:
@@ -340,7 +370,7 @@ def measure(args, out: Path) -> dict:
     model_name = {"smollm2-135m": "smollm2-135m-random"}.get(args.model, args.model)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    backends = Backends("triton", "triton") if cuda else Backends("split", "chunked")
+    backends = Backends(args.attention, args.lm_head)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
     tok = load_tokenizer(ModelConfig(name=args.model))
     sets = EvalSets(tok, document_separator(tok), args.seq_len, args.eval_docs, args.bench_items)
@@ -403,7 +433,7 @@ def run(args, out: Path) -> dict:
     t_start = time.time()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    backends = Backends("triton", "triton") if cuda else Backends("split", "chunked")
+    backends = Backends(args.attention, args.lm_head)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
     steps = None if args.budget_s else plan_steps(args)          # with --budget-s: after the "before" phase
     tok = load_tokenizer(ModelConfig(name=args.model))
@@ -415,10 +445,12 @@ def run(args, out: Path) -> dict:
                     "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
                     "warmup_steps": args.warmup_steps, "M": args.M, "K": args.K, "P": args.P,
                     "beta_base": LossConfig().beta_base, "beta_talk": LossConfig().beta_talk,
-                    "arms": dict(arms(args)), "sizes": sets.sizes(), "argv": sys.argv[1:]},
+                    "arms": dict(arms(args)), "sizes": sets.sizes(), "argv": sys.argv[1:],
+                    "attention": args.attention, "lm_head": args.lm_head, "document_mask": args.document_mask,
+                    "cuda_graphs": graphs_on(args)},
            "seconds": {}}
     if args.gpu_tests:                  # what the GPU tests of the same machine said (learn_experiment.sh)
-        res["meta"]["gpu_tests"] = Path(args.gpu_tests).read_text().strip() if Path(args.gpu_tests).exists() else "-"
+        res["meta"]["gpu_tests"], res["meta"]["fallbacks"] = args.gpu_tests_line, args.fallbacks
     render(out, res)
 
     def phase(name, fn):
@@ -471,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "left, less --step-times' measured set-up and evaluation times (overrides --train-budget-s)")
     p.add_argument("--measure-eval-rows", type=int, default=48,
                    help="--measure: rows of each evaluation set timed (scaled to the whole set)")
-    p.add_argument("--gpu-tests", default="", help="a file whose text (the GPU tests' result) goes into results.json")
+    p.add_argument("--gpu-tests", default="", help="a file with the GPU tests' one-line result (learn_experiment.sh): "
+                   "it goes into results.json, and a kernel family with a failed test is replaced (FALLBACKS)")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--eval-docs", type=int, default=1000, help="held-out documents (the built-in split has 503)")
     p.add_argument("--bench-items", type=int, default=300, help="GSM8K problems and CommonsenseQA questions")
@@ -480,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thoughts-every", type=int, default=50, help="log a few decoded thoughts every N steps")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="CUDA: do not replay the thought sampler from a CUDA graph")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
+                   help="thought-attention backend (default: triton on CUDA, split on CPU)")
+    p.add_argument("--lm-head", choices=LM_HEAD_BACKENDS, default=None,
+                   help="LM-head backend (default: triton on CUDA, chunked on CPU)")
+    p.add_argument("--no-document-mask", dest="document_mask", action="store_false",
+                   help="attend across the documents packed into a row (as the reference does)")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--seed", type=int, default=0)
@@ -497,6 +536,16 @@ def main(argv=None) -> int:
                 setattr(args, k, v)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
+    args.attention = args.attention or ("triton" if args.device == "cuda" else "split")
+    args.lm_head = args.lm_head or ("triton" if args.device == "cuda" else "chunked")
+    args.gpu_tests_line, args.fallbacks = "", []
+    if args.gpu_tests:
+        if not Path(args.gpu_tests).exists():
+            p.error(f"--gpu-tests: no file {args.gpu_tests}")
+        args.gpu_tests_line = Path(args.gpu_tests).read_text().strip()
+        args.fallbacks = apply_fallbacks(args, args.gpu_tests_line)
+        if args.fallbacks:
+            print(f"FALLBACK after failed GPU tests: {', '.join(args.fallbacks)}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

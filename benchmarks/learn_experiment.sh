@@ -8,7 +8,9 @@
 #   call 1: bash benchmarks/learn_experiment.sh "$OUT" measure   carry [".whl", "quietstar/data", ".smollm2/part1"]
 #           1. the GPU tests (gpu_suite.py's gpu_tests stage; --suite-budget-s, default 110, 0 skips them)
 #           2. both arms' step times, set-up times and evaluation times on a random-init model of the same
-#              shape (runs/learn/step_times.json: call 2 sizes its steps from it)
+#              shape (runs/learn/step_times.json: call 2 sizes its steps from it); a kernel family whose
+#              GPU tests failed is replaced by its plain-PyTorch path in both calls (learn_experiment.py
+#              --gpu-tests: FALLBACKS)
 #           3. issue 17's FSDP2 measurement, bench_fsdp.py (--fsdp-budget-s, default 100, 0 skips it)
 #   call 2: bash benchmarks/learn_experiment.sh "$OUT" run --budget-s 400    carry [".smollm2/part2"]
 #           joins the parts (sha256-checked by quietstar.assets), sizes the steps to what is left of
@@ -59,8 +61,10 @@ case "$MODE" in
       echo "${line:-GPU tests: no result (gpu_suite.py exit $src, see suite.log)}" > "$STATE/gpu_tests.txt"
       for f in "$OUT"/suite/*; do [ -e "$f" ] && mv "$f" "$OUT/suite_$(basename "$f")"; done; rmdir "$OUT/suite" 2>/dev/null
     fi
+    fb=()
+    [ -f "$STATE/gpu_tests.txt" ] && fb=(--gpu-tests "$STATE/gpu_tests.txt")
     set -o pipefail
-    "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "${rest[@]}" 2>&1 | tee "$OUT/measure.log" \
+    "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "${fb[@]}" "${rest[@]}" 2>&1 | tee "$OUT/measure.log" \
       | grep -v "it/s\]$\|s/it\]$"
     rc=$?
     cp "$STATE/step_times.json" "$OUT/" 2>/dev/null

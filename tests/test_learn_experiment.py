@@ -57,6 +57,20 @@ def test_steps_sized_from_measured_step_times(tmp_path):
         lx.plan_steps(args, left_s=m * 39 + slack)
 
 
+def test_failed_gpu_tests_fall_back_to_plain_paths():
+    args = lx.build_parser().parse_args(["--attention", "triton", "--lm-head", "triton"])
+    assert lx.apply_fallbacks(args, "GPU tests: 32 passed, 0 failed, 0 skipped (of 32 selected with -m gpu)") == []
+    assert (args.attention, args.lm_head, args.document_mask, args.cuda_graphs) == ("triton", "triton", True, True)
+    line = ("GPU tests: 29 passed, 3 failed, 0 skipped;- FAILED test_document_mask::test_gpu_graph_replay_with_documents"
+            "[triton]: x;- FAILED test_lm_head::test_gpu_bf16_multi_chunk_and_memory: logp: non-finite values;"
+            "- FAILED test_lm_head::test_gpu_other: y")
+    assert lx.apply_fallbacks(args, line) == ["cuda_graphs=False", "document_mask=False", "lm_head=chunked"]
+    assert (args.attention, args.lm_head, args.document_mask, args.cuda_graphs) == ("triton", "chunked", False, False)
+    args = lx.build_parser().parse_args(["--attention", "triton"])
+    assert lx.apply_fallbacks(args, "GPU tests: 1 failed;- FAILED test_thought_attention::test_gpu_x[128]: a") == \
+        ["attention=split"]
+
+
 def test_measure_then_budgeted_run(tmp_path):
     """--measure writes every number --budget-s needs; a budgeted run sizes its steps after the 'before' phase."""
     lx.main(SMALL + ["--measure", "--measure-steps", "2", "--measure-eval-rows", "1", "--out", str(tmp_path)])
@@ -64,14 +78,18 @@ def test_measure_then_budgeted_run(tmp_path):
     for k in ("quietstar_ms", "control_ms", "quietstar_overhead_s", "control_overhead_s", "eval_thought_s", "eval_base_s"):
         assert st[k] > 0, k
     assert not (tmp_path / "measure").exists()
-    (tmp_path / "tests.txt").write_text("12 passed, 0 failed")
+    (tmp_path / "tests.txt").write_text("GPU tests: 12 passed, 1 failed;- FAILED test_document_mask::test_gpu_x: y")
     out = tmp_path / "exp"
     lx.main(SMALL + ["--policy-weights", "1", "--step-times", str(tmp_path / "step_times.json"), "--budget-s", "1e5",
                      "--max-steps", "2", "--gpu-tests", str(tmp_path / "tests.txt"), "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
-    assert res["meta"]["steps"] == 2 and res["meta"]["gpu_tests"] == "12 passed, 0 failed"
+    assert res["meta"]["steps"] == 2 and res["meta"]["gpu_tests"].startswith("GPU tests: 12 passed, 1 failed;")
+    assert res["meta"]["fallbacks"] == ["document_mask=False"] and res["meta"]["document_mask"] is False
     assert [r["step"] for r in lx.read_metrics(lx.metrics_path(out, "quietstar_b1"))] == [1, 2]
-    assert "Before the run, on the same machine: 12 passed, 0 failed" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "Before the run, on the same machine: GPU tests: 12 passed, 1 failed" in table
+    assert "**Fallback** (a kernel family failed its GPU tests): document_mask=False" in table
+    assert "document masking off" in table
 
 
 def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
