@@ -350,13 +350,14 @@ def eval_seconds(model, sets: EvalSets, thoughts: bool, backends, batch: int, de
     from quietstar.evaluate import token_nll
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     parts = [(sets.rows, sets.valid), sets.gsm, sets.csqa]
-    token_nll(model, parts[0][0][:batch], parts[0][1][:batch], backends, batch, thoughts, None, device, autocast)
+    gen = torch.Generator(device=device).manual_seed(0)              # as evaluate_state samples
+    token_nll(model, parts[0][0][:batch], parts[0][1][:batch], backends, batch, thoughts, gen, device, autocast)
     total = 0.0
     for ids, valid in parts:
         k = min(rows, ids.shape[0])
         sync()
         t0 = time.perf_counter()
-        token_nll(model, ids[:k], valid[:k], backends, batch, thoughts, None, device, autocast)
+        token_nll(model, ids[:k], valid[:k], backends, batch, thoughts, gen, device, autocast)
         sync()
         total += (time.perf_counter() - t0) * ids.shape[0] / k
     return total
