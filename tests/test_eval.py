@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from quietstar import Backends, ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
@@ -49,6 +50,24 @@ def test_with_and_without_thoughts():
     assert (b0[~valid] == 0).all() and (b0[valid] > 0).all()
     _, m1 = token_nll(_model(mixing=True), ids, valid, be, 2, True, torch.Generator().manual_seed(1))
     assert (m1 - b0)[valid].abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_token_nll_triton_backends():
+    """The evaluation on the fast path (what learn_experiment.py times and runs on the GPU): the base NLL equals
+    the plain-PyTorch path's, the mixed one equals it at w = 0 and is finite under bf16 autocast."""
+    ids, valid = document_rows([list(range(3, 40)), [40, 41, 42, 43], list(range(50, 90))], T=33, sep_id=0)
+    fast, plain = Backends("triton", "triton"), Backends("split", "chunked")
+    dev = torch.device("cuda")
+    zero, mixing = _model(mixing=False).to(dev), _model(mixing=True).to(dev)
+    gen = lambda: torch.Generator(device=dev).manual_seed(1)  # noqa: E731
+    b_fast, m_fast = token_nll(zero, ids, valid, fast, 2, True, gen(), dev)
+    b_plain, _ = token_nll(zero, ids, valid, plain, 2, True, gen(), dev)
+    assert torch.allclose(b_fast, b_plain, atol=1e-4) and torch.allclose(m_fast, b_fast, atol=1e-5)
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16)
+    b16, m16 = token_nll(mixing, ids, valid, fast, 2, True, gen(), dev, bf16)
+    assert torch.isfinite(m16).all() and (b16 - b_plain)[valid].abs().max() < 0.1
+    assert (m16 - b16)[valid].abs().max() > 1e-3                         # w != 0: the thoughts count
 
 
 def test_cli_hard_mask_round_trip(tmp_path):
