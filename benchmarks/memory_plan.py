@@ -328,7 +328,8 @@ def write_report(res: dict, out: Path, stem: str) -> None:
              "`chunked` LM head, sample-then-train, one step. live: the running sum of the profiler's allocation "
              "and free events (bytes PyTorch asked its CPU allocator for; peak = the most live at once, saved = "
              "live when the backward starts). RSS: peak RSS of the step - RSS before it, a separate run without "
-             "the profiler (glibc's arenas keep freed memory: noise and excess; the evidence is in the module docstring). "
+             "the profiler (glibc's arenas keep freed memory: noise and excess; the evidence is in the module "
+             "docstring). "
              f"The plan's basis: {name[res['basis']]}.", "",
              "| layers | B | T | tokens/row T(1+PL) | checkpointing | live peak MiB | live saved MiB | RSS MiB | "
              "step s (RSS run) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -373,7 +374,8 @@ def write_report(res: dict, out: Path, stem: str) -> None:
                          + " | ".join(f"{ms[m]['act_row_gb'][f'{T}/{ac}']:.1f}" for m in ms) + " |")
     lines += ["", f"Per rank peak (GB) = max(sharded state 16 B x params / N + buffers + F + B x activations, "
               f"AdamW 20 B x params / N); fits = under {HEADROOM:.0%} of 80 GB. Rows: ranks N, columns: B per rank; "
-              + " / ".join(name[m] for m in ms) + " where they differ.", ""]
+              + (" / ".join(name[m] for m in ms) + " where they differ." if len(ms) > 1 else name[res["basis"]] + "."),
+              ""]
     plans = {m: {(q["ranks"], q["B"], q["T"], q["ac"]): q for q in ms[m]["plan"]} for m in ms}
     first = ms[res["basis"]]["plan"]
     for T in sorted({r["T"] for r in first}):

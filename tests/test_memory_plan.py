@@ -79,7 +79,8 @@ def test_checkpointed_quietstar_layer_keeps_its_bf16_input():
     T, L = 8, mp.THOUGHT["M"] + mp.THOUGHT["K"] + 1
     tokens = T * (1 + mp.THOUGHT["P"] * L)
     pts = {(n, ac): mp.measure_point(mp.SMOKE, n, T, 1, ac, "live") for n in (1, 2) for ac in (False, True)}
-    per_layer = {ac: {k: pts[(2, ac)][k] - pts[(1, ac)][k] for k in ("live_saved", "live_peak")} for ac in (False, True)}
+    per_layer = {ac: {k: pts[(2, ac)][k] - pts[(1, ac)][k] for k in ("live_saved", "live_peak")}
+                 for ac in (False, True)}
     assert per_layer[True] == {"live_saved": tokens * mp.SMOKE["hidden_size"] * 2,
                                "live_peak": tokens * mp.SMOKE["hidden_size"] * 2}
     assert per_layer[False]["live_saved"] > 5 * per_layer[True]["live_saved"]

@@ -298,7 +298,8 @@ def test_memory_plan_recovers_a_known_model():
                            + 31 * np.polyval(r1[True][::-1], T))
             assert mp.act_row(fits, ac, T) == pytest.approx(want, rel=1e-6 if T == 128 else 1e-3)
     T = 256                                     # beyond: r0 continues the line through the two largest T
-    r0_256 = np.polyval(r0[True][::-1], 128) + 128 * (np.polyval(r0[True][::-1], 128) - np.polyval(r0[True][::-1], 64)) / 64
+    r0_64, r0_128 = (np.polyval(r0[False][::-1], t) for t in (64, 128))
+    r0_256 = r0_128 + 128 * (r0_128 - r0_64) / 64
     assert mp.act_row(fits, False, T) == pytest.approx(r0_256 + 32 * np.polyval(r1[False][::-1], T), rel=1e-6)
     res = mp.analyse(points, "transient")       # the same through the report's analysis
     last = [r for r in res["per_layer"] if r["T"] == 128]
