@@ -294,21 +294,32 @@ def test_memory_plan_recovers_a_known_model():
     points = [{"layers": n, "T": T, "B": B, "ac": ac,
                "transient": F[ac] + B * (np.polyval(r0[ac][::-1], T) + n * np.polyval(r1[ac][::-1], T))}
               for ac in (False, True) for T in (16, 32, 64, 128) for n in (1, 2) for B in ((1, 2) if T == 32 else (1,))]
-    fixed = {ac: mp.fixed_part(points, ac) for ac in (False, True)}
+    fixed = {ac: mp.fixed_part(points, ac, "transient") for ac in (False, True)}
     assert fixed == pytest.approx(F)
-    pl = mp.per_layer(points, fixed)
+    pl = mp.per_layer(points, fixed, "transient")
+    fits = {}
     for ac in (False, True):
         ts = sorted(T for (T, a) in pl if a == ac)
-        fit = (mp.fit_poly(ts, [pl[(T, ac)][0] for T in ts]),
-               mp.fit_poly(ts, [pl[(T, ac)][1] for T in ts], 1))
-        want = np.polyval(r0[ac][::-1], 256) + 32 * np.polyval(r1[ac][::-1], 256)
-        assert mp.act_row(fit, 256) == pytest.approx(want, rel=1e-6)
-    fits = {ac: (np.array(r0[ac]), np.array(r1[ac])) for ac in (False, True)}
+        fits[ac] = (mp.r0_model(ts, [pl[(T, ac)][0] for T in ts]), mp.fit_poly(ts, [pl[(T, ac)][1] for T in ts], 1))
+    for T in (96, 128):                         # between measured T (interpolated) and at one
+        for ac in (False, True):
+            want = np.polyval(r0[ac][::-1], T) + 32 * np.polyval(r1[ac][::-1], T)
+            if ac:                              # or one plain layer's peak and 31 checkpointed inputs
+                want = max(want, np.polyval(r0[False][::-1], T) + np.polyval(r1[False][::-1], T)
+                           + 31 * np.polyval(r1[True][::-1], T))
+            assert mp.act_row(fits, ac, T) == pytest.approx(want, rel=1e-6 if T == 128 else 1e-3)
+    T = 256                                     # beyond: r0 continues the line through the two largest T
+    r0_64, r0_128 = (np.polyval(r0[False][::-1], t) for t in (64, 128))
+    r0_256 = r0_128 + 128 * (r0_128 - r0_64) / 64
+    assert mp.act_row(fits, False, T) == pytest.approx(r0_256 + 32 * np.polyval(r1[False][::-1], T), rel=1e-6)
+    res = mp.analyse(points, "transient")       # the same through the report's analysis
+    last = [r for r in res["per_layer"] if r["T"] == 128]
+    assert [r["r1_holdout"] for r in last] == pytest.approx([np.polyval(r1[r["ac"]][::-1], 128) for r in last])
     rows = mp.plan(fits, F, mp.MISTRAL_7B)
     n = mp.mistral7b_params(mp.MISTRAL_7B)
     assert 7.2e9 < n["total"] < 7.3e9           # Mistral-7B (untied head) plus the extras
     r = next(r for r in rows if (r["ranks"], r["B"], r["T"], r["ac"]) == (8, 2, 256, True))
-    act = F[True] + 2 * (np.polyval(r0[True][::-1], 256) + 32 * np.polyval(r1[True][::-1], 256))
+    act = F[True] + 2 * mp.act_row(fits, True, 256)
     assert r["peak_gb"] == pytest.approx((16 * n["total"] / 8 + r["buffers_gb"] * 1e9 + act) / 1e9)
     assert r["fits_80gb"] == (r["peak_gb"] <= 72)
 
