@@ -13,10 +13,11 @@ Each configuration runs in its own process (an out-of-memory one cannot disturb 
 steps (Triton compiles), then `--steps` timed steps; reported: median step ms, tokens/s (B T (1 + P L)
 trained tokens per step), `torch.cuda.max_memory_allocated` / `max_memory_reserved` over the timed steps,
 or OOM. Default configurations: checkpointing on and off at B=8; if off runs out of memory, off again at
-B=4, 2, 1 until it fits, then on at that B for a like-for-like time ratio. The CPU memory plan measured
-~227 KiB per trained token and decoder layer without checkpointing at Mistral-7B's layer shape; about half
-of that at d=2048 puts B=8 x 7,424 tokens x 16 layers near 110 GB, so off is expected to run out of memory
-at B=8. Without CUDA (and without --dry-run) it exits 2 at once.
+B=4, 2, 1 until it fits, then on at that B for a like-for-like time ratio. The CPU memory plan
+(benchmarks/memory_plan.py, live bytes) measured 209,032 bytes per trained token and decoder layer without
+checkpointing at Mistral-7B's layer shape; about half of that at d=2048 puts B=8 x 7,424 tokens x 16 layers
+near 100 GB: off should run out of memory at B=8 on an 80 GB H100 and may fit a 141 GB H200.
+Without CUDA (and without --dry-run) it exits 2 at once.
 `--budget-s S` bounds the whole run (each configuration gets the rest, one with under 20 s left is
 reported SKIPPED): so it can close another device call (benchmarks/learn_experiment.sh measure).
 Writes `fsdp_ws1.json` and `fsdp_ws1.md` into --out, after every configuration.
