@@ -51,7 +51,8 @@ case "$MODE" in
     done
     rm -f "$STATE/gpu_tests.txt"
     if [ "$suite_budget" -gt 0 ]; then
-      bash benchmarks/gpu_suite.sh "$OUT/suite" --stages gpu_tests --caps gpu_tests=$((suite_budget - 20)) \
+      # 60 s per test (pytest-timeout): a hung test fails alone and the report (what call 2 reads) is written
+      bash benchmarks/gpu_suite.sh "$OUT/suite" --stages gpu_tests --caps gpu_tests=$((suite_budget - 20)),per_test=60 \
         --budget-s "$suite_budget" > "$OUT/suite.log" 2>&1
       src=$?
       echo "GPU suite (tests): exit $src (digest: $OUT/suite/digest.md)"
