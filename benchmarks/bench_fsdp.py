@@ -129,7 +129,7 @@ def write(out: Path, recs: list[dict], args) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "fsdp_ws1.json").write_text(json.dumps({"info": info, "runs": recs}, indent=1) + "\n")
     gpu = next((r["gpu"] for r in recs if "gpu" in r), "CPU (dry run: not a measurement)")
-    lines = [f"# FSDP2, world size 1: activation checkpointing on/off", "",
+    lines = ["# FSDP2, world size 1: activation checkpointing on/off", "",
              f"{info['date']} | {gpu} | torch {info['torch']} | triton {info.get('triton', '-')} | "
              f"params {next((r['params'] for r in recs if 'params' in r), 0) / 1e6:.1f} M | M=9 K=4 P=2", "",
              "| checkpointing | B | T | status | step ms | tok/s | peak allocated GiB | peak reserved GiB |",

@@ -313,7 +313,6 @@ def render(out: Path, res: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 def arm_config(args, beta: float | None, steps: int, out_dir: Path, model: str) -> Config:
     thoughts = beta is not None
-    cuda = args.device == "cuda"
     return Config(
         model=ModelConfig(name=model),
         thought=ThoughtConfig(M=args.M, K=args.K, P=args.P),
@@ -344,6 +343,17 @@ def train_arm(args, arm: str, beta, steps: int, out: Path, model: str):
     return r["model"]
 
 
+def eval_setup(args):
+    """(device, backends, autocast or None, tokenizer, EvalSets) of an evaluation, as both --measure and the run
+    evaluate."""
+    from quietstar.train import document_separator, load_tokenizer
+    device = torch.device(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    tok = load_tokenizer(ModelConfig(name=args.model))
+    sets = EvalSets(tok, document_separator(tok), args.seq_len, args.eval_docs, args.bench_items)
+    return device, Backends(args.attention, args.lm_head), autocast, tok, sets
+
+
 def eval_seconds(model, sets: EvalSets, thoughts: bool, backends, batch: int, device, autocast, rows: int) -> float:
     """Estimated seconds of evaluate_state on the whole sets: token_nll timed on the first `rows` rows of each
     part (after one untimed batch: compiles, allocator) and scaled to the part's size."""
@@ -367,14 +377,8 @@ def measure(args, out: Path) -> dict:
     """On a random-init model of the same shape (the same work): each arm's median step time and its fixed
     cost (set-up, the first step's compiles and graph capture: the wall time less the other steps), and
     the time of one evaluation with and without thoughts (timed on a part of the sets, scaled)."""
-    from quietstar.train import document_separator, load_tokenizer
     model_name = {"smollm2-135m": "smollm2-135m-random"}.get(args.model, args.model)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    backends = Backends(args.attention, args.lm_head)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
-    tok = load_tokenizer(ModelConfig(name=args.model))
-    sets = EvalSets(tok, document_separator(tok), args.seq_len, args.eval_docs, args.bench_items)
+    device, backends, autocast, _, sets = eval_setup(args)
     res = {"model": model_name, "device": args.device, "measure_steps": args.measure_steps}
     for arm, beta in (("quietstar", 1.0), ("control", None)):        # beta_policy does not change the work
         t0 = time.time()
@@ -430,15 +434,10 @@ def plan_steps(args, left_s: float | None = None) -> int:
 
 
 def run(args, out: Path) -> dict:
-    from quietstar.train import document_separator, load_tokenizer
     t_start = time.time()
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    backends = Backends(args.attention, args.lm_head)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
     steps = None if args.budget_s else plan_steps(args)          # with --budget-s: after the "before" phase
-    tok = load_tokenizer(ModelConfig(name=args.model))
-    sets = EvalSets(tok, document_separator(tok), args.seq_len, args.eval_docs, args.bench_items)
+    device, backends, autocast, tok, sets = eval_setup(args)
+    cuda = device.type == "cuda"
     import triton
     res = {"meta": {"model": args.model, "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

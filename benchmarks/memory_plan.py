@@ -103,7 +103,6 @@ def live_bytes(forward) -> dict:
     of PyTorch's CPU allocator, in bytes requested: no allocator, no arena, no page in it). Bytes
     relative to the start: `saved` live when the backward starts (what the forward keeps for it),
     `peak` the most live at any time, `end` live after it (new gradients); `events` counted."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         loss = forward()
@@ -200,23 +199,22 @@ def per_layer(points: list[dict], fixed: dict, key: str) -> dict:
     out = {}
     for key, nt in by.items():
         if len({n for n, _ in nt}) >= 2:
-            r0, r1 = fit_poly([n for n, _ in nt], [t for _, t in nt], 1)[:2]
+            r0, r1 = fit_line([n for n, _ in nt], [t for _, t in nt])
             out[key] = (float(r0), float(r1))
     return out
 
 
-def fit_poly(Ts, ys, degree: int = 2) -> np.ndarray:
-    """Least-squares coefficients (a, b, c) of a + bT + cT^2 (c = 0 for degree 1)."""
+def fit_line(Ts, ys) -> np.ndarray:
+    """Least-squares coefficients (a, b) of a + bT (np.polyval(fit[::-1], T) evaluates it)."""
     T = np.asarray(Ts, float)
-    A = np.stack([T ** k for k in range(degree + 1)], axis=1)
-    return np.concatenate([np.linalg.lstsq(A, np.asarray(ys, float), rcond=None)[0], np.zeros(2 - degree)])
+    return np.linalg.lstsq(np.stack([np.ones_like(T), T], axis=1), np.asarray(ys, float), rcond=None)[0]
 
 
 METRIC_KEY = {"live": "live_peak", "rss": "transient"}
 
 
 def analyse(points: list[dict], key: str) -> dict:
-    """F, the per-row models (r0: measured values, a parabola beyond them; r1 a line in T) and the
+    """F, the per-row models (r0: measured values, a line beyond them; r1 a line in T) and the
     per-layer table of the memory `key`; each model is checked by predicting the largest T from the others."""
     fixed = {ac: fixed_part(points, ac, key) for ac in (False, True)}
     pl = per_layer(points, fixed, key)
@@ -224,8 +222,8 @@ def analyse(points: list[dict], key: str) -> dict:
     for ac in (False, True):
         ts = sorted(T for (T, a) in pl if a == ac)
         r0s, r1s = [pl[(T, ac)][0] for T in ts], [pl[(T, ac)][1] for T in ts]
-        fits[ac] = (r0_model(ts, r0s), fit_poly(ts, r1s, 1))
-        hold = (r0_model(ts[:-1], r0s[:-1]), fit_poly(ts[:-1], r1s[:-1], 1)) if len(ts) > 3 else None
+        fits[ac] = (r0_model(ts, r0s), fit_line(ts, r1s))
+        hold = (r0_model(ts[:-1], r0s[:-1]), fit_line(ts[:-1], r1s[:-1])) if len(ts) > 3 else None
         for T in ts:
             last = hold is not None and T == ts[-1]
             rows.append({"T": T, "ac": ac, "r0": pl[(T, ac)][0], "r1": pl[(T, ac)][1],
@@ -245,7 +243,7 @@ def r0_model(Ts, r0s) -> dict:
     if len(Ts) < 2:
         raise ValueError(f"r0 needs at least 2 base lengths, got {list(Ts)}")
     return {"T": [float(t) for t in Ts], "r0": [float(r) for r in r0s],
-            "beyond": [float(c) for c in fit_poly(Ts[-2:], r0s[-2:], 1)]}
+            "beyond": [float(c) for c in fit_line(Ts[-2:], r0s[-2:])]}
 
 
 def r0_at(model: dict, T: float) -> float:
@@ -320,7 +318,7 @@ def write_report(res: dict, out: Path, stem: str) -> None:
     s, ms = res["shape"], res["metrics"]
     L = THOUGHT["M"] + THOUGHT["K"] + 1
     name = {"live": "live bytes (profiler)", "rss": "peak RSS"}
-    lines = [f"# Memory plan: Quiet-STaR on Mistral-7B, per GPU rank (FSDP2), from CPU measurements",
+    lines = ["# Memory plan: Quiet-STaR on Mistral-7B, per GPU rank (FSDP2), from CPU measurements",
              "", f"{res['date']} | {res['machine']} | torch {res['torch']} | `{res['command']}`", "",
              f"Measured: d={s['hidden_size']}, H={s['num_heads']}/{s['num_kv_heads']}, D={s['head_dim']}, "
              f"MLP {s['intermediate_size']}, V={s['vocab_size']}, 1 and 2 decoder layers, M={THOUGHT['M']} "
@@ -334,12 +332,10 @@ def write_report(res: dict, out: Path, stem: str) -> None:
              "| layers | B | T | tokens/row T(1+PL) | checkpointing | live peak MiB | live saved MiB | RSS MiB | "
              "step s (RSS run) |", "|---|---|---|---|---|---|---|---|---|"]
     for p in res["points"]:
+        secs = f"{p['secs']:.1f}" if "secs" in p else ""
         lines.append(f"| {p['layers']} | {p['B']} | {p['T']} | {p['T'] * (1 + THOUGHT['P'] * L)} | "
                      f"{'on' if p['ac'] else 'off'} | {_mib(p.get('live_peak'))} | {_mib(p.get('live_saved'))} | "
-                     f"{_mib(p.get('transient'))} | {p['secs']:.1f} |" if "secs" in p else
-                     f"| {p['layers']} | {p['B']} | {p['T']} | {p['T'] * (1 + THOUGHT['P'] * L)} | "
-                     f"{'on' if p['ac'] else 'off'} | {_mib(p.get('live_peak'))} | {_mib(p.get('live_saved'))} | "
-                     f"{_mib(p.get('transient'))} |  |")
+                     f"{_mib(p.get('transient'))} | {secs} |")
     if res["saved_per_layer"]:
         lines += ["", "Kept by one decoder layer from its forward to its backward, per row (live saved, 2 layers "
                   "minus 1), and a checkpointed layer's bf16 input counted by hand (tokens x d x 2 bytes):", "",
@@ -427,7 +423,7 @@ def main(argv=None) -> int:
     shape = SMOKE if args.smoke else MISTRAL_7B
     Ts = args.Ts or ([8, 16, 32] if args.smoke else [16, 32, 64, 128])
     if len(Ts) < 3:
-        ap.error("--Ts: at least 3 base lengths (the fit is a + bT + cT^2)")
+        ap.error("--Ts: at least 3 base lengths (the per-row lines need 2, and their check one more)")
     old: dict = {}
     for f in args.reuse:
         prev = json.loads(Path(f).read_text())

@@ -300,7 +300,7 @@ def test_memory_plan_recovers_a_known_model():
     fits = {}
     for ac in (False, True):
         ts = sorted(T for (T, a) in pl if a == ac)
-        fits[ac] = (mp.r0_model(ts, [pl[(T, ac)][0] for T in ts]), mp.fit_poly(ts, [pl[(T, ac)][1] for T in ts], 1))
+        fits[ac] = (mp.r0_model(ts, [pl[(T, ac)][0] for T in ts]), mp.fit_line(ts, [pl[(T, ac)][1] for T in ts]))
     for T in (96, 128):                         # between measured T (interpolated) and at one
         for ac in (False, True):
             want = np.polyval(r0[ac][::-1], T) + 32 * np.polyval(r1[ac][::-1], T)
