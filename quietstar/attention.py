@@ -146,17 +146,19 @@ def causal_attention(q, k, v, scale, docs: Documents | None = None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.base_mask(), scale=scale, enable_gqa=gqa)
 
 
-def _split_scores(q, kbx, kcx, scale, doc_start=None):
-    """Masked fp32 scores of the split pattern: base (B, H, T*L, T) and chain (B, H, T, L, L)."""
+def _split_scores(q, kbx, kcx, scale, docs=None):
+    """Masked fp32 scores of the split pattern: base (B, H, T*L, T) and chain (B, H, T, L, L).
+    The base mask is the (T, T) causal one, or the batch's cached (B, 1, T, T) document mask,
+    broadcast over the L thought steps (no T*L x T mask is built)."""
     B, H, T, L, D = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
-    t = torch.arange(T, device=q.device)
-    li = torch.arange(L, device=q.device)
     sb = torch.matmul(q.reshape(B, H, T * L, D), kbx.transpose(-1, -2)).to(acc) * scale
-    if doc_start is None:
-        sb = sb.masked_fill(~(t[None, :] <= t.repeat_interleave(L)[:, None]), float("-inf"))   # (t, l) sees s <= t
-    else:   # (t, l) sees doc_start[t] <= s <= t
-        sb = sb.masked_fill(~ref.document_mask(doc_start).repeat_interleave(L, dim=1)[:, None], float("-inf"))
+    if docs is None:    # (t, l) sees s <= t
+        base = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[:, None, :]           # (T, 1, T)
+    else:               # (t, l) sees doc_start[t] <= s <= t
+        base = docs.base_mask()[:, :, :, None, :]                                                # (B, 1, T, 1, T)
+    sb = sb.view(B, H, T, L, T).masked_fill(~base, float("-inf")).view(B, H, T * L, T)
+    li = torch.arange(L, device=q.device)
     sc = torch.matmul(q, kcx.transpose(-1, -2)).to(acc) * scale
     sc = sc.masked_fill(~(li[None, :] <= li[:, None]), float("-inf"))                      # (t, l) sees (t, m <= l)
     return sb, sc
@@ -169,17 +171,17 @@ class SplitThoughtAttention(torch.autograd.Function):
     keeping them (which would cost B*H*T*L*T floats per layer)."""
 
     @staticmethod
-    def forward(ctx, q, kb, vb, kc, vc, scale, doc_start=None):
+    def forward(ctx, q, kb, vb, kc, vc, scale, docs=None):
         B, H, T, L, D = q.shape
         g = H // kb.shape[1]
         kbx, vbx, kcx, vcx = (ref._expand_kv(x, g) for x in (kb, vb, kc, vc))
-        sb, sc = _split_scores(q, kbx, kcx, scale, doc_start)
+        sb, sc = _split_scores(q, kbx, kcx, scale, docs)
         lse = torch.logaddexp(torch.logsumexp(sb, -1), torch.logsumexp(sc, -1).reshape(B, H, T * L))   # (B, H, T*L)
         pb = torch.exp(sb - lse[..., None]).to(q.dtype)
         pc = torch.exp(sc - lse.view(B, H, T, L)[..., None]).to(q.dtype)
         o = torch.matmul(pb, vbx).view(B, H, T, L, D) + torch.matmul(pc, vcx)
         ctx.save_for_backward(q, kb, vb, kc, vc, o, lse)
-        ctx.scale, ctx.doc_start = scale, doc_start
+        ctx.scale, ctx.docs = scale, docs
         return o
 
     @staticmethod
@@ -190,7 +192,7 @@ class SplitThoughtAttention(torch.autograd.Function):
         H_KV = kb.shape[1]
         g = H // H_KV
         kbx, vbx, kcx, vcx = (ref._expand_kv(x, g) for x in (kb, vb, kc, vc))
-        sb, sc = _split_scores(q, kbx, kcx, scale, ctx.doc_start)
+        sb, sc = _split_scores(q, kbx, kcx, scale, ctx.docs)
         pb = torch.exp(sb - lse[..., None])                                   # (B, H, T*L, T) fp32
         pc = torch.exp(sc - lse.view(B, H, T, L)[..., None])                  # (B, H, T, L, L)
         del sb, sc
@@ -212,8 +214,8 @@ class SplitThoughtAttention(torch.autograd.Function):
         return dq, fold(dkb), fold(dvb), fold(dkc), fold(dvc), None, None
 
 
-def _split_parallel(q, kb, vb, kc, vc, scale, doc_start=None):
-    return SplitThoughtAttention.apply(q, kb, vb, kc, vc, scale, doc_start)
+def _split_parallel(q, kb, vb, kc, vc, scale, docs: Documents | None = None):
+    return SplitThoughtAttention.apply(q, kb, vb, kc, vc, scale, docs)
 
 
 _FLEX = {}
@@ -293,8 +295,7 @@ def _flex_step(q, kb, vb, kc, vc, step, scale, docs=None):
 def _split_step(q, kb, vb, kc, vc, step, scale, docs=None):
     # the step is the parallel pattern's last row of a chain of length step + 1
     n = step + 1
-    o = _split_parallel(q.unsqueeze(3).expand(-1, -1, -1, n, -1), kb, vb, kc[:, :, :, :n], vc[:, :, :, :n], scale,
-                        _doc_start(docs))
+    o = _split_parallel(q.unsqueeze(3).expand(-1, -1, -1, n, -1), kb, vb, kc[:, :, :, :n], vc[:, :, :, :n], scale, docs)
     return o[:, :, :, -1]
 
 
@@ -309,7 +310,7 @@ def parallel_fn(backend: str):
             "triton": lambda q, kb, vb, kc, vc, s, docs: kernels.thought_attention(
                 q, kb, vb, kc, vc, scale=s, doc_start=_doc_start(docs)),
             "flex": _flex_parallel,
-            "split": lambda q, kb, vb, kc, vc, s, docs: _split_parallel(q, kb, vb, kc, vc, s, _doc_start(docs))}[backend]
+            "split": _split_parallel}[backend]
 
 
 def step_fn(backend: str):

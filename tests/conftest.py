@@ -24,3 +24,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def tiny_export(tmp_path):
+    """Factory: a 1-layer random-init QuietStarModel (seed 0) saved with the Mistral tokenizer by
+    `save_pretrained` under tmp_path/exp; returns the folder. Argument: the thought count P."""
+    def make(P: int):
+        from quietstar import ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
+        from quietstar.assets import mistral_tokenizer
+        torch.manual_seed(0)
+        mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
+        model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=P), marker_init_id=5)
+        return model.save_pretrained(tmp_path / "exp", tokenizer=mistral_tokenizer())
+    return make

@@ -151,12 +151,8 @@ def test_commonsense_qa_scores_by_answer_likelihood():
     assert res["without_thoughts"]["accuracy"] == acc
 
 
-def test_cli_gsm8k_and_csqa(tmp_path):
-    from quietstar.assets import mistral_tokenizer
-    torch.manual_seed(0)
-    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
-    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2), marker_init_id=5)
-    exp = model.save_pretrained(tmp_path / "exp", tokenizer=mistral_tokenizer())
+def test_cli_gsm8k_and_csqa(tmp_path, tiny_export):
+    exp = tiny_export(P=2)
     r = subprocess.run([sys.executable, "-m", "quietstar.evaluate", str(exp), "--tasks", "gsm8k,csqa", "--limit", "2",
                         "--gsm8k-em", "1", "--max-new-tokens", "3", "--device", "cpu", "--out", str(tmp_path / "o")],
                        cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -101,12 +101,8 @@ def test_stop_ids_end_rows_and_bad_input():
         ThinkingDecoder(model, ids).think(thought=torch.zeros(2, 2, dtype=torch.long))
 
 
-def test_quietstar_generate_cli_on_an_export(tmp_path):
-    from quietstar.assets import mistral_tokenizer
-    torch.manual_seed(0)
-    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
-    model = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=1), marker_init_id=5)
-    out = model.save_pretrained(tmp_path / "exp", tokenizer=mistral_tokenizer())
+def test_quietstar_generate_cli_on_an_export(tmp_path, tiny_export):
+    out = tiny_export(P=1)
     r = subprocess.run([sys.executable, "-m", "quietstar.generate", str(out), "--prompt", "1 + 1 =", "--prompt", "x",
                         "--max-new-tokens", "3", "--show-thoughts", "--device", "cpu"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
