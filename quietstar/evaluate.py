@@ -256,6 +256,7 @@ def build_eval_parser():
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     return p
 
 
@@ -336,6 +337,13 @@ def _markdown(res: dict, args) -> list[str]:
 
 
 def eval_main(argv=None) -> int:
+    """The CLI; bad input (a missing or mismatched export, a --hard-mask of other rows, ...) ends in one
+    line, exit status 2 (`--debug`: the traceback)."""
+    from .train import run_cli
+    return run_cli("quietstar-eval", _eval_main, argv)
+
+
+def _eval_main(argv) -> int:
     import datetime
     import json
     from pathlib import Path
@@ -347,7 +355,7 @@ def eval_main(argv=None) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     bad = [t for t in tasks if t not in ("heldout", "gsm8k", "csqa")]
     if bad:
-        raise SystemExit(f"quietstar-eval: --tasks: unknown {bad}; choose from heldout, gsm8k, csqa")
+        raise ValueError(f"--tasks: unknown {bad}; choose from heldout, gsm8k, csqa")
     device = torch.device(args.device)
     if args.model == "smollm2-135m":
         from .config import ModelConfig, ThoughtConfig

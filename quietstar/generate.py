@@ -117,7 +117,8 @@ class ThinkingDecoder:
             h = self._step(model.embed(s), self.pos + 2 + m)
         h_talk = self._step(eot.expand(B, -1), self.pos + th.M + 2)
         logp_mix, w = mixed_logprobs(model, self.h_base, h_talk)
-        self.cache.crop(n0)                   # drop the thought's K/V: the next base step sees the prefix only
+        # drop the thought's K/V (a negative crop removes that many tokens): the next base step sees the prefix only
+        self.cache.crop(n0 - self.cache.get_seq_length())
         self.mask = mask0
         return Thought(tokens=tokens, w=w.float(), logp_mix=logp_mix)
 
@@ -199,12 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--show-thoughts", action="store_true", help="print each token's thought inline, marked")
     p.add_argument("--no-thoughts", action="store_true", help="plain decoding (the base model), for comparison")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def main(argv=None) -> int:
+    """The CLI; bad input (a missing or mismatched export, ...) ends in one line, exit status 2 (`--debug`:
+    the traceback)."""
+    from .train import run_cli
+    return run_cli("quietstar-generate", _main, argv)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:

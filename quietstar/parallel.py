@@ -275,34 +275,58 @@ def export_full(model, export_dir, config: dict, tokenizer=None) -> Path | None:
     return plain.save_pretrained(export_dir, tokenizer=tokenizer)
 
 
-def export_checkpoint(ckpt_dir, export_dir, tokenizer=None) -> Path:
-    """A DCP checkpoint folder (any world size) -> the `QuietStarModel.save_pretrained` folder, in one
-    process without a process group."""
+def checkpoint_config(ckpt) -> dict:
+    """The run configuration stored with a checkpoint: a DCP folder (--parallel fsdp) or a .pt file."""
+    if Path(ckpt).is_file():
+        from .train import load_checkpoint
+        return load_checkpoint(ckpt, mmap=True)["config"]
+    return read_meta(ckpt)["config"]
+
+
+def export_checkpoint(ckpt, export_dir, tokenizer=None) -> Path:
+    """A checkpoint -> the `QuietStarModel.save_pretrained` folder, in one process without a process group:
+    a DCP folder of any world size (--parallel fsdp), or a .pt file (single process or DDP)."""
+    if Path(ckpt).is_file():
+        from .train import load_checkpoint
+        ck = load_checkpoint(ckpt, mmap=True)
+        model = plain_model(ck["config"])
+        model.load_state_dict(ck["model"])
+        return model.save_pretrained(export_dir, tokenizer=tokenizer)
     from torch.distributed import checkpoint as dcp
-    meta = read_meta(ckpt_dir)
+    meta = read_meta(ckpt)
     model = plain_model(meta["config"])
     state = {"model": model.state_dict()}
     with _dcp_quiet():
-        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(state["model"])
     return model.save_pretrained(export_dir, tokenizer=tokenizer)
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m quietstar.parallel",
-                                 description="Convert a sharded (DCP) Quiet-STaR checkpoint to the save_pretrained "
-                                             "export folder (decoder + quietstar.safetensors + quietstar.json)")
-    ap.add_argument("checkpoint", help="a checkpoint folder written with --parallel fsdp (e.g. runs/x/step000100)")
+                                 description="Convert a Quiet-STaR checkpoint (a sharded DCP folder or a .pt file) "
+                                             "to the save_pretrained export folder (decoder + "
+                                             "quietstar.safetensors + quietstar.json)")
+    ap.add_argument("checkpoint", help="a checkpoint folder written with --parallel fsdp (e.g. runs/x/step000100), "
+                                       "or a .pt checkpoint of a single-process or DDP run (e.g. runs/x/step000100.pt)")
     ap.add_argument("export", help="the folder to write")
     ap.add_argument("--no-tokenizer", action="store_true", help="do not save the run's tokenizer beside the model")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     args = ap.parse_args(argv)
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint}: no such file or folder")
     tok = None
     if not args.no_tokenizer:                # the tokenizer the run trained with, as the run's own export has it
         from .config import ModelConfig
         from .train import load_tokenizer
-        tok = load_tokenizer(ModelConfig(**read_meta(args.checkpoint)["config"]["model"]))
+        tok = load_tokenizer(ModelConfig(**checkpoint_config(args.checkpoint)["model"]))
     print(export_checkpoint(args.checkpoint, args.export, tokenizer=tok))
     return 0
+
+
+def main(argv=None) -> int:
+    from .train import run_cli
+    return run_cli("python -m quietstar.parallel", _main, argv)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,9 @@ def config_from_args(argv=None) -> Config:
         train.lm_head = "triton" if cuda else "chunked"
     if train.cuda_graphs and not train.thoughts:
         raise ValueError("--cuda-graphs captures the thought sampler; --no-thoughts samples none: drop one")
+    if not cuda and train.attention == "flex" and train.thoughts:
+        raise ValueError("--attention flex cannot train on CPU (FlexAttention has no CPU backward in this torch): "
+                         "use --attention split, the CPU default")
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":    # the interpreter (tests) runs them on CPU
         for flag, v in (("--attention", train.attention), ("--lm-head", train.lm_head)):
             if v == "triton":
@@ -213,8 +216,17 @@ def load_tokenizer(model_cfg: ModelConfig):
         return assets.mistral_tokenizer()
     if model_cfg.name in ("smollm2-135m", "smollm2-135m-random"):
         return assets.smollm2_tokenizer()
+    if (Path(model_cfg.name) / "tokenizer.json").exists():
+        # as for an export: AutoTokenizer would route a Mistral folder to mistral-common's tokenizer class,
+        # which needs tiktoken (not installed: mistral-common is installed data-only)
+        from .model import load_export_tokenizer
+        return load_export_tokenizer(model_cfg.name)
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_cfg.name, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(model_cfg.name, local_files_only=True)
+    except ImportError as e:
+        raise ValueError(f"--model {model_cfg.name}: its tokenizer needs a package that is not installed ({e}); "
+                         "a tokenizer.json in the folder is read without it") from e
 
 
 def document_separator(tok) -> int:
@@ -673,25 +685,35 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
             "model": model}
 
 
-def main(argv=None) -> int:
-    """The CLI. Bad input (a ValueError or OSError raised before or while training) ends in one line on
-    stderr naming the argument, exit status 2; `--debug` shows the traceback instead."""
+def run_cli(prog: str, body, argv=None) -> int:
+    """Run a command-line entry point `body(argv) -> int`. Bad input (a ValueError or OSError) ends in one
+    line on stderr, `PROG: error: ...`, exit status 2; with `--debug` in argv the traceback shows instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = config_from_args(argv)
-        rank, world, device = init_distributed(cfg.train.device)
-        try:
-            train(cfg, rank, world, device=device)
-        finally:
-            import torch.distributed as dist
-            if dist.is_initialized():       # torchrun's group, or the 1-rank group of --parallel fsdp
-                dist.destroy_process_group()
+        return body(argv)
     except (ValueError, OSError) as e:
         if "--debug" in argv:
             raise
-        print(f"quietstar-train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+
+
+def _main(argv) -> int:
+    cfg = config_from_args(argv)
+    rank, world, device = init_distributed(cfg.train.device)
+    try:
+        train(cfg, rank, world, device=device)
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():       # torchrun's group, or the 1-rank group of --parallel fsdp
+            dist.destroy_process_group()
     return 0
+
+
+def main(argv=None) -> int:
+    """The CLI. Bad input (a ValueError or OSError raised before or while training) ends in one line on
+    stderr naming the argument, exit status 2; `--debug` shows the traceback instead."""
+    return run_cli("quietstar-train", _main, argv)
 
 
 if __name__ == "__main__":

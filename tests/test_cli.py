@@ -43,8 +43,9 @@ def run4(tmp_path_factory):
     (["--attention", "triton"], ["--attention triton needs a CUDA GPU"]),
     (["--attention", "triton", "--schedule", "sequential"], ["--attention triton needs a CUDA GPU"]),
     (["--lm-head", "triton"], ["--lm-head triton needs a CUDA GPU"]),
+    (["--attention", "flex"], ["--attention flex cannot train on CPU", "--attention split"]),
 ])
-def test_triton_without_cuda_is_one_line(argv, needles, capsys, monkeypatch, tmp_path):
+def test_gpu_only_backends_without_cuda_are_one_line(argv, needles, capsys, monkeypatch, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # the tests' CPU interpreter is not a user's setup
@@ -83,6 +84,31 @@ def test_bad_input_is_one_line_naming_the_argument(capsys, tmp_path, run4):
     assert not out.exists()                                  # nothing half-written
 
 
+def test_a_local_model_folder_trains_with_its_own_tokenizer(tmp_path, tiny_export, capsys):
+    """A local Hugging Face folder (here an export: a stock Mistral decoder + tokenizer.json) as --model: its
+    tokenizer is read from tokenizer.json, not through AutoTokenizer (which routes a Mistral folder to
+    mistral-common's class and needs tiktoken, not installed)."""
+    from quietstar.assets import mistral_tokenizer
+    from quietstar.config import ModelConfig
+    from quietstar.train import load_tokenizer
+    exp = tiny_export(P=2)
+    tok = load_tokenizer(ModelConfig(name=str(exp)))
+    text = "Let x + 3 = 7. Then x = 4."
+    assert tok(text)["input_ids"] == mistral_tokenizer()(text)["input_ids"]
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    out = tmp_path / "o"
+    assert main(["--model", str(exp), "--M", "2", "--K", "2", "--P", "2", "--seq-len", "16", "--batch-size", "2",
+                 "--steps", "1", "--out-dir", str(out)]) == 0, capsys.readouterr().err
+    assert len(read_metrics(out / "metrics.jsonl")) == 1 and (out / "export" / "tokenizer.json").exists()
+    # no tokenizer.json: AutoTokenizer's failure for a missing package is one line naming --model
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (plain / f).write_bytes((exp / f).read_bytes())
+    with pytest.raises((ValueError, OSError), match="plain"):
+        load_tokenizer(ModelConfig(name=str(plain)))
+
+
 def test_the_command_line_exits_nonzero_without_traceback_and_debug_shows_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "quietstar.train", "--model", "/nonexistent", "--out-dir", str(tmp_path / "o")]
@@ -93,6 +119,24 @@ def test_the_command_line_exits_nonzero_without_traceback_and_debug_shows_it(tmp
                                              "folder; nothing is downloaded)"]
     r = subprocess.run(cmd + ["--debug"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" in r.stderr and "folder not found" in r.stderr
+
+
+def test_a_pt_checkpoint_converts_to_an_export(run4, tmp_path, capsys):
+    """python -m quietstar.parallel also takes the .pt checkpoint of a single-process / DDP run: the export
+    holds exactly the checkpoint's weights, with the run's tokenizer."""
+    from quietstar import QuietStarModel
+    from quietstar.model import load_export_tokenizer
+    from quietstar.parallel import main as convert
+    ck = run4[0] / "step000003.pt"
+    assert convert([str(ck), str(tmp_path / "exp")]) == 0
+    saved = torch.load(ck, weights_only=False)["model"]
+    got = QuietStarModel.from_pretrained(tmp_path / "exp").state_dict()
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    assert load_export_tokenizer(tmp_path / "exp")("x + 1")["input_ids"]
+    capsys.readouterr()
+    assert convert([str(tmp_path / "missing"), str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file or folder" in err[0] and not (tmp_path / "e2").exists(), err
 
 
 # ---------------------------------------------------------------------------------------------- run folders

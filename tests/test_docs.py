@@ -48,3 +48,17 @@ def test_readme_names_the_corpus_and_explains_cpu_installs_and_the_loss():
         assert flag in readme, flag
     data_doc = (REPO / "quietstar" / "config.py").read_text()
     assert "MATH *test* set" in data_doc
+
+
+def test_readme_using_a_trained_model_snippets_run(tiny_export):
+    """The README's Python blocks of "Using a trained model" run as written, on a tiny export."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Using a trained model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2 and "runs/x/export" in blocks[0]
+    exp = tiny_export(P=1)
+    ns: dict = {}
+    exec("\n".join(blocks).replace("runs/x/export", str(exp)), ns)
+    B, n = ns["ids"].shape
+    assert ns["logits"].shape[:2] == (B, n) and ns["out"].shape[0] == B
+    assert ns["tokens"].shape == (B, 32) and ns["thoughts"].shape[:3] == (B, 32, 1)

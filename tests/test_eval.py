@@ -164,3 +164,15 @@ def test_cli_gsm8k_and_csqa(tmp_path, tiny_export):
     assert c["questions"] == 2 and 0 <= c["with_thoughts"]["accuracy"] <= 1
     md = (tmp_path / "o" / "eval.md").read_text()
     assert "## GSM8K" in md and "## CommonsenseQA" in md
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys, tiny_export):
+    from quietstar.evaluate import eval_main
+    exp = tiny_export(P=2)
+    capsys.readouterr()                                # the export's own progress output
+    for argv, needle in (([str(tmp_path / "missing")], "not a Quiet-STaR export"),
+                         ([str(exp), "--tasks", "heldout,mmlu"], "--tasks: unknown ['mmlu']")):
+        rc = eval_main(argv + ["--device", "cpu", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-eval: error: ") and needle in err[0], err
+    assert not (tmp_path / "o").exists()

@@ -125,3 +125,13 @@ def test_end_token_ids_include_the_chat_end_of_turn():
     from quietstar.generate import end_token_ids
     assert end_token_ids(smollm2_tokenizer()) == [0, 2]      # <|endoftext|> (its eos) and <|im_end|>
     assert end_token_ids(mistral_tokenizer()) == [2]         # </s>
+
+
+def test_cli_bad_export_is_one_line(tmp_path, capsys):
+    from quietstar.generate import main
+    rc = main([str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-generate: error: "), err
+    assert str(tmp_path / "missing") in err[0] and "not a Quiet-STaR export" in err[0]
+    with pytest.raises(FileNotFoundError):           # --debug: the traceback instead
+        main([str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu", "--debug"])

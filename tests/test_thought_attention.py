@@ -394,3 +394,15 @@ def test_gpu_step_smollm2_heads(dtype):
         ref64 = thought_attention_step_ref(q.double(), kb.double(), vb.double(), *[x.double() for x in clean], step)
         refd = thought_attention_step_ref(q, kb, vb, *clean, step)
         _check(f"step {step}", o, ref64, refd, dtype)
+
+
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    """Without CUDA or the interpreter, Triton itself would fail with "0 active drivers": say what to do."""
+    import sys
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delitem(sys.modules, "triton_viz", raising=False)
+    q, kb, vb, kc, vc = _good("cpu")
+    with pytest.raises(ValueError, match="q is on cpu; the Triton thought-attention kernels need CUDA"):
+        thought_attention(q, kb, vb, kc, vc)
+    with pytest.raises(ValueError, match="q is on cpu; the Triton thought-attention kernels need CUDA"):
+        thought_attention_step(q[:, :, :, 0], kb, vb, kc, vc, 0)
