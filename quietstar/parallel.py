@@ -218,11 +218,12 @@ def save_checkpoint(path, model, opt, sched, step: int, rng: dict, config: dict)
     return path
 
 
-def read_meta(path) -> dict:
-    """The config, step and world size stored with a DCP checkpoint; a clear error for anything else."""
+def read_meta(path, arg: str = "--resume") -> dict:
+    """The config, step and world size stored with a DCP checkpoint; a clear error, naming `arg`, for anything
+    else."""
     path = Path(path)
     if not (path / META_FILE).exists() or not (path / ".metadata").exists():
-        raise FileNotFoundError(f"--resume {path}: not a complete sharded checkpoint (no {META_FILE} / .metadata; "
+        raise FileNotFoundError(f"{arg} {path}: not a complete sharded checkpoint (no {META_FILE} / .metadata; "
                                 "a folder ending in .tmp is one a killed run did not finish)")
     return json.loads((path / META_FILE).read_text())
 
@@ -279,8 +280,8 @@ def checkpoint_config(ckpt) -> dict:
     """The run configuration stored with a checkpoint: a DCP folder (--parallel fsdp) or a .pt file."""
     if Path(ckpt).is_file():
         from .train import load_checkpoint
-        return load_checkpoint(ckpt, mmap=True)["config"]
-    return read_meta(ckpt)["config"]
+        return load_checkpoint(ckpt, mmap=True, arg="checkpoint")["config"]
+    return read_meta(ckpt, arg="checkpoint")["config"]
 
 
 def export_checkpoint(ckpt, export_dir, tokenizer=None) -> Path:
@@ -288,12 +289,12 @@ def export_checkpoint(ckpt, export_dir, tokenizer=None) -> Path:
     a DCP folder of any world size (--parallel fsdp), or a .pt file (single process or DDP)."""
     if Path(ckpt).is_file():
         from .train import load_checkpoint
-        ck = load_checkpoint(ckpt, mmap=True)
+        ck = load_checkpoint(ckpt, mmap=True, arg="checkpoint")
         model = plain_model(ck["config"])
         model.load_state_dict(ck["model"])
         return model.save_pretrained(export_dir, tokenizer=tokenizer)
     from torch.distributed import checkpoint as dcp
-    meta = read_meta(ckpt)
+    meta = read_meta(ckpt, arg="checkpoint")
     model = plain_model(meta["config"])
     state = {"model": model.state_dict()}
     with _dcp_quiet():

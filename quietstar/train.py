@@ -293,20 +293,20 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, generator, cfg: Co
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
-    """A checkpoint written by save_checkpoint, or a one-line ValueError naming --resume."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False, arg: str = "--resume") -> dict:
+    """A checkpoint written by save_checkpoint, or a one-line ValueError naming `arg`."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--resume {path}: file not found")
+        raise ValueError(f"{arg} {path}: file not found")
     try:
         ck = torch.load(p, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:      # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--resume {path}: not a readable checkpoint (truncated, or not written by "
+        raise ValueError(f"{arg} {path}: not a readable checkpoint (truncated, or not written by "
                          f"quietstar-train): {msg}") from e
     missing = [k for k in CHECKPOINT_KEYS if k not in ck] if isinstance(ck, dict) else list(CHECKPOINT_KEYS)
     if missing:
-        raise ValueError(f"--resume {path}: not a quietstar-train checkpoint (it has no {', '.join(missing)})")
+        raise ValueError(f"{arg} {path}: not a quietstar-train checkpoint (it has no {', '.join(missing)})")
     return ck
 
 

@@ -137,6 +137,9 @@ def test_a_pt_checkpoint_converts_to_an_export(run4, tmp_path, capsys):
     assert convert([str(tmp_path / "missing"), str(tmp_path / "e2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file or folder" in err[0] and not (tmp_path / "e2").exists(), err
+    assert convert([str(run4[0]), str(tmp_path / "e2")]) == 2          # a run folder, not a checkpoint
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {run4[0]}: not a complete sharded checkpoint" in err[0], err
 
 
 # ---------------------------------------------------------------------------------------------- run folders
