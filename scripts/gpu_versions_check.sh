@@ -6,7 +6,9 @@
 # VENV (default /tmp/venv-gpu-versions) is created if missing, with $PYTHON (default: Python 3.12, found
 # as python3.12 or through pyenv). PyPI's torch 2.11 is the CUDA build: about 3 GB of downloads (CUDA
 # libraries), which run on a CPU. The suite runs on a fresh clone of HEAD, so uncommitted changes are
-# not tested. About 9 minutes of tests on 2 cores.
+# not tested. Then, with the GPU machine's numpy 2.5.2 (the interpreter needs numpy<2.4, so the kernel
+# tests cannot run with it), the tests of what runs there on the host side: the SmolLM2 GGUF load,
+# evaluation, generation, export and the learning experiment. About 10 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-/tmp/venv-gpu-versions}"
@@ -31,3 +33,7 @@ cd "$clone"
 bash scripts/setup.sh --dev          # keeps the torch 2.11 just installed (setup.py admits >=2.11,<2.14)
 python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 python -m pytest -q -p no:cacheprovider "$@"
+python -m pip install -q --disable-pip-version-check "numpy==2.5.2" 2>/dev/null
+python -c "import numpy; print('numpy', numpy.__version__, '(the GPU machine\'s)')"
+python -m pytest -q -p no:cacheprovider tests/test_assets.py tests/test_learn_experiment.py tests/test_eval.py \
+  tests/test_generate.py tests/test_export.py
