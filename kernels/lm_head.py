@@ -57,13 +57,13 @@ kernels in the interpreter). Offsets are int64. Deterministic: no atomics, fixed
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import banned_ids_tensor, check_lm_head_inputs, check_mixed_logprob_inputs, check_temperature
+from .reference import (banned_ids_tensor, check_lm_head_inputs, check_mixed_logprob_inputs, check_temperature,
+                        check_triton_device)
 
 __all__ = [
     "mixed_logprob",
@@ -461,9 +461,7 @@ def _check_kernel_tensors(**tensors) -> None:
         if x.dtype == torch.float64:
             raise TypeError(f"{name} is float64; the Triton LM-head kernels take float32, float16 or bfloat16 "
                             f"(use kernels.reference or kernels.lm_head_chunked for float64)")
-        if x.device.type != "cuda" and not _interpreting() and "triton_viz" not in sys.modules:
-            raise ValueError(f"{name} is on {x.device}; the Triton LM-head kernels need CUDA tensors "
-                             f"(or TRITON_INTERPRET=1); use kernels.lm_head_chunked on CPU")
+        check_triton_device(name, x, "LM-head", "kernels.lm_head_chunked")
 
 
 def _draw_seed(generator, device) -> torch.Tensor:

@@ -16,6 +16,8 @@ document per row (today's masks, exactly).
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Sequence
 
 import torch
@@ -93,6 +95,19 @@ def check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=Non
         if not 0 <= step < L:
             raise ValueError(f"step={step} is outside the chain cache k_chain of length L_max={L}")
     return B, H, H_KV, T, L, D
+
+
+def triton_interpreting() -> bool:
+    """Triton kernels run on CPU tensors: TRITON_INTERPRET=1, or the triton-viz sanitizer."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or "triton_viz" in sys.modules
+
+
+def check_triton_device(name: str, x: torch.Tensor, kernels: str, cpu_alternative: str) -> None:
+    """A Triton kernel's input must be a CUDA tensor, or a CPU one in the interpreter; anything else would
+    fail inside Triton with "0 active drivers"."""
+    if x.device.type != "cuda" and not triton_interpreting():
+        raise ValueError(f"{name} is on {x.device}; the Triton {kernels} kernels need CUDA tensors (or "
+                         f"TRITON_INTERPRET=1, slow): on CPU use {cpu_alternative}")
 
 
 def check_doc_start(doc_start, B: int, T: int, device, values: bool = True):

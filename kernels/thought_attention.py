@@ -57,14 +57,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import check_doc_start, check_thought_attention_inputs
+from .reference import check_doc_start, check_thought_attention_inputs, check_triton_device
 
 __all__ = [
     "thought_attention",
@@ -731,19 +729,12 @@ def _check_scale(scale, D: int) -> float:
     return float(scale)
 
 
-def _check_kernel_device(q) -> None:
-    """The kernels run on CUDA tensors, or on CPU ones in Triton's interpreter (TRITON_INTERPRET=1, or the
-    triton-viz sanitizer); anything else would fail inside Triton with "0 active drivers"."""
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or "triton_viz" in sys.modules
-    if q.device.type != "cuda" and not interpreting:
-        raise ValueError(f"q is on {q.device}; the Triton thought-attention kernels need CUDA tensors (or "
-                         "TRITON_INTERPRET=1, slow): on CPU use kernels.reference.thought_attention_ref, or "
-                         "quietstar's attention backend 'split'")
+_ON_CPU = "kernels.reference.thought_attention_ref, or quietstar's attention backend 'split'"
 
 
 def _check_parallel(q, k_base, v_base, k_chain, v_chain):
     B, H, H_KV, T, L, D = check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain)
-    _check_kernel_device(q)
+    check_triton_device("q", q, "thought-attention", _ON_CPU)
     _check_head_dim(D)
     if q.dtype == torch.float64:
         raise TypeError("q is float64; the Triton kernels take float32, float16 or bfloat16 "
@@ -876,7 +867,7 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
 def thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, scale=None, out=None, doc_start=None):
     """Step launcher: o (B, H, T, D) for chain index ``step``; writes into ``out`` when given."""
     B, H, H_KV, T, L_max, D = check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=step)
-    _check_kernel_device(q)
+    check_triton_device("q", q, "thought-attention", _ON_CPU)
     _check_head_dim(D)
     if q.dtype == torch.float64:
         raise TypeError("q is float64; the Triton kernels take float32, float16 or bfloat16")

@@ -24,8 +24,8 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   when all have finished does rank 0 rename it to `<name>`: a kill at any moment leaves every earlier
   checkpoint whole, and a half-written one is never under a checkpoint's name. On another world size,
   the ranks the saving run had get their thought-sampling RNG back, new ranks start from their own seed.
-- `export_checkpoint`: a DCP checkpoint -> the `QuietStarModel.save_pretrained` folder
-  (`python -m quietstar.parallel CKPT_DIR EXPORT_DIR`).
+- `export_checkpoint` / `load_plain`: a checkpoint (DCP folder or .pt file) -> the `QuietStarModel.save_pretrained` folder
+  (`python -m quietstar.parallel CKPT EXPORT_DIR`).
 
 Limits: one data-parallel mesh dimension (no tensor/pipeline parallelism, no HSDP); FSDP with CUDA graphs
 is refused (the graphed sampler would capture buffers FSDP frees between calls).
@@ -276,23 +276,16 @@ def export_full(model, export_dir, config: dict, tokenizer=None) -> Path | None:
     return plain.save_pretrained(export_dir, tokenizer=tokenizer)
 
 
-def checkpoint_config(ckpt) -> dict:
-    """The run configuration stored with a checkpoint: a DCP folder (--parallel fsdp) or a .pt file."""
-    if Path(ckpt).is_file():
-        from .train import load_checkpoint
-        return load_checkpoint(ckpt, mmap=True, arg="checkpoint")["config"]
-    return read_meta(ckpt, arg="checkpoint")["config"]
-
-
-def export_checkpoint(ckpt, export_dir, tokenizer=None) -> Path:
-    """A checkpoint -> the `QuietStarModel.save_pretrained` folder, in one process without a process group:
-    a DCP folder of any world size (--parallel fsdp), or a .pt file (single process or DDP)."""
+def load_plain(ckpt) -> tuple:
+    """(an unsharded fp32 QuietStarModel on the CPU with a checkpoint's weights, the run's configuration), in one
+    process without a process group: from a DCP folder of any world size (--parallel fsdp), or a .pt file
+    (single process or DDP)."""
     if Path(ckpt).is_file():
         from .train import load_checkpoint
         ck = load_checkpoint(ckpt, mmap=True, arg="checkpoint")
         model = plain_model(ck["config"])
         model.load_state_dict(ck["model"])
-        return model.save_pretrained(export_dir, tokenizer=tokenizer)
+        return model, ck["config"]
     from torch.distributed import checkpoint as dcp
     meta = read_meta(ckpt, arg="checkpoint")
     model = plain_model(meta["config"])
@@ -300,7 +293,13 @@ def export_checkpoint(ckpt, export_dir, tokenizer=None) -> Path:
     with _dcp_quiet():
         dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(state["model"])
-    return model.save_pretrained(export_dir, tokenizer=tokenizer)
+    return model, meta["config"]
+
+
+def export_checkpoint(ckpt, export_dir, tokenizer=None) -> Path:
+    """A checkpoint (a DCP folder or a .pt file, see `load_plain`) -> the `QuietStarModel.save_pretrained`
+    folder."""
+    return load_plain(ckpt)[0].save_pretrained(export_dir, tokenizer=tokenizer)
 
 
 def _main(argv) -> int:
@@ -316,12 +315,13 @@ def _main(argv) -> int:
     args = ap.parse_args(argv)
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint}: no such file or folder")
+    model, config = load_plain(args.checkpoint)
     tok = None
     if not args.no_tokenizer:                # the tokenizer the run trained with, as the run's own export has it
         from .config import ModelConfig
         from .train import load_tokenizer
-        tok = load_tokenizer(ModelConfig(**checkpoint_config(args.checkpoint)["model"]))
-    print(export_checkpoint(args.checkpoint, args.export, tokenizer=tok))
+        tok = load_tokenizer(ModelConfig(**config["model"]))
+    print(model.save_pretrained(args.export, tokenizer=tok))
     return 0
 
 

@@ -431,3 +431,13 @@ def test_gpu_sampler_law_wide_hidden(d):
     assert 0.5 * (_softmax_excluding(h0.float().cpu(), W.float().cpu(), temperature * 1.5, banned) - p).abs().sum() \
         > 2 * bound, "the test must be able to tell a wrong temperature"
     assert _tv(counts, p) < bound, f"TV {_tv(counts, p):.3f} >= {bound:.3f}"
+
+
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    """The LM-head kernels share the thought-attention kernels' device check (kernels.reference.check_triton_device)."""
+    import sys
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delitem(sys.modules, "triton_viz", raising=False)
+    h, w, weight, target = torch.randn(3, 16), torch.zeros(3), torch.randn(40, 16), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="h_talk is on cpu; the Triton LM-head kernels need CUDA.*lm_head_chunked"):
+        mixed_logprob(h, h, w, weight, target)
