@@ -42,8 +42,10 @@ columns, R = N unless N is huge), and Triton kernels do everything that touches 
             u = (2k + 1) 2^-24 with k the top 23 bits of the Philox output lies strictly inside (0, 1),
             G = -log(-log u).
 Logits are rounded to W's dtype by the GEMM (as an F.linear LM head, Liger and Cut Cross-Entropy do);
-everything after the GEMM is fp32. Peak extra memory: the chunk buffer, h_mix (N x d in W's dtype), the
-fp32 dh_mix accumulator (N x d) in backward, and the outputs.
+everything after the GEMM is fp32. Peak extra memory of the backward: dW and the fp32 dh_mix accumulator
+(N x d), plus either the loop's h_mix (N x d in W's dtype) and chunk buffer or the epilogue's dh_talk and
+dh_base, whichever is larger (the buffer and h_mix are freed before the epilogue allocates:
+tests/test_kernel_memory.py); the forward's: the chunk buffer and h_mix.
 
 Banned ids (at most _MAX_BANNED) are loaded once per program as a small vector and each tile's
 columns are compared against it. Launchers validate; kernels validate nothing. Target values are not
@@ -416,6 +418,7 @@ def _lm_head_backward(g, h, h2, w, weight, target, banned, lse, inv_temp, ignore
             else:
                 _acc_mm(dW[v0:v1], Z.T, hm[r0:r1])
             _acc_mm(dmix[r0:r1], Z, weight[v0:v1])
+        del Z, buf, hm      # before the gradients are allocated: the peak is the loop's or the epilogue's, not both
         if dW.dtype != weight.dtype:
             dW = dW.to(weight.dtype)
         if not mix:

@@ -31,10 +31,12 @@ Tiling.
   chain part is ONE (BLOCK_M x BLOCK_M) block with the block-diagonal lower-triangular mask
   (pos(j) == pos(r) and m <= l); the online softmax runs over both parts. Cost of the chain part is
   about BLOCK_M / (T / 2) of the base part (dense dot over a block-diagonal pattern).
-- Backward = preprocess delta = rowsum(dO * O) (fp32), then three kernels, none with atomics:
-  (1) dQ by query tiles (base + chain keys), (2) chain dK/dV by the same position-aligned tiles,
-  one program per (b, hk) looping over the G query heads of the group, so every chain key's
-  gradient is complete inside one program, (3) base dK/dV by key tiles of BLOCK_N base keys:
+- Backward = preprocess delta = rowsum(dO * O) (fp32), then three kernels, none with atomics, in
+  this order: (1) base dK/dV (below), (2) dQ by query tiles (base + chain keys), (3) chain dK/dV by
+  the same position-aligned tiles, one program per (b, hk) looping over the G query heads of the
+  group, so every chain key's gradient is complete inside one program. (1) goes first so that its
+  fp32 partials are summed and freed before the largest gradients are allocated: never alive
+  together with dQ (tests/test_kernel_memory.py). Base dK/dV runs by key tiles of BLOCK_N base keys:
   base key s receives gradient from every query row (t, l) with t >= s, i.e. the flattened rows
   s*L .. T*L-1 of every head of its group. When B * H_KV * ceil(T / BLOCK_N) programs would not
   fill the GPU, the G heads are split over SPLIT programs that write fp32 partials
@@ -812,6 +814,30 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
         D=D, BLOCK_M=cfg["BLOCK_M"], D_PAD=d_pad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
+    # base dK/dV first: its fp32 partials (split > 1) are summed and freed before dQ and the chain
+    # gradients, the largest outputs, are allocated, so they do not add to the peak
+    cfg = _bwd_base_config(D, dt, T)
+    split = _base_split(B, H_KV, G, T, cfg["BLOCK_N"], _num_sms(dev))
+    if split == 1:
+        dk_base = torch.empty((1, B, H_KV, T, D), device=dev, dtype=dt)
+        dv_base = torch.empty((1, B, H_KV, T, D), device=dev, dtype=dt)
+    else:  # fp32 partials, summed below in a fixed order (deterministic)
+        dk_base = torch.empty((split, B, H_KV, T, D), device=dev, dtype=torch.float32)
+        dv_base = torch.empty((split, B, H_KV, T, D), device=dev, dtype=torch.float32)
+    _thought_attn_bwd_dkv_base_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * H_KV, split)](
+        q, k_base, v_base, do, lse, delta, dk_base, dv_base, ds, de,
+        scale,
+        *q.stride(), *k_base.stride(), *v_base.stride(), *do.stride(), *dk_base.stride(),
+        *dv_base.stride(), stride_dsb, stride_dst, de.stride(0), de.stride(1),
+        H, H_KV, G, T, L, G // split,
+        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec, HAS_DOCS=has_docs,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split == 1:
+        dk_base, dv_base = dk_base[0], dv_base[0]
+    else:
+        dk_base, dv_base = dk_base.sum(0).to(dt), dv_base.sum(0).to(dt)
+
     dq = torch.empty((B, H, T, L, D), device=dev, dtype=dt)
     cfg = _bwd_dq_config(D, dt, T)
     pos = cfg["BLOCK_M"] // L
@@ -839,28 +865,6 @@ def thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, scale
         D=D, BLOCK_M=cfg["BLOCK_M"], D_PAD=d_pad, DOT_PREC=prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-
-    cfg = _bwd_base_config(D, dt, T)
-    split = _base_split(B, H_KV, G, T, cfg["BLOCK_N"], _num_sms(dev))
-    if split == 1:
-        dk_base = torch.empty((1, B, H_KV, T, D), device=dev, dtype=dt)
-        dv_base = torch.empty((1, B, H_KV, T, D), device=dev, dtype=dt)
-    else:  # fp32 partials, summed below in a fixed order (deterministic)
-        dk_base = torch.empty((split, B, H_KV, T, D), device=dev, dtype=torch.float32)
-        dv_base = torch.empty((split, B, H_KV, T, D), device=dev, dtype=torch.float32)
-    _thought_attn_bwd_dkv_base_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * H_KV, split)](
-        q, k_base, v_base, do, lse, delta, dk_base, dv_base, ds, de,
-        scale,
-        *q.stride(), *k_base.stride(), *v_base.stride(), *do.stride(), *dk_base.stride(),
-        *dv_base.stride(), stride_dsb, stride_dst, de.stride(0), de.stride(1),
-        H, H_KV, G, T, L, G // split,
-        D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D_PAD=d_pad, DOT_PREC=prec, HAS_DOCS=has_docs,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    if split == 1:
-        dk_base, dv_base = dk_base[0], dv_base[0]
-    else:
-        dk_base, dv_base = dk_base.sum(0).to(dt), dv_base.sum(0).to(dt)
     return dq, dk_base, dv_base, dk_chain, dv_chain
 
 
