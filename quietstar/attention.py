@@ -376,6 +376,13 @@ def quietstar_attention(module, query, key, value, attention_mask, scaling=None,
     if (query.dtype, key.dtype, value.dtype) != (dt, dt, dt):
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     lay = qs_layout
+    window = kwargs.get("sliding_window")      # passed by Mistral's attention module (None: no window)
+    if window is not None:
+        span = (lay.T + lay.L if lay.mode == "parallel" else lay.cache.T + lay.step + 1 if lay.mode == "step"
+                else query.shape[2])
+        if span > window:   # QuietStarModel.check_lengths refuses this earlier; a direct layout call lands here
+            raise ValueError(f"a {lay.mode!r} layout call needs a window of at least {span} tokens, but the model has "
+                             f"sliding_window={window}, which thought attention does not implement")
     if lay.mode == "causal":
         o = causal_attention(query, key, value, scale, lay.docs)
     elif lay.mode == "base":

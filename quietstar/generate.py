@@ -100,6 +100,9 @@ class ThinkingDecoder:
         B = self.h_base.shape[0]
         if thought is not None and tuple(thought.shape) != (B, th.M):
             raise ValueError(f"thought must be (B={B}, M={th.M}), got {tuple(thought.shape)}")
+        # transformers' windowed cache keeps W - 1 tokens and can drop the thought again only below that
+        model.check_window(self.length + th.M + 3, f"a thought after {self.length} cached tokens (the prompt with "
+                           f"its padding and the tokens generated) with its M + 2 = {th.M + 2} tokens")
         sot, eot = model.marker_embeddings()
         n0, mask0 = self.length, self.mask
         tokens = torch.empty(B, th.M, dtype=torch.long, device=self.h_base.device)
@@ -142,6 +145,11 @@ def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, atten
         raise ValueError(f"n_thoughts must be >= 1, got {n_thoughts}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    # the last thought follows S + max_new_tokens - 1 cached tokens (ThinkingDecoder.think's condition): refused
+    # now rather than mid-generation
+    model.check_window(input_ids.shape[1] + max_new_tokens + model.thought.M + 2,
+                       f"max_new_tokens={max_new_tokens} after a prompt of {input_ids.shape[1]} tokens (with its "
+                       f"padding), with a thought of M + 2 = {model.thought.M + 2} tokens before each")
     dec = ThinkingDecoder(model, input_ids, attention_mask)
     B = input_ids.shape[0]
     stop = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long, device=input_ids.device)

@@ -40,9 +40,6 @@ def check_decoder(lm) -> None:
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model: expected a Mistral- or Llama-architecture decoder (model_type in "
                          f"{SUPPORTED_MODEL_TYPES}), got model_type={mt!r}")
-    if getattr(cfg, "sliding_window", None) is not None:
-        raise ValueError(f"model config: sliding_window={cfg.sliding_window} is not supported (thought attention "
-                         "is full causal attention over the base); set sliding_window=None")
     inner = getattr(lm, "model", None)
     if inner is None or not hasattr(inner, "embed_tokens") or not hasattr(lm, "lm_head"):
         raise ValueError("model: expected a *ForCausalLM with .model.embed_tokens and .lm_head")
@@ -157,13 +154,32 @@ class QuietStarModel(nn.Module):
     def max_positions(self) -> int:
         return int(getattr(self.lm.config, "max_position_embeddings", 1 << 30))
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The decoder's attention window (Mistral-7B-v0.1: 4096), None for full causal attention."""
+        w = getattr(self.lm.config, "sliding_window", None)
+        return None if w is None else int(w)
+
+    def check_window(self, span: int, what: str) -> None:
+        """Refuse `what` on a windowed decoder unless its window is at least `span` tokens.
+
+        The thought-attention patterns have no window. transformers keeps a key when 0 <= query - key < W,
+        so a call whose queries reach at most span - 1 tokens back (span <= W) computes exactly what the
+        windowed model computes; beyond, the window would drop keys that thought attention keeps."""
+        w = self.sliding_window
+        if w is not None and span > w:
+            raise ValueError(f"{what} needs a window of at least {span} tokens, but the model attends within "
+                             f"sliding_window={w} (its config.json), which thought attention does not implement")
+
     def check_lengths(self, T: int) -> None:
-        """The last chain token sits at RoPE position (T - 1) + 1 + (L - 1) = T + L - 1."""
+        """The last chain token sits at RoPE position (T - 1) + 1 + (L - 1) = T + L - 1, so it is T + L - 1
+        positions after the row's first token: it must fit the positions, and a sliding window must hold it."""
         L = self.thought.L
         if T + L > self.max_positions:
             raise ValueError(f"ThoughtConfig: chain length L = M + K + 1 = {L} does not fit: base length T={T} "
                              f"plus L needs {T + L} positions but the model has max_position_embeddings="
                              f"{self.max_positions}")
+        self.check_window(T + L, f"base length T={T} plus chain length L = M + K + 1 = {L}")
 
     def marker_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.markers * self.thought.marker_scale
