@@ -46,8 +46,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported (by kernels)
 if "--cpu" in sys.argv or "--cpu-child" in sys.argv:
@@ -56,6 +57,8 @@ if "--cpu" in sys.argv or "--cpu-child" in sys.argv:
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
+from bench_common import Skip, begin_report, environment, measure, sync as _sync  # noqa: E402
+from bench_common import fmt as _f  # noqa: E402
 from kernels.reference import mixed_logprob_ref  # noqa: E402
 
 LOGPROB_PROVIDERS = ("naive", "chunked", "liger", "cce", "ours")
@@ -65,10 +68,6 @@ SHAPES = tuple((N, d, V) for (d, V) in ((4096, 32000), (576, 49152)) for N in (8
 SMOKE_SHAPES = ((37, 48, 1003), (64, 32, 515))
 BANNED = (1, 2)
 IGNORE = -100
-
-
-class Skip(Exception):
-    """A provider that cannot run here; the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,30 +162,6 @@ def make_inputs(N, d, V, dtype, device, seed=0):
 
 def flops(case, N, d, V):
     return (6.0 if case == "fwdbwd" else 2.0) * N * d * V
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(fn, device, leaves, smoke):
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    if smoke or device.type != "cuda":   # smoke: one call proves the path runs; not a measurement
-        return first, 1e3 * first, None
-    for t in leaves:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    ms = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves or None, return_mode="median")
-    return first, ms, peak
 
 
 def run_logprob(case, name, x, device, smoke, naive_out):
@@ -301,32 +276,12 @@ def check_sample(x, result, row):
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
-def environment(device, smoke):
-    def where(f):
-        return f"{f.__module__}.{f.__name__}"
-    return {
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else f"none (CPU: {platform.machine()})",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "cuda": torch.version.cuda, "host": platform.node(), "smoke": smoke,
-        "ours_mixed_logprob": where(kernels.mixed_logprob),
-        "ours_sample_thought_tokens": where(kernels.sample_thought_tokens),
-    }
-
-
-def _f(v, fmt="{:.3g}"):
-    return "-" if v is None else fmt.format(v)
-
-
 def write_results(rows, env, out_dir: Path, stem: str):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-    lines = [f"# LM head benchmark{' (SMOKE: CPU, tiny shapes, not a measurement)' if env['smoke'] else ''}", "",
-             f"GPU {env['gpu']} | date {env['date']} | torch {env['torch']} | triton {env['triton']} | "
-             f"CUDA {env['cuda']} | python {env['python']}", "",
-             f"ours = `{env['ours_mixed_logprob']}` / `{env['ours_sample_thought_tokens']}`", "",
-             "ms = median of triton.testing.do_bench; TFLOP/s: fwd and sampling 2*N*d*V, fwd+bwd 6*N*d*V; "
-             "peak MiB = max_memory_allocated growth during one call; first s = first call incl. JIT.", ""]
+    lines = begin_report(out_dir, stem, env, rows, "LM head benchmark",
+                          f"`{env['ours_mixed_logprob']}` / `{env['ours_sample_thought_tokens']}`",
+                          "ms = median of triton.testing.do_bench; TFLOP/s: fwd and sampling 2*N*d*V, fwd+bwd "
+                          "6*N*d*V; peak MiB = max_memory_allocated growth during one call (gradients reset before "
+                          "it); first s = first call incl. JIT.")
     for case in [c for c in CASES if any(r["case"] == c for r in rows)]:
         sub = [r for r in rows if r["case"] == case]
         provs = [p for p in (SAMPLE_PROVIDERS if case == "sampling" else LOGPROB_PROVIDERS)
@@ -463,7 +418,8 @@ def main(argv=None) -> int:
     smoke = args.smoke
     dtype = torch.float32 if smoke else torch.bfloat16   # bf16 tl.dot is wrong in the interpreter
     stem = "lm_head_smoke" if smoke else "lm_head"
-    env = environment(device, smoke)
+    env = environment(device, smoke, mixed_logprob=kernels.mixed_logprob,
+                      sample_thought_tokens=kernels.sample_thought_tokens)
     print(json.dumps(env))
     shapes = SMOKE_SHAPES if smoke else [s for s in SHAPES if args.N is None or s[0] == args.N]
     rows, failed = [], 0

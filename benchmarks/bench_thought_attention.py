@@ -42,11 +42,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -56,16 +54,18 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported (by kernels)
 
 import torch.nn.functional as F  # noqa: E402
 import warnings  # noqa: E402
-import triton  # noqa: E402
 
 import kernels  # noqa: E402
+from bench_common import Skip, begin_report, environment, measure, sync as _sync  # noqa: E402
+from bench_common import fmt as _f  # noqa: E402
 from kernels.reference import thought_attention_ref, thought_attention_step_ref  # noqa: E402
 
 PROVIDERS = ("dense", "flex", "proxy", "ours")
@@ -198,10 +198,6 @@ def _expand(x, g):
 # providers: setup() builds layouts/masks outside the timing and returns a state with
 #   run() -> output (canonical shape), leaves (grad inputs), grads() -> canonical 5 grads
 # ----------------------------------------------------------------------------------------------
-class Skip(Exception):
-    """A provider path that cannot run here; the message says why."""
-
-
 _FLEX = {}
 
 
@@ -385,34 +381,6 @@ def setup_sampling(provider, x, s: Shape, smoke: bool) -> State:
     raise ValueError(provider)
 
 
-# ----------------------------------------------------------------------------------------------
-# measuring
-# ----------------------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(fn, device, leaves, smoke):
-    """(first_call_s, median_ms, peak_mib); on CPU (smoke) one timed call and no memory figure."""
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    if smoke or device.type != "cuda":   # smoke: one call proves the path runs; not a measurement
-        return first, 1e3 * first, None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    for t in leaves:
-        t.grad = None
-    ms = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves or None, return_mode="median")
-    return first, ms, peak
-
-
 def run_one(case, provider, s, x, device, smoke, dense_out):
     """One (case, shape, provider) row. dense_out: the dense provider's output for the error column."""
     row = {"case": case, "shape": s.name, **{k: v for k, v in asdict(s).items() if k != "name"},
@@ -506,33 +474,13 @@ def reference_check(case, s, x, result, row, tol):
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
-def environment(device, smoke):
-    return {
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else f"none (CPU: {platform.processor() or platform.machine()})",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "cuda": torch.version.cuda, "host": platform.node(), "smoke": smoke,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-        "ours_thought_attention": f"{kernels.thought_attention.__module__}.{kernels.thought_attention.__name__}",
-        "ours_thought_attention_step": f"{kernels.thought_attention_step.__module__}."
-                                       f"{kernels.thought_attention_step.__name__}",
-    }
-
-
-def _f(v, fmt="{:.3g}"):
-    return "-" if v is None else fmt.format(v)
-
-
 def write_results(rows, env, out_dir: Path, stem: str):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-    lines = [f"# Thought attention benchmark{' (SMOKE: CPU, tiny shapes, not a measurement)' if env['smoke'] else ''}", "",
-             f"GPU {env['gpu']} | date {env['date']} | torch {env['torch']} | triton {env['triton']} | "
-             f"CUDA {env['cuda']} | python {env['python']}", "",
-             f"ours = `{env['ours_thought_attention']}` / `{env['ours_thought_attention_step']}`", "",
-             "ms = median of triton.testing.do_bench; TFLOP/s = useful FLOPs (unmasked QK^T and PV only, see "
-             "the script's docstring) / median; peak MiB = max_memory_allocated growth during one call; first s = "
-             "first call incl. compile; mask s = block/dense mask build time, outside the timing.", ""]
+    lines = begin_report(out_dir, stem, env, rows, "Thought attention benchmark",
+                          f"`{env['ours_thought_attention']}` / `{env['ours_thought_attention_step']}`",
+                          "ms = median of triton.testing.do_bench; TFLOP/s = useful FLOPs (unmasked QK^T and PV "
+                          "only, see the script's docstring) / median; peak MiB = max_memory_allocated growth during "
+                          "one call (gradients reset before it); first s = first call incl. compile; mask s = "
+                          "block/dense mask build time, outside the timing.")
     cases = [c for c in CASES if any(r["case"] == c for r in rows)]
     for case in cases:
         sub = [r for r in rows if r["case"] == case]
@@ -617,7 +565,8 @@ def main(argv=None) -> int:
         return compile_only(cases, [p for p in providers if p in ("flex", "ours")], args.shapes, device, smoke)
     dtype = torch.float32 if smoke else torch.bfloat16     # bf16 tl.dot is wrong in the interpreter
     stem = "thought_attention_smoke" if smoke else "thought_attention"
-    env = environment(device, smoke)
+    env = environment(device, smoke, thought_attention=kernels.thought_attention,
+                      thought_attention_step=kernels.thought_attention_step)
     print(json.dumps(env))
     rows, failed = [], 0
     skipped_paths = []
