@@ -106,11 +106,20 @@ def run(ac: bool, B: int, args, cap_s: float) -> dict:
     t0 = time.time()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=cap_s, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"ac": ac, "B": B, "T": args.T, "status": f"TIMEOUT after {cap_s:.0f} s"}
+    except subprocess.TimeoutExpired as e:       # a record printed before a slow exit still counts
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if not lines:
+            return {"ac": ac, "B": B, "T": args.T, "status": f"TIMEOUT after {cap_s:.0f} s"}
+        rec = json.loads(lines[-1])
+        rec["wall_s"] = time.time() - t0
+        return rec
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
-        return {"ac": ac, "B": B, "T": args.T, "status": f"FAILED rc={r.returncode}", "stderr": r.stderr[-2000:]}
+        # an allocation that fails outside PyTorch's allocator (NCCL, cuBLAS) is out of memory all the same
+        oom = "out of memory" in r.stderr.lower()
+        return {"ac": ac, "B": B, "T": args.T, "status": "OOM" if oom else f"FAILED rc={r.returncode}",
+                "stderr": r.stderr[-2000:]}
     rec = json.loads(lines[-1])
     rec["wall_s"] = time.time() - t0
     return rec
@@ -162,6 +171,9 @@ def main(argv=None) -> int:
     args.T = args.T or (16 if args.dry_run else 256)
     if args.child:
         print(json.dumps(child(args)), flush=True)
+        import torch.distributed as dist
+        if dist.is_initialized():                # the 1-rank group apply_fsdp started: a clean, prompt exit
+            dist.destroy_process_group()
         return 0
     import torch
     if not args.dry_run and not torch.cuda.is_available():

@@ -75,8 +75,9 @@ SMOKE = {"model": "tiny", "steps": 3, "batch_size": 2, "seq_len": 32, "M": 2, "K
 # A kernel family that failed its GPU tests on the machine of the run is not trusted with the experiment:
 # (a failed test's "file::name" prefix, the setting that replaces it by the plain-PyTorch path or turns it off)
 FALLBACKS = (("test_document_mask::test_gpu_graph", "cuda_graphs", False), ("test_graphs::", "cuda_graphs", False),
-             ("test_document_mask::", "document_mask", False), ("test_thought_attention::", "attention", "split"),
-             ("test_lm_head::", "lm_head", "chunked"))
+             ("test_train::test_cuda_graphs", "cuda_graphs", False),
+             ("test_document_mask::test_gpu_bf16_kernels", "document_mask", False),
+             ("test_thought_attention::", "attention", "split"), ("test_lm_head::", "lm_head", "chunked"))
 
 
 def apply_fallbacks(args, gpu_tests: str) -> list[str]:
@@ -302,10 +303,58 @@ def render_curves(out: Path, title: str, arm_names) -> None:
     plt.close(fig)
 
 
-def render(out: Path, res: dict) -> None:
+def render(out: Path, res: dict, mirror: Path | None = None) -> None:
     save_json(out / "results.json", res)
     (out / "table.md").write_text(render_table(res))
     render_curves(out, f"Quiet-STaR vs control, {res['meta']['model']}, {res['meta']['device']}", res["meta"]["arms"])
+    if mirror is not None:
+        mirror_files(out, mirror)
+
+
+def mirror_files(out: Path, mirror: Path) -> list[str]:
+    """Copy what a run has written so far into `mirror`, flat, each file replaced atomically: results.json,
+    table.md, curves.png, hard_mask.pt and every arm's training log as metrics_<arm>.jsonl. On a lent GPU
+    `mirror` is the device call's $OUT, so a call killed at its time limit still returns the last copies."""
+    tmp_dir = mirror / "_mirror_tmp"          # on mirror's file system, so that the rename is atomic
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    files = {n: out / n for n in ("results.json", "table.md", "curves.png", "hard_mask.pt")}
+    files.update({f"metrics_{d.name[len('train_'):]}.jsonl": d / "metrics.jsonl" for d in out.glob("train_*")})
+    done = []
+    for name, src in sorted(files.items()):
+        if src.exists():
+            shutil.copyfile(src, tmp_dir / name)
+            os.replace(tmp_dir / name, mirror / name)
+            done.append(name)
+    tmp_dir.rmdir()                            # empty again: the device tool brings back 8 files of $OUT
+    return done
+
+
+class MirrorEvery:
+    """A daemon thread that mirrors every `seconds` (the training logs grow step by step between phases)."""
+
+    def __init__(self, out: Path, mirror: Path | None, seconds: float = 20.0):
+        import threading
+        self.out, self.mirror, self.seconds = out, mirror, seconds
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True) if mirror is not None else None
+
+    def _loop(self):
+        while not self.stop.wait(self.seconds):
+            try:
+                mirror_files(self.out, self.mirror)
+            except OSError:           # a file replaced while being copied: the next round copies it
+                pass
+
+    def __enter__(self):
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+            mirror_files(self.out, self.mirror)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +440,7 @@ def measure(args, out: Path) -> dict:
         res[f"eval_{kind}_s"] = eval_seconds(model, sets, beta is not None, backends, args.eval_batch, device,
                                              autocast, args.measure_eval_rows)
         del model
-    save_json(out / "step_times.json", res)
+        save_json(out / "step_times.json", res)         # after each arm: a cut --measure keeps what it timed
     shutil.rmtree(out / "measure", ignore_errors=True)
     print(json.dumps(res))
     return res
@@ -434,7 +483,13 @@ def plan_steps(args, left_s: float | None = None) -> int:
 
 
 def run(args, out: Path) -> dict:
+    with MirrorEvery(out, Path(args.mirror) if args.mirror else None, args.mirror_every):
+        return _run(args, out)
+
+
+def _run(args, out: Path) -> dict:
     t_start = time.time()
+    mirror = Path(args.mirror) if args.mirror else None
     steps = None if args.budget_s else plan_steps(args)          # with --budget-s: after the "before" phase
     device, backends, autocast, tok, sets = eval_setup(args)
     cuda = device.type == "cuda"
@@ -451,7 +506,7 @@ def run(args, out: Path) -> dict:
            "seconds": {}}
     if args.gpu_tests:                  # what the GPU tests of the same machine said (learn_experiment.sh)
         res["meta"]["gpu_tests"], res["meta"]["fallbacks"] = args.gpu_tests_line, args.fallbacks
-    render(out, res)
+    render(out, res, mirror)
 
     def phase(name, fn):
         t0 = time.time()
@@ -473,7 +528,7 @@ def run(args, out: Path) -> dict:
     del start
     if steps is None:
         steps = res["meta"]["steps"] = plan_steps(args, left_s=args.budget_s - (time.time() - t_start))
-    render(out, res)
+    render(out, res, mirror)
     for arm, beta in arms(args):
         model = phase(f"train_{arm}", lambda: train_arm(args, arm, beta, steps, out, args.model))
         res[arm] = {"eval": phase(f"eval_{arm}", lambda: ev(model, beta is not None))}
@@ -482,7 +537,7 @@ def run(args, out: Path) -> dict:
         del model
         if cuda:
             torch.cuda.empty_cache()
-        render(out, res)
+        render(out, res, mirror)
     print((out / "table.md").read_text())
     return res
 
@@ -505,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--measure: rows of each evaluation set timed (scaled to the whole set)")
     p.add_argument("--gpu-tests", default="", help="a file with the GPU tests' one-line result (learn_experiment.sh): "
                    "it goes into results.json, and a kernel family with a failed test is replaced (FALLBACKS)")
+    p.add_argument("--mirror", default="", help="also keep copies of the results and training logs in this "
+                   "folder, flat, refreshed every --mirror-every s and after each phase (a lent GPU's $OUT)")
+    p.add_argument("--mirror-every", type=float, default=20.0, help=argparse.SUPPRESS)
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--eval-docs", type=int, default=1000, help="held-out documents (the built-in split has 503)")
     p.add_argument("--bench-items", type=int, default=300, help="GSM8K problems and CommonsenseQA questions")

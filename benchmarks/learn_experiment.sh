@@ -6,6 +6,7 @@
 # (the machine goes back 30 s after a call, and part1 with it).
 #
 #   call 1: bash benchmarks/learn_experiment.sh "$OUT" measure   carry [".whl", "quietstar/data", ".smollm2/part1"]
+#           (ends by --call-s, default 300 s: the device call's timeout_s is 330)
 #           1. the GPU tests (gpu_suite.py's gpu_tests stage; --suite-budget-s, default 110, 0 skips them)
 #           2. both arms' step times, set-up times and evaluation times on a random-init model of the same
 #              shape (runs/learn/step_times.json: call 2 sizes its steps from it); a kernel family whose
@@ -41,11 +42,12 @@ fi
 
 case "$MODE" in
   measure)
-    suite_budget=110 fsdp_budget=100 rest=()
+    suite_budget=110 fsdp_budget=100 CALL1_S=300 rest=()
     while [ $# -gt 0 ]; do
       case "$1" in
         --suite-budget-s) suite_budget="$2"; shift 2 ;;
         --fsdp-budget-s) fsdp_budget="$2"; shift 2 ;;
+        --call-s) CALL1_S="$2"; shift 2 ;;
         *) rest+=("$1"); shift ;;
       esac
     done
@@ -65,16 +67,24 @@ case "$MODE" in
     fb=()
     [ -f "$STATE/gpu_tests.txt" ] && fb=(--gpu-tests "$STATE/gpu_tests.txt")
     set -o pipefail
-    "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "${fb[@]}" "${rest[@]}" 2>&1 | tee "$OUT/measure.log" \
+    # the whole call ends by CALL1_S (the device call's timeout is 330 s): measure gets what the FSDP part
+    # leaves, and the FSDP part what is left (it writes its table after each configuration)
+    m_left=$((CALL1_S - SECONDS - (fsdp_budget > 0 ? 60 : 0)))
+    timeout -k 5 $((m_left > 60 ? m_left : 60)) \
+      "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "${fb[@]}" "${rest[@]}" 2>&1 | tee "$OUT/measure.log" \
       | grep -v "it/s\]$\|s/it\]$"
     rc=$?
     cp "$STATE/step_times.json" "$OUT/" 2>/dev/null
-    if [ "$fsdp_budget" -gt 0 ]; then
+    left=$((CALL1_S - SECONDS - 30))
+    [ "$fsdp_budget" -gt "$left" ] && fsdp_budget=$left
+    if [ "$fsdp_budget" -ge 30 ]; then
       # its own hard stop too: the budget plus the last table's time
-      timeout $((fsdp_budget + 30)) "$PY" benchmarks/bench_fsdp.py --out "$OUT" --budget-s "$fsdp_budget" \
+      timeout $((fsdp_budget + 25)) "$PY" benchmarks/bench_fsdp.py --out "$OUT" --budget-s "$fsdp_budget" \
         > "$OUT/fsdp.log" 2>&1
       echo "bench_fsdp.py: exit $?"
       cat "$OUT/fsdp_ws1.md" 2>/dev/null
+    else
+      echo "bench_fsdp.py: skipped, ${left} s left of the call's ${CALL1_S} s"
     fi
     n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
     [ "$n" -le 8 ] || echo "WARNING: $n files in $OUT, the device tool brings back 8"
@@ -90,12 +100,11 @@ case "$MODE" in
     [ -f "$STATE/step_times.json" ] && times=(--step-times "$STATE/step_times.json")
     set -o pipefail
     [ -f "$STATE/gpu_tests.txt" ] && times+=(--gpu-tests "$STATE/gpu_tests.txt")
-    "$PY" benchmarks/learn_experiment.py --out "$STATE/exp" "${times[@]}" "$@" 2>&1 | tee "$OUT/run.log" \
-      | grep -v "it/s\]$\|s/it\]$"
-    rc=$?
-    cp "$STATE"/exp/{results.json,table.md,curves.png,hard_mask.pt} "$OUT/" 2>/dev/null
-    for d in "$STATE"/exp/train_*/; do a="$(basename "$d")"; cp "$d/metrics.jsonl" "$OUT/metrics_${a#train_}.jsonl"; done
-    exit $rc ;;
+    # --mirror: results, table, curves, hard-token mask and training logs are copied into $OUT as they grow
+    # (every 20 s and after each phase), so a call killed at its time limit still returns them
+    "$PY" benchmarks/learn_experiment.py --out "$STATE/exp" --mirror "$OUT" "${times[@]}" "$@" 2>&1 \
+      | tee "$OUT/run.log" | grep -v "it/s\]$\|s/it\]$"
+    exit $? ;;
   smoke)
     "$PY" benchmarks/learn_experiment.py --smoke --out "$OUT" "$@" ;;
 esac

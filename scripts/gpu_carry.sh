@@ -23,7 +23,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform any -d .whl "${missing[@]}"
 fi
-[ -f quietstar/data/manifest.json ] || "$PY" -m quietstar.assets prepare
+"$PY" -m quietstar.assets prepare > /dev/null   # idempotent: what the GPU machine reads from quietstar/data
 if [ "${1:-}" = "--model" ]; then
   src="$("$PY" -c 'from quietstar import assets; print(assets.smollm2_gguf_path())')"
   mkdir -p .smollm2

@@ -5,6 +5,8 @@ Needs the three data packages and `python -m quietstar.assets prepare` (scripts/
 import functools
 import hashlib
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import regex
@@ -186,12 +188,44 @@ def test_math_split_sizes_and_disjoint():
 def test_prepared_files_match_sources_and_are_up_to_date():
     assert assets.prepare(verbose=False) == {n: "up to date" for n in (
         "mistral_tokenizer.json", "smollm2_tokenizer.json", "default_corpus.jsonl",
-        "default_heldout.jsonl")}
+        "default_heldout.jsonl", "gsm8k_test.jsonl", "commonsense_qa_validation.jsonl")}
     for path, split in ((assets.DEFAULT_CORPUS, "train"), (assets.DEFAULT_HELDOUT, "heldout")):
         lines = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
         assert [r["text"] for r in lines] == assets.math_documents(split)
+    gsm, csqa = assets._gsm8k_from_package(), assets._csqa_from_package()
+    assert (len(gsm), len(csqa)) == (1319, 1221)
+    assert assets.gsm8k_test() == gsm and assets.commonsense_qa_validation() == csqa       # the prepared files
+    assert gsm[0]["short_answer"] == "18" and gsm[0]["answer"].endswith("#### 18")
+    assert len(csqa[0]["choices"]) == 5 and 0 <= csqa[0]["label"] < 5
     size = sum(p.stat().st_size for p in assets.DATA_DIR.iterdir())
     assert size < 16e6
+
+
+def test_the_gpu_machine_needs_no_data_package(monkeypatch, tmp_path):
+    """The GPU machine has none of the three data packages (no registry there): it receives quietstar/data/
+    and the SmolLM2 file (QUIETSTAR_SMOLLM2_GGUF). Everything the learning experiment reads must then come
+    from those: tokenizers, the MATH text, GSM8K, CommonsenseQA, the model."""
+    def not_installed(name):
+        raise FileNotFoundError(f"package {name!r} is not installed (simulated GPU machine)")
+
+    gguf = assets.smollm2_gguf_path()
+    want = (assets.gsm8k_test(), assets.commonsense_qa_validation(), assets.math_documents("heldout"))
+    monkeypatch.setattr(assets, "_package_dir", not_installed)
+    monkeypatch.setenv("QUIETSTAR_SMOLLM2_GGUF", str(gguf))
+    assert (assets.gsm8k_test(), assets.commonsense_qa_validation()) == want[:2]
+    from quietstar import data as qdata
+    assert qdata.load_documents("default", split="heldout") == want[2]
+    assert assets.smollm2_tokenizer()("1 + 1")["input_ids"] and assets.mistral_tokenizer()("1 + 1")["input_ids"]
+    assert assets.smollm2_gguf_path() == gguf
+    with pytest.raises(FileNotFoundError, match="simulated"):     # the simulation is real: MATH from the package
+        assets._math_records.__wrapped__()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import learn_experiment
+        sets = learn_experiment.EvalSets(assets.smollm2_tokenizer(), 0, 64, docs=3, bench_items=2)
+    finally:
+        sys.path.pop(0)
+    assert sets.sizes()["gsm8k_problems"] == 2 and sets.sizes()["csqa_questions"] == 2
 
 
 # ----------------------------------------------------------------------------- model

@@ -89,3 +89,23 @@ def test_gpu_profile_refuses_without_cuda(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--out", str(tmp_path)], cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr, r.stderr
+
+
+def test_a_cut_test_stage_still_names_its_failures(tmp_path):
+    """pytest writes its JUnit report at the end; a stage cut at its cap has only its -v log. The digest then
+    names the failures the log shows (with and without xdist), which learn_experiment.py's fallbacks read."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
+    gs = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gs              # its dataclasses look their module up there
+    spec.loader.exec_module(gs)
+    (tmp_path / "gpu_tests.log").write_text(
+        "[gw1] [ 10%] PASSED tests/test_lm_head.py::test_gpu_a\n"
+        "[gw0] [ 20%] FAILED tests/test_document_mask.py::test_gpu_graph_replay_with_documents[triton] \n"
+        "tests/test_train.py::test_cuda_graphs_train_the_same_run FAILED [ 30%]\n")
+    lines = gs.digest_tests(tmp_path)
+    assert lines[0].startswith("GPU tests: no report") and "2 failed in its log" in lines[0]
+    assert lines[1:3] == ["- FAILED test_document_mask::test_gpu_graph_replay_with_documents[triton]: (from the log)",
+                          "- FAILED test_train::test_cuda_graphs_train_the_same_run: (from the log)"]
+    assert gs.digest_tests(tmp_path / "none")[0].startswith("GPU tests: no report") and "0 failed" in \
+        gs.digest_tests(tmp_path / "none")[0]

@@ -64,11 +64,19 @@ def test_failed_gpu_tests_fall_back_to_plain_paths():
     line = ("GPU tests: 29 passed, 3 failed, 0 skipped;- FAILED test_document_mask::test_gpu_graph_replay_with_documents"
             "[triton]: x;- FAILED test_lm_head::test_gpu_bf16_multi_chunk_and_memory: logp: non-finite values;"
             "- FAILED test_lm_head::test_gpu_other: y")
-    assert lx.apply_fallbacks(args, line) == ["cuda_graphs=False", "document_mask=False", "lm_head=chunked"]
-    assert (args.attention, args.lm_head, args.document_mask, args.cuda_graphs) == ("triton", "chunked", False, False)
+    assert lx.apply_fallbacks(args, line) == ["cuda_graphs=False", "lm_head=chunked"]   # masks: only graphs failed
+    assert (args.attention, args.lm_head, args.document_mask, args.cuda_graphs) == ("triton", "chunked", True, False)
     args = lx.build_parser().parse_args(["--attention", "triton"])
     assert lx.apply_fallbacks(args, "GPU tests: 1 failed;- FAILED test_thought_attention::test_gpu_x[128]: a") == \
         ["attention=split"]
+    args = lx.build_parser().parse_args([])
+    line = ("GPU tests: 2 failed;- FAILED test_document_mask::test_gpu_bf16_kernels_with_documents[1-4-2-64-5-64]: "
+            "a;- FAILED test_train::test_cuda_graphs_train_the_same_run: b")
+    assert lx.apply_fallbacks(args, line) == ["cuda_graphs=False", "document_mask=False"]
+    # a failure of a memory bound (tests/test_kernel_memory.py) replaces no kernel family
+    args = lx.build_parser().parse_args([])
+    assert lx.apply_fallbacks(args, "GPU tests: 1 failed;- FAILED test_kernel_memory::test_lm_head_backward_peak"
+                                    "[cuda]: x") == []
 
 
 def test_measure_then_budgeted_run(tmp_path):
@@ -78,7 +86,8 @@ def test_measure_then_budgeted_run(tmp_path):
     for k in ("quietstar_ms", "control_ms", "quietstar_overhead_s", "control_overhead_s", "eval_thought_s", "eval_base_s"):
         assert st[k] > 0, k
     assert not (tmp_path / "measure").exists()
-    (tmp_path / "tests.txt").write_text("GPU tests: 12 passed, 1 failed;- FAILED test_document_mask::test_gpu_x: y")
+    (tmp_path / "tests.txt").write_text("GPU tests: 12 passed, 1 failed;- FAILED test_document_mask::"
+                                        "test_gpu_bf16_kernels_with_documents[x]: y")
     out = tmp_path / "exp"
     lx.main(SMALL + ["--policy-weights", "1", "--step-times", str(tmp_path / "step_times.json"), "--budget-s", "1e5",
                      "--max-steps", "2", "--gpu-tests", str(tmp_path / "tests.txt"), "--out", str(out)])
@@ -93,9 +102,17 @@ def test_measure_then_budgeted_run(tmp_path):
 
 
 def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
-    out = tmp_path / "exp"
-    lx.main(SMALL + ["--steps", "2", "--policy-weights", "1,1e6", "--thoughts-every", "1", "--out", str(out)])
+    out, mirror = tmp_path / "exp", tmp_path / "OUT"
+    lx.main(SMALL + ["--steps", "2", "--policy-weights", "1,1e6", "--thoughts-every", "1", "--out", str(out),
+                     "--mirror", str(mirror)])
     res = json.loads((out / "results.json").read_text())
+    # the mirror (a device call's $OUT): flat, the final files, nothing else (the tool brings back 8 files)
+    assert sorted(p.name for p in mirror.iterdir()) == sorted(
+        ["results.json", "table.md", "curves.png", "hard_mask.pt", "metrics_control.jsonl",
+         "metrics_quietstar_b1.jsonl", "metrics_quietstar_b1e6.jsonl"])
+    for name in ("results.json", "table.md", "curves.png", "hard_mask.pt"):
+        assert (mirror / name).read_bytes() == (out / name).read_bytes(), name
+    assert (mirror / "metrics_control.jsonl").read_bytes() == lx.metrics_path(out, "control").read_bytes()
     assert res["meta"]["arms"] == {"quietstar_b1": 1.0, "quietstar_b1e6": 1e6, "control": None}
     for arm in res["meta"]["arms"]:
         steps = lx.read_metrics(lx.metrics_path(out, arm))
@@ -126,11 +143,12 @@ def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
 
 
 def test_killed_run_leaves_its_metrics(tmp_path):
-    out = tmp_path / "exp"
+    out, mirror = tmp_path / "exp", tmp_path / "OUT"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "learn_experiment.py"), *SMALL, "--steps", "50",
-                          "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = lx.metrics_path(out, "control")
+                          "--out", str(out), "--mirror", str(mirror), "--mirror-every", "0.5"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = mirror / "metrics_control.jsonl"     # what a device call killed at its limit returns: the mirror
     try:
         deadline = time.time() + 600
         while time.time() < deadline and len(lx.read_metrics(metrics)) < 2:
@@ -140,7 +158,9 @@ def test_killed_run_leaves_its_metrics(tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert len(lx.read_metrics(metrics)) >= 2
-    res = json.loads((out / "results.json").read_text())          # written atomically: never half a file
+    assert len(lx.read_metrics(lx.metrics_path(out, "control"))) >= 2
+    res = json.loads((mirror / "results.json").read_text())       # replaced atomically: never half a file
+    assert res == json.loads((out / "results.json").read_text())
     assert "before" in res and "control" not in res
     table = (out / "table.md").read_text()
     assert "not run" in table and (out / "curves.png").exists()
