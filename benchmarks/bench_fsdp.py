@@ -108,10 +108,10 @@ def run(ac: bool, B: int, args, cap_s: float) -> dict:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=cap_s, env=env, cwd=REPO)
     except subprocess.TimeoutExpired as e:       # a record printed before a slow exit still counts
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if not lines:
+        try:
+            rec = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+        except (IndexError, ValueError):         # nothing printed, or a line cut by the kill
             return {"ac": ac, "B": B, "T": args.T, "status": f"TIMEOUT after {cap_s:.0f} s"}
-        rec = json.loads(lines[-1])
         rec["wall_s"] = time.time() - t0
         return rec
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]

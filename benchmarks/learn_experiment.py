@@ -42,6 +42,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -304,17 +305,28 @@ def render_curves(out: Path, title: str, arm_names) -> None:
 
 
 def render(out: Path, res: dict, mirror: Path | None = None) -> None:
-    save_json(out / "results.json", res)
-    (out / "table.md").write_text(render_table(res))
-    render_curves(out, f"Quiet-STaR vs control, {res['meta']['model']}, {res['meta']['device']}", res["meta"]["arms"])
-    if mirror is not None:
-        mirror_files(out, mirror)
+    with _MIRROR_LOCK:
+        save_json(out / "results.json", res)
+        (out / "table.md").write_text(render_table(res))
+        render_curves(out, f"Quiet-STaR vs control, {res['meta']['model']}, {res['meta']['device']}",
+                      res["meta"]["arms"])
+        if mirror is not None:
+            _mirror_files(out, mirror)
+
+
+_MIRROR_LOCK = threading.Lock()     # render() and the MirrorEvery thread: one copy at a time
 
 
 def mirror_files(out: Path, mirror: Path) -> list[str]:
     """Copy what a run has written so far into `mirror`, flat, each file replaced atomically: results.json,
     table.md, curves.png, hard_mask.pt and every arm's training log as metrics_<arm>.jsonl. On a lent GPU
-    `mirror` is the device call's $OUT, so a call killed at its time limit still returns the last copies."""
+    `mirror` is the device call's $OUT, so a call killed at its time limit still returns the last copies.
+    render() writes its files and mirrors them under the same lock, so no half-written file is copied."""
+    with _MIRROR_LOCK:
+        return _mirror_files(out, mirror)
+
+
+def _mirror_files(out: Path, mirror: Path) -> list[str]:
     tmp_dir = mirror / "_mirror_tmp"          # on mirror's file system, so that the rename is atomic
     tmp_dir.mkdir(parents=True, exist_ok=True)
     files = {n: out / n for n in ("results.json", "table.md", "curves.png", "hard_mask.pt")}
@@ -333,7 +345,6 @@ class MirrorEvery:
     """A daemon thread that mirrors every `seconds` (the training logs grow step by step between phases)."""
 
     def __init__(self, out: Path, mirror: Path | None, seconds: float = 20.0):
-        import threading
         self.out, self.mirror, self.seconds = out, mirror, seconds
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True) if mirror is not None else None
@@ -450,25 +461,33 @@ SIZING_MARGIN = 1.2      # on --measure's overheads and evaluation times (the st
 SIZING_SLACK_S = 15.0    # left unplanned at the end of --budget-s (the last table, the files)
 
 
+def step_times(args, budget: bool) -> dict:
+    """--step-times' numbers, every one that the sizing needs checked (a --measure cut short saves what it
+    timed so far): a run refuses at its start, not after its "before" evaluation."""
+    if not args.step_times:
+        raise SystemExit("learn_experiment: give --steps N, or --step-times FILE (from --measure) and "
+                         "--train-budget-s or --budget-s")
+    st = json.loads(Path(args.step_times).read_text())
+    need = ("quietstar_ms", "control_ms") + (("quietstar_overhead_s", "control_overhead_s", "eval_thought_s",
+                                              "eval_base_s") if budget else ())
+    missing = [k for k in need if k not in st]
+    if missing:
+        raise SystemExit(f"learn_experiment: {'--budget-s' if budget else 'sizing'} needs {', '.join(missing)} in "
+                         f"--step-times {args.step_times} (rerun --measure, or give --steps N)")
+    return st
+
+
 def plan_steps(args, left_s: float | None = None) -> int:
     """Optimizer steps per arm: --steps; or the training time (--train-budget-s, or with --budget-s what is left
     of it, `left_s`, less every arm's fixed cost and evaluation) over one step of every arm."""
     if args.steps:
         return args.steps
-    if not args.step_times:
-        raise SystemExit("learn_experiment: give --steps N, or --step-times FILE (from --measure) and "
-                         "--train-budget-s or --budget-s")
-    st = json.loads(Path(args.step_times).read_text())
+    st = step_times(args, budget=left_s is not None)
     n_qs = len(arms(args)) - 1
     per_step_s = (n_qs * st["quietstar_ms"] + st["control_ms"]) / 1000
     if left_s is None:
         train_s, how = args.train_budget_s, f"--train-budget-s {args.train_budget_s:.0f}"
     else:
-        missing = [k for k in ("quietstar_overhead_s", "control_overhead_s", "eval_thought_s", "eval_base_s")
-                   if k not in st]
-        if missing:
-            raise SystemExit(f"learn_experiment: --budget-s needs {', '.join(missing)} in --step-times "
-                             f"{args.step_times} (rerun --measure)")
         fixed = SIZING_MARGIN * (n_qs * (st["quietstar_overhead_s"] + st["eval_thought_s"])
                                  + st["control_overhead_s"] + st["eval_base_s"])
         train_s = left_s - fixed - SIZING_SLACK_S
@@ -483,6 +502,9 @@ def plan_steps(args, left_s: float | None = None) -> int:
 
 
 def run(args, out: Path) -> dict:
+    if args.mirror and len(arms(args)) + 5 > 8:
+        print(f"WARNING: --mirror: {len(arms(args)) + 5} files (run.log, 4 results, a log per arm) in {args.mirror}; "
+              "the device tool brings back 8", flush=True)
     with MirrorEvery(out, Path(args.mirror) if args.mirror else None, args.mirror_every):
         return _run(args, out)
 
@@ -490,6 +512,8 @@ def run(args, out: Path) -> dict:
 def _run(args, out: Path) -> dict:
     t_start = time.time()
     mirror = Path(args.mirror) if args.mirror else None
+    if args.budget_s and not args.steps:
+        step_times(args, budget=True)                             # refused now, not after the "before" phase
     steps = None if args.budget_s else plan_steps(args)          # with --budget-s: after the "before" phase
     device, backends, autocast, tok, sets = eval_setup(args)
     cuda = device.type == "cuda"

@@ -69,15 +69,21 @@ case "$MODE" in
     set -o pipefail
     # the whole call ends by CALL1_S (the device call's timeout is 330 s): measure gets what the FSDP part
     # leaves, and the FSDP part what is left (it writes its table after each configuration)
-    m_left=$((CALL1_S - SECONDS - (fsdp_budget > 0 ? 60 : 0)))
+    m_left=$((CALL1_S - SECONDS - (fsdp_budget > 0 ? 90 : 0)))
     timeout -k 5 $((m_left > 60 ? m_left : 60)) \
       "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "${fb[@]}" "${rest[@]}" 2>&1 | tee "$OUT/measure.log" \
       | grep -v "it/s\]$\|s/it\]$"
     rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then   # not the device tool's own timeout codes: say what was cut
+      echo "learn_experiment.py --measure: cut at its share of the call (step_times.json holds what it timed)"
+      rc=3
+    fi
     cp "$STATE/step_times.json" "$OUT/" 2>/dev/null
     left=$((CALL1_S - SECONDS - 30))
     [ "$fsdp_budget" -gt "$left" ] && fsdp_budget=$left
-    if [ "$fsdp_budget" -ge 30 ]; then
+    if [ "$fsdp_budget" -le 0 ] && [ "$left" -gt 0 ]; then
+      echo "bench_fsdp.py: skipped (--fsdp-budget-s 0)"
+    elif [ "$fsdp_budget" -ge 30 ]; then
       # its own hard stop too: the budget plus the last table's time
       timeout $((fsdp_budget + 25)) "$PY" benchmarks/bench_fsdp.py --out "$OUT" --budget-s "$fsdp_budget" \
         > "$OUT/fsdp.log" 2>&1

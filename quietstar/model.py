@@ -225,7 +225,6 @@ class QuietStarModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, dtype=torch.float32, device=None) -> "QuietStarModel":
         """Load what `save_pretrained` wrote (the decoder with the "quietstar" attention registered)."""
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
         d = Path(directory)
         missing = [n for n in ("config.json", EXTRAS_WEIGHTS, EXTRAS_CONFIG) if not (d / n).exists()]
@@ -254,17 +253,40 @@ class QuietStarModel(nn.Module):
                              "(only the unbounded mixing weight is; see MixingHead)")
         thought = ThoughtConfig(**{**saved, "banned_ids": tuple(saved["banned_ids"])})
         model = cls(lm, thought)
-        extras = load_file(str(d / EXTRAS_WEIGHTS))
-        if tuple(extras["markers"].shape) != (2, hidden):
-            raise ValueError(f"{d / EXTRAS_WEIGHTS}: markers of shape {tuple(extras['markers'].shape)}, "
-                             f"expected (2, {hidden})")
-        with torch.no_grad():
-            model.markers.copy_(extras.pop("markers"))
-        model.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extras.items()})
+        model.load_extras(d)
         if tuple(model.banned_ids) != tuple(meta["banned_ids"]):
             raise ValueError(f"{d}: banned ids {model.banned_ids} of the loaded model differ from the saved "
                              f"{tuple(meta['banned_ids'])} (a different padding id in config.json?)")
         return model.to(device) if device is not None else model
+
+    @staticmethod
+    def is_export(directory) -> bool:
+        """Whether `directory` holds a Quiet-STaR export's extras (what `save_pretrained` writes beside the decoder)."""
+        return all((Path(directory) / n).exists() for n in (EXTRAS_WEIGHTS, EXTRAS_CONFIG))
+
+    def load_extras(self, directory) -> None:
+        """Load an export's markers and mixing head into this model (whose decoder may come from the same export:
+        `quietstar-train --model EXPORT` continues a trained model). The markers are stored divided by
+        marker_scale: a model with another scale gets the same effective markers, stored / its own scale."""
+        from safetensors.torch import load_file
+        d = Path(directory)
+        meta = json.loads((d / EXTRAS_CONFIG).read_text())
+        hidden = int(self.lm.config.hidden_size)
+        if (int(self.lm_head_weight.shape[0]), hidden) != (meta["vocab_size"], meta["hidden_size"]):
+            raise ValueError(f"{d}: Quiet-STaR extras saved for vocabulary {meta['vocab_size']} and hidden size "
+                             f"{meta['hidden_size']}, but the decoder has {int(self.lm_head_weight.shape[0])} and "
+                             f"{hidden}")
+        extras = load_file(str(d / EXTRAS_WEIGHTS))
+        if tuple(extras["markers"].shape) != (2, hidden):
+            raise ValueError(f"{d / EXTRAS_WEIGHTS}: markers of shape {tuple(extras['markers'].shape)}, "
+                             f"expected (2, {hidden})")
+        saved_scale = float(meta["thought"].get("marker_scale", self.thought.marker_scale))
+        m = extras.pop("markers")
+        if saved_scale != self.thought.marker_scale:
+            m = m.double() * saved_scale / self.thought.marker_scale
+        with torch.no_grad():
+            self.markers.copy_(m)
+        self.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extras.items()})
 
     def hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, layout) -> torch.Tensor:
         """Final-norm hidden states (B, S, d) of the decoder for the given embeddings and positions."""

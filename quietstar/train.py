@@ -548,6 +548,10 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     if lm.config.vocab_size < len(tok):
         raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}")
     model = QuietStarModel(lm, cfg.thought, marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text))
+    if QuietStarModel.is_export(cfg.model.name):      # a trained model continues with its markers and mixing head
+        model.load_extras(cfg.model.name)
+        if rank == 0 and progress and not tc.resume:
+            print(f"--model {cfg.model.name}: a Quiet-STaR export; its markers and mixing head are loaded too")
     model.check_lengths(tc.seq_len)
     model.to(device).train()
     backends = Backends(tc.attention, tc.lm_head)

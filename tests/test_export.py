@@ -98,3 +98,27 @@ def test_quietstar_train_writes_the_export(tmp_path):
     sa, sb = res["model"].state_dict(), loaded.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (Path(res["export"]) / "tokenizer.json").exists()
+
+
+def test_training_from_an_export_continues_its_extras(tmp_path):
+    """`quietstar-train --model EXPORT` continues a trained model: its decoder, and its markers and mixing head
+    (which a plain decoder folder starts afresh); with another --marker-scale the effective markers are kept."""
+    from quietstar.train import config_from_args, train
+    model = _model()
+    exp = model.save_pretrained(tmp_path / "exp", tokenizer=mistral_tokenizer())
+    model.lm.save_pretrained(tmp_path / "plain")
+    mistral_tokenizer().save_pretrained(tmp_path / "plain")
+    base = ["--M", "2", "--K", "2", "--P", "2", "--seq-len", "16", "--batch-size", "1", "--steps", "1", "--lr", "0",
+            "--lm-head", "chunked", "--attention", "split"]
+    effective = model.markers.detach() * model.thought.marker_scale
+    for scale in ("100", "25"):
+        res = train(config_from_args(base + ["--model", str(exp), "--marker-scale", scale,
+                                             "--out-dir", str(tmp_path / f"run{scale}")]), progress=False)
+        got = res["model"]
+        torch.testing.assert_close(got.markers.detach() * float(scale), effective, rtol=1e-6, atol=0)
+        for (n, a), b in zip(got.mixing_head.state_dict().items(), model.mixing_head.state_dict().values()):
+            assert torch.equal(a, b), n
+    res = train(config_from_args(base + ["--model", str(tmp_path / "plain"), "--out-dir", str(tmp_path / "fresh")]),
+                progress=False)
+    assert not torch.equal(res["model"].markers.detach() * 100, effective)     # a decoder folder: fresh extras
+    assert torch.count_nonzero(res["model"].mixing_head.net[-1].weight) == 0

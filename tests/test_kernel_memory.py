@@ -14,7 +14,8 @@ On CPU the kernels run in the Triton interpreter and the count is the profiler's
 events (bytes requested from PyTorch's CPU allocator); on a GPU it is max_memory_allocated. The
 interpreter keeps the tensors of the last launch alive until the next launch (measured: a tensor
 passed to a kernel and deleted stays allocated until another kernel runs), which the CPU bounds
-add where it matters. Kept out of test_lm_head.py / test_thought_attention.py on purpose: the
+add where it matters: so on CPU the LM-head test sees h_mix freed but cannot see the logit chunk
+freed (the last grad-kernel launch holds it); the GPU variant checks both. Kept out of test_lm_head.py / test_thought_attention.py on purpose: the
 learning experiment replaces a kernel family whose correctness tests fail on the GPU by its
 plain-PyTorch path (benchmarks/learn_experiment.py FALLBACKS), which a memory bound must not trigger.
 """

@@ -55,6 +55,11 @@ def test_steps_sized_from_measured_step_times(tmp_path):
     assert lx.plan_steps(args, left_s=300) == int((300 - m * (10 + 20 + 5 + 4) - slack) / 0.5)
     with pytest.raises(SystemExit, match="no time to train"):
         lx.plan_steps(args, left_s=m * 39 + slack)
+    # a --measure cut after its first arm: the run refuses at its start, before loading or evaluating anything
+    st.write_text(json.dumps({"quietstar_ms": 400.0, "quietstar_overhead_s": 10.0, "eval_thought_s": 20.0}))
+    with pytest.raises(SystemExit, match="--budget-s needs control_ms, control_overhead_s, eval_base_s"):
+        lx.main(SMALL + ["--step-times", str(st), "--budget-s", "300", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never" / "results.json").exists()
 
 
 def test_failed_gpu_tests_fall_back_to_plain_paths():

@@ -69,6 +69,31 @@ def test_window_that_cannot_bind_changes_nothing(schedule, attention):
         assert torch.equal(g_p[n], g_w[n]), n
 
 
+def test_a_chain_equals_the_windowed_model_reading_it_inline():
+    """What the window-free thought attention computes for chain token (t, l) is what the stock windowed decoder
+    computes for the last token of x_0..x_t followed by that chain's first l + 1 tokens, written inline at
+    positions 0..t+1+l: equal while the window holds all T + L positions, and not for the farthest token
+    once it is one shorter (the bound is exact, and thought attention keeps what the window would drop)."""
+    from quietstar.thoughts import chain_embeddings, run_sample_then_train
+    _, windowed = _models(W)
+    ids = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(6))
+    thoughts = sample_thoughts(windowed, ids, Backends("reference"), torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _, h_chain = run_sample_then_train(windowed, ids, thoughts, Backends("reference"))
+        chain = chain_embeddings(windowed, ids, thoughts)
+
+        def inline(t, l, window):
+            windowed.lm.config.sliding_window = window
+            emb = torch.cat([windowed.embed(ids[:, :t + 1]), chain[:, 0, t, :l + 1]], dim=1)
+            out = windowed.lm.model(inputs_embeds=emb, position_ids=torch.arange(t + l + 2)[None])
+            return out.last_hidden_state[0, -1]
+
+        for t, l in ((0, 0), (4, 3), (T - 1, L - 1)):
+            torch.testing.assert_close(inline(t, l, W), h_chain[0, 0, t, l], rtol=1e-5, atol=1e-5)
+        assert (inline(T - 1, L - 1, W - 1) - h_chain[0, 0, T - 1, L - 1]).abs().max() > 1e-3
+        torch.testing.assert_close(inline(T - 2, L - 1, W - 1), h_chain[0, 0, T - 2, L - 1], rtol=1e-5, atol=1e-5)
+
+
 def test_generation_within_the_window_is_unchanged():
     S, new = 4, 6
     window = S + new + M + 2                  # the least generate_with_thoughts takes: the cache stays below it
