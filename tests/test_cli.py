@@ -242,3 +242,25 @@ def test_plot_metrics_shows_gain_and_thoughts(run4, tmp_path, capsys):
     assert f"{samples[0]['gain']:+.3f}" in printed[0]
     steps, _, thoughts = plot.read(out / "metrics.jsonl")
     assert len(steps) == 4 and [t["step"] for t in thoughts] == [2, 4]
+
+
+def test_parquet_data_and_max_documents(tmp_path):
+    """--data a Parquet shard (the paper's OpenWebMath ships so) and --max-documents: only that slice is packed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    shard = tmp_path / "owm.parquet"
+    pq.write_table(pa.table({"text": [f"Theorem {i}. Let x be a real number; then x^2 >= 0." for i in range(400)]}),
+                   shard)
+    out = tmp_path / "o"
+    train(config_from_args(RUN + ["--steps", "1", "--data", str(shard), "--max-documents", "40",
+                                  "--out-dir", str(out)]), progress=False)
+    assert len(read_metrics(out / "metrics.jsonl")) == 1
+    from quietstar import assets
+    from quietstar.train import load_rows
+    rows40, _ = load_rows((str(shard),), assets.mistral_tokenizer(), 16, max_documents=40)
+    rows_all, _ = load_rows((str(shard),), assets.mistral_tokenizer(), 16)
+    assert rows40.shape[0] < rows_all.shape[0] / 5 and torch.equal(rows40, rows_all[: rows40.shape[0]])
+    # the slice reaches train(): one document is too little for a batch of 4 rows (all 400 would do)
+    with pytest.raises(ValueError, match="need at least"):
+        train(config_from_args(RUN + ["--steps", "1", "--data", str(shard), "--max-documents", "1",
+                                      "--batch-size", "4", "--out-dir", str(tmp_path / "p")]), progress=False)

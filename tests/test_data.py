@@ -93,6 +93,44 @@ def test_load_documents_from_files(tmp_path):
         load_documents([tmp_path / "missing.txt"])
 
 
+def test_parquet_and_gzipped_json_lines_and_a_lazy_slice(tmp_path):
+    """The paper's corpus (OpenWebMath) ships as Parquet shards: a "text" column (or problem + solution) is read
+    a record batch at a time; .jsonl.gz like .jsonl; max_documents reads no further than it needs."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = [f"document {i}: " + "x " * (i % 7) for i in range(2500)] + ["  "]
+    pq.write_table(pa.table({"text": texts, "url": ["u"] * len(texts)}), tmp_path / "owm.parquet",
+                   row_group_size=700)
+    pq.write_table(pa.table({"problem": ["P?"], "solution": ["S."]}), tmp_path / "ps.parquet")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "gz doc"}) + "\n")
+    docs = load_documents([tmp_path / "owm.parquet", tmp_path / "ps.parquet", tmp_path / "c.jsonl.gz"])
+    assert docs == texts[:-1] + ["P?\nS.", "gz doc"]
+    # the first 2,100 documents come from the first file alone: the missing one after it is never opened
+    assert load_documents([tmp_path / "owm.parquet", tmp_path / "missing.parquet"], max_documents=2100) == texts[:2100]
+    with pytest.raises(FileNotFoundError):
+        load_documents([tmp_path / "owm.parquet", tmp_path / "missing.parquet"], max_documents=2600)
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="needs a 'text' column.*it has content"):
+        load_documents([tmp_path / "other.parquet"])
+
+
+def test_rows_of_a_slice_are_the_first_rows_of_everything(tmp_path):
+    """train.load_rows(max_rows=R) reads documents until R rows are full: the same rows as packing them all."""
+    from quietstar import assets
+    from quietstar.train import load_rows
+    tok = assets.mistral_tokenizer()
+    full = load_rows(("default",), tok, 64, split="heldout", with_doc_start=True)
+    for R in (1, 7, 300):
+        part = load_rows(("default",), tok, 64, split="heldout", with_doc_start=True, max_rows=R)
+        assert len(part) == 3 and all(torch.equal(a[:R], b) for a, b in zip(full, part))
+    few = load_rows(("default",), tok, 64, split="heldout", max_documents=10)
+    docs = load_documents("default", "heldout")[:10]
+    assert torch.equal(few[0], pack_rows(tokenize_documents(docs, tok), 64, sep_id=1)[0])
+
+
 # ----------------------------------------------------------------------------- batches
 
 def _rows(R=23, T=3):
