@@ -156,8 +156,8 @@ class TrainConfig:
     read from the installed package), or paths: text files (one document each), JSON lines (.jsonl, .jsonl.gz)
     or Parquet (.parquet, e.g. OpenWebMath's shards) with a "text" (or "problem" + "solution") field."""
     max_documents: int = 0
-    """Read only the first N documents of --data, in file order (0: all): a slice of a large corpus (the paper's
-    run used ~100 steps of 8 x 256 tokens), without tokenizing the rest."""
+    """Read only the first N documents of --data, in file order (0: all): a slice of a large corpus, without
+    tokenizing the rest (the reference run trained on OpenWebMath's first 1,000 documents)."""
     device: str = "auto"
     """"auto" (CUDA when there is one), "cpu" or "cuda"."""
     out_dir: str = "runs/default"
