@@ -67,9 +67,10 @@ case "$MODE" in
     fb=()
     [ -f "$STATE/gpu_tests.txt" ] && fb=(--gpu-tests "$STATE/gpu_tests.txt")
     set -o pipefail
-    # the whole call ends by CALL1_S (the device call's timeout is 330 s): measure gets what the FSDP part
-    # leaves, and the FSDP part what is left (it writes its table after each configuration)
-    m_left=$((CALL1_S - SECONDS - (fsdp_budget > 0 ? 90 : 0)))
+    # the whole call ends by CALL1_S (the device call's timeout is 330 s). The step times come first (call 2
+    # cannot size its run without them): measure may take all but 40 s; the FSDP part gets what is left
+    # (skipped under 30 s; it writes its table after each configuration)
+    m_left=$((CALL1_S - SECONDS - (fsdp_budget > 0 ? 40 : 0)))
     timeout -k 5 $((m_left > 60 ? m_left : 60)) \
       "$PY" benchmarks/learn_experiment.py --measure --out "$STATE" "${fb[@]}" "${rest[@]}" 2>&1 | tee "$OUT/measure.log" \
       | grep -v "it/s\]$\|s/it\]$"
