@@ -440,6 +440,8 @@ def measure(args, out: Path) -> dict:
     model_name = {"smollm2-135m": "smollm2-135m-random"}.get(args.model, args.model)
     device, backends, autocast, _, sets = eval_setup(args)
     res = {"model": model_name, "device": args.device, "measure_steps": args.measure_steps}
+    if args.gpu_tests_line:            # travels with the step times (a run on a fresh machine reads it there)
+        res["gpu_tests"] = args.gpu_tests_line
     for arm, beta in (("quietstar", 1.0), ("control", None)):        # beta_policy does not change the work
         t0 = time.time()
         model = train_arm(args, arm, beta, args.measure_steps, out / "measure", model_name)
@@ -528,7 +530,7 @@ def _run(args, out: Path) -> dict:
                     "attention": args.attention, "lm_head": args.lm_head, "document_mask": args.document_mask,
                     "cuda_graphs": graphs_on(args)},
            "seconds": {}}
-    if args.gpu_tests:                  # what the GPU tests of the same machine said (learn_experiment.sh)
+    if args.gpu_tests_line:             # what the GPU tests of the same machine said (learn_experiment.sh)
         res["meta"]["gpu_tests"], res["meta"]["fallbacks"] = args.gpu_tests_line, args.fallbacks
     render(out, res, mirror)
 
@@ -583,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-eval-rows", type=int, default=48,
                    help="--measure: rows of each evaluation set timed (scaled to the whole set)")
     p.add_argument("--gpu-tests", default="", help="a file with the GPU tests' one-line result (learn_experiment.sh): "
-                   "it goes into results.json, and a kernel family with a failed test is replaced (FALLBACKS)")
+                   "it goes into results.json (and, with --measure, into step_times.json, where a run without "
+                   "--gpu-tests finds it), and a kernel family with a failed test is replaced (FALLBACKS)")
     p.add_argument("--mirror", default="", help="also keep copies of the results and training logs in this "
                    "folder, flat, refreshed every --mirror-every s and after each phase (a lent GPU's $OUT)")
     p.add_argument("--mirror-every", type=float, default=20.0, help=argparse.SUPPRESS)
@@ -625,6 +628,9 @@ def main(argv=None) -> int:
         if not Path(args.gpu_tests).exists():
             p.error(f"--gpu-tests: no file {args.gpu_tests}")
         args.gpu_tests_line = Path(args.gpu_tests).read_text().strip()
+    elif args.step_times and not args.measure and Path(args.step_times).exists():
+        args.gpu_tests_line = json.loads(Path(args.step_times).read_text()).get("gpu_tests", "")
+    if args.gpu_tests_line:
         args.fallbacks = apply_fallbacks(args, args.gpu_tests_line)
         if args.fallbacks:
             print(f"FALLBACK after failed GPU tests: {', '.join(args.fallbacks)}", flush=True)

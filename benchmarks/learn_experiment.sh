@@ -17,6 +17,11 @@
 #           joins the parts (sha256-checked by quietstar.assets), sizes the steps to what is left of
 #           --budget-s after the "before" evaluation, and runs the experiment; extra arguments go to
 #           learn_experiment.py (--budget-s S or --train-budget-s S or --steps N)
+#   recovery (the machine went back before call 2: part1, the wheels, quietstar/data and runs/learn/ are gone):
+#           copy call 1's step_times.json to .smollm2/step_times.json here, then two calls back to back:
+#           bash benchmarks/learn_experiment.sh "$OUT" stage   carry [".whl", "quietstar/data", ".smollm2/part1",
+#                                                                   ".smollm2/step_times.json"]   (seconds)
+#           and call 2 as above, carry [".smollm2/part2", ".smollm2/step_times.json"]
 #   rehearsal: bash benchmarks/learn_experiment.sh DIR smoke     (CPU, the tiny model, ~1-2 min)
 set -u
 OUT="${1:?usage: benchmarks/learn_experiment.sh OUTDIR measure|run|smoke [options]}"
@@ -28,7 +33,8 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 STATE=runs/learn
-case "$MODE" in measure|run|smoke) ;; *) echo "learn_experiment.sh: MODE must be measure, run or smoke, got '$MODE'"; exit 2 ;; esac
+case "$MODE" in measure|run|stage|smoke) ;;
+  *) echo "learn_experiment.sh: MODE must be measure, run, stage or smoke, got '$MODE'"; exit 2 ;; esac
 mkdir -p "$OUT" "$STATE"
 
 if [ "$MODE" != smoke ]; then
@@ -96,7 +102,19 @@ case "$MODE" in
     n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
     [ "$n" -le 8 ] || echo "WARNING: $n files in $OUT, the device tool brings back 8"
     exit $rc ;;
+  stage)
+    # recovery when the machine went back between call 1 and call 2 (part1, the wheels and runs/learn/ with it):
+    # this call only deposits what it carries; call 2 follows at once and takes the step times from
+    # .smollm2/step_times.json (call 1's, copied there and carried in both calls)
+    ls -l .smollm2 2>&1
+    [ -f .smollm2/part1 ] || { echo "stage: carry .smollm2/part1"; exit 2; }
+    [ -f .smollm2/step_times.json ] || echo "stage: no .smollm2/step_times.json: call 2 will need --steps N"
+    echo "staged: now call 2 (run) AT ONCE"
+    exit 0 ;;
   run)
+    if [ ! -f "$STATE/step_times.json" ] && [ -f .smollm2/step_times.json ]; then
+      cp .smollm2/step_times.json "$STATE/step_times.json"      # a fresh machine: call 1's, carried
+    fi
     if [ ! -f "$STATE/smollm2.gguf" ]; then
       [ -f .smollm2/part1 ] && [ -f .smollm2/part2 ] \
         || { echo "run: .smollm2/part1 (call 1) and .smollm2/part2 (this call) must both be here"; exit 2; }

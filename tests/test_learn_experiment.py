@@ -86,16 +86,20 @@ def test_failed_gpu_tests_fall_back_to_plain_paths():
 
 def test_measure_then_budgeted_run(tmp_path):
     """--measure writes every number --budget-s needs; a budgeted run sizes its steps after the 'before' phase."""
-    lx.main(SMALL + ["--measure", "--measure-steps", "2", "--measure-eval-rows", "1", "--out", str(tmp_path)])
+    (tmp_path / "tests.txt").write_text("GPU tests: 12 passed, 1 failed;- FAILED test_document_mask::"
+                                        "test_gpu_bf16_kernels_with_documents[x]: y")
+    lx.main(SMALL + ["--measure", "--measure-steps", "2", "--measure-eval-rows", "1", "--out", str(tmp_path),
+                     "--gpu-tests", str(tmp_path / "tests.txt")])
     st = json.loads((tmp_path / "step_times.json").read_text())
     for k in ("quietstar_ms", "control_ms", "quietstar_overhead_s", "control_overhead_s", "eval_thought_s", "eval_base_s"):
         assert st[k] > 0, k
+    assert st["gpu_tests"].startswith("GPU tests: 12 passed, 1 failed;")
     assert not (tmp_path / "measure").exists()
-    (tmp_path / "tests.txt").write_text("GPU tests: 12 passed, 1 failed;- FAILED test_document_mask::"
-                                        "test_gpu_bf16_kernels_with_documents[x]: y")
+    # a run on another machine (the recovery path of learn_experiment.sh): no --gpu-tests file, the GPU tests'
+    # result and its fallbacks come with the step times
     out = tmp_path / "exp"
     lx.main(SMALL + ["--policy-weights", "1", "--step-times", str(tmp_path / "step_times.json"), "--budget-s", "1e5",
-                     "--max-steps", "2", "--gpu-tests", str(tmp_path / "tests.txt"), "--out", str(out)])
+                     "--max-steps", "2", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["steps"] == 2 and res["meta"]["gpu_tests"].startswith("GPU tests: 12 passed, 1 failed;")
     assert res["meta"]["fallbacks"] == ["document_mask=False"] and res["meta"]["document_mask"] is False
