@@ -47,11 +47,22 @@ def check_decoder(lm) -> None:
         raise ValueError("model: an LM head with a bias is not supported (the fused LM head is W h)")
 
 
-def build_decoder(cfg: ModelConfig, dtype=torch.float32):
+def build_decoder(cfg: ModelConfig, dtype=torch.float32, weights: bool = True):
     """The stock decoder: a random-init tiny Mistral, SmolLM2-135M (real, or random-init at its exact
-    shape: the same work for speed measurements, no weights needed), or a local HF folder."""
+    shape: the same work for speed measurements, no weights needed), or a local HF folder.
+    `weights=False`: the architecture only, for weights loaded next (build it under torch.device("meta"):
+    `empty_decoder`); a folder's weight files are not read."""
     from transformers import AutoConfig, AutoModelForCausalLM, MistralForCausalLM
-    if cfg.name == "tiny":
+    if not weights:
+        from .assets import smollm2_mistral_config
+        hf_cfg = (tiny_mistral_config(cfg) if cfg.name == "tiny" else
+                  smollm2_mistral_config() if cfg.name in ("smollm2-135m", "smollm2-135m-random") else
+                  AutoConfig.from_pretrained(cfg.name, local_files_only=True))
+        if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"--model {cfg.name}: expected a Mistral- or Llama-architecture folder, "
+                             f"got model_type={hf_cfg.model_type!r}")
+        lm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    elif cfg.name == "tiny":
         lm = MistralForCausalLM(tiny_mistral_config(cfg)).to(dtype)
     elif cfg.name == "smollm2-135m-random":
         from .assets import smollm2_mistral_config
@@ -76,6 +87,20 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32):
     check_decoder(lm)
     lm.config._attn_implementation = attention.register()
     return lm
+
+
+def empty_decoder_model(cfg: ModelConfig, thought: ThoughtConfig) -> "QuietStarModel":
+    """A QuietStarModel with `cfg`'s architecture in fp32 on the CPU, its memory allocated but not initialised,
+    for a state dict loaded next (a checkpoint, a gathered FSDP model): nothing is read from the model's
+    weight files (7B: ~14 GB) and nothing is drawn at random. Built on the meta device, then allocated;
+    RoPE's buffers (computed, in no state dict) are made again, and tied embeddings tied again."""
+    with torch.device("meta"):
+        lm = build_decoder(cfg, dtype=torch.float32, weights=False)
+        model = QuietStarModel(lm, thought)
+    model.to_empty(device="cpu")
+    lm.model.rotary_emb = type(lm.model.rotary_emb)(config=lm.config)
+    lm.tie_weights()
+    return model
 
 
 def load_export_tokenizer(directory):

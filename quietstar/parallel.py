@@ -255,13 +255,12 @@ def load_checkpoint(path, model, opt, sched, rng: dict) -> tuple[int, dict | Non
 # ----------------------------------------------------------------------------------------------
 def plain_model(config: dict):
     """An unsharded fp32 QuietStarModel on the CPU with the architecture of a run's `config` (a
-    `dataclasses.asdict(Config)`), its weights to be loaded."""
+    `dataclasses.asdict(Config)`), its weights to be loaded (allocated, not initialised: `empty_decoder_model`)."""
     from .config import ModelConfig, ThoughtConfig
-    from .model import QuietStarModel, build_decoder
+    from .model import empty_decoder_model
     th = dict(config["thought"])
     th["banned_ids"] = tuple(th.get("banned_ids", ()))
-    lm = build_decoder(ModelConfig(**config["model"]), dtype=torch.float32)
-    return QuietStarModel(lm, ThoughtConfig(**th))
+    return empty_decoder_model(ModelConfig(**config["model"]), ThoughtConfig(**th))
 
 
 def export_full(model, export_dir, config: dict, tokenizer=None) -> Path | None:

@@ -264,3 +264,34 @@ def test_parquet_data_and_max_documents(tmp_path):
     with pytest.raises(ValueError, match="need at least"):
         train(config_from_args(RUN + ["--steps", "1", "--data", str(shard), "--max-documents", "1",
                                       "--batch-size", "4", "--out-dir", str(tmp_path / "p")]), progress=False)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_converter_reads_no_base_weights(tmp_path, tied):
+    """A run's checkpoint converts without the base model's weight files (a 7B folder's ~14 GB are not read
+    again: the architecture is built empty and the checkpoint fills it), tied embeddings stay tied, and
+    RoPE's computed buffers are right: the export equals the trained model, logits included."""
+    from quietstar import ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
+    from quietstar.assets import mistral_tokenizer
+    from quietstar.parallel import main as convert
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                     tie_word_embeddings=tied)
+    base = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2), marker_init_id=5)
+    folder = tmp_path / "base"
+    base.lm.save_pretrained(folder)
+    mistral_tokenizer().save_pretrained(folder)
+    out = tmp_path / "run"
+    res = train(config_from_args(["--model", str(folder), "--M", "2", "--K", "2", "--P", "2", "--seq-len", "16",
+                                  "--batch-size", "1", "--steps", "1", "--out-dir", str(out)]), progress=False)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()                                            # the base weights are gone
+    assert convert([str(out / "final.pt"), str(tmp_path / "exp")]) == 0
+    got = QuietStarModel.from_pretrained(tmp_path / "exp")
+    want = res["model"].cpu()
+    sa, sb = want.state_dict(), got.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (got.lm.lm_head.weight is got.lm.model.embed_tokens.weight) == tied
+    ids = torch.randint(3, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(got.lm(ids).logits, want.lm(ids).logits)
