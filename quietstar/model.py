@@ -51,7 +51,7 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32, weights: bool = True):
     """The stock decoder: a random-init tiny Mistral, SmolLM2-135M (real, or random-init at its exact
     shape: the same work for speed measurements, no weights needed), or a local HF folder.
     `weights=False`: the architecture only, for weights loaded next (build it under torch.device("meta"):
-    `empty_decoder`); a folder's weight files are not read."""
+    `empty_decoder_model`); a folder's weight files are not read."""
     from transformers import AutoConfig, AutoModelForCausalLM, MistralForCausalLM
     if not weights:
         from .assets import smollm2_mistral_config
