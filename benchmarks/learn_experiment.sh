@@ -24,8 +24,8 @@
 #           and call 2 as above, carry [".smollm2/part2", ".smollm2/step_times.json"]
 #   rehearsal: bash benchmarks/learn_experiment.sh DIR smoke     (CPU, the tiny model, ~1-2 min)
 set -u
-OUT="${1:?usage: benchmarks/learn_experiment.sh OUTDIR measure|run|smoke [options]}"
-MODE="${2:?usage: benchmarks/learn_experiment.sh OUTDIR measure|run|smoke [options]}"
+OUT="${1:?usage: benchmarks/learn_experiment.sh OUTDIR measure|run|stage|smoke [options]}"
+MODE="${2:?usage: benchmarks/learn_experiment.sh OUTDIR measure|run|stage|smoke [options]}"
 shift 2
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 unset TRITON_INTERPRET

@@ -56,11 +56,19 @@ DocSpec = str | os.PathLike | Sequence[str | os.PathLike]
 # ----------------------------------------------------------------------------- documents
 
 def _document_text(obj: dict, where: str) -> str:
+    """A record's document; a null field is an empty document (dropped), any other non-string an error."""
     if "text" in obj:
-        return obj["text"]
-    if "problem" in obj and "solution" in obj:
-        return obj["problem"] + "\n" + obj["solution"]
-    raise ValueError(f"{where}: a record needs 'text' or 'problem'+'solution'")
+        parts = [obj["text"]]
+    elif "problem" in obj and "solution" in obj:
+        parts = [obj["problem"], obj["solution"]]
+    else:
+        raise ValueError(f"{where}: a record needs 'text' or 'problem'+'solution'")
+    if any(p is None for p in parts):
+        return ""
+    bad = [type(p).__name__ for p in parts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{where}: the document field is {bad[0]}, expected a string")
+    return "\n".join(parts)
 
 
 def _is_jsonl(p: Path) -> bool:
@@ -69,16 +77,20 @@ def _is_jsonl(p: Path) -> bool:
 
 def _iter_jsonl(path: Path) -> Iterator[str]:
     import gzip
+    import zlib
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"document file {path}: line {lineno} is not JSON ({e.msg})") from e
-            yield _document_text(obj, f"{path}:{lineno}")
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"document file {path}: line {lineno} is not JSON ({e.msg})") from e
+                yield _document_text(obj, f"{path}:{lineno}")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"document file {path}: a truncated or corrupt gzip file ({e})") from e
 
 
 def _iter_parquet(path: Path) -> Iterator[str]:
@@ -92,9 +104,11 @@ def _iter_parquet(path: Path) -> Iterator[str]:
     if cols is None:
         raise ValueError(f"{path}: a Parquet file needs a 'text' column (or 'problem' and 'solution'); it has "
                          f"{', '.join(names[:12])}")
+    row = 0
     for batch in f.iter_batches(batch_size=1024, columns=cols):
         for obj in batch.to_pylist():
-            yield _document_text(obj, str(path))
+            yield _document_text(obj, f"{path}: row {row}")
+            row += 1
 
 
 def _iter_file(p: Path) -> Iterator[str]:

@@ -263,7 +263,7 @@ def build_eval_parser():
 def _heldout(args, model, tok, sep_id, backends, gen, device, autocast) -> dict:
     from . import data as qdata
     spec = args.data if args.data in ("default", "math") else [args.data]
-    docs = qdata.load_documents(spec, split="heldout", max_documents=args.limit or 0)
+    docs = qdata.load_documents(spec, split="heldout", max_documents=args.limit or 0)   # None: all
     toks = qdata.tokenize_documents(docs, tok)
     rows, valid = document_rows(toks, args.seq_len, sep_id)
     n_bytes = sum(len(tok.decode(t[: args.seq_len - 1]).encode("utf-8")) for t in toks)
@@ -350,6 +350,8 @@ def _eval_main(argv) -> int:
     from .model import QuietStarModel, load_export_tokenizer
     from .train import document_separator
     args = build_eval_parser().parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1 (or left out: everything), got {args.limit}")
     tasks = [t for t in args.tasks.split(",") if t]
     bad = [t for t in tasks if t not in ("heldout", "gsm8k", "csqa")]
     if bad:

@@ -62,6 +62,9 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32, weights: bool = True):
             raise ValueError(f"--model {cfg.name}: expected a Mistral- or Llama-architecture folder, "
                              f"got model_type={hf_cfg.model_type!r}")
         lm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+        if (Path(cfg.name) / "generation_config.json").exists():   # from_config makes a default one
+            from transformers import GenerationConfig
+            lm.generation_config = GenerationConfig.from_pretrained(cfg.name, local_files_only=True)
     elif cfg.name == "tiny":
         lm = MistralForCausalLM(tiny_mistral_config(cfg)).to(dtype)
     elif cfg.name == "smollm2-135m-random":
@@ -93,14 +96,34 @@ def empty_decoder_model(cfg: ModelConfig, thought: ThoughtConfig) -> "QuietStarM
     """A QuietStarModel with `cfg`'s architecture in fp32 on the CPU, its memory allocated but not initialised,
     for a state dict loaded next (a checkpoint, a gathered FSDP model): nothing is read from the model's
     weight files (7B: ~14 GB) and nothing is drawn at random. Built on the meta device, then allocated;
-    RoPE's buffers (computed, in no state dict) are made again, and tied embeddings tied again."""
+    RoPE's buffers (computed, in no state dict) are made again. The embeddings come untied: load both, then
+    `retie_embeddings` (the trained model may have had them tied or not)."""
     with torch.device("meta"):
         lm = build_decoder(cfg, dtype=torch.float32, weights=False)
         model = QuietStarModel(lm, thought)
     model.to_empty(device="cpu")
     lm.model.rotary_emb = type(lm.model.rotary_emb)(config=lm.config)
-    lm.tie_weights()
     return model
+
+
+def retie_embeddings(lm) -> None:
+    """Tie the output head to the input embedding again where the config ties them and the loaded weights
+    agree (a model trained tied: both state-dict entries hold one tensor); a config that says tied over two
+    different trained tensors (transformers then loads them untied and warns) stays untied."""
+    if getattr(lm.config, "tie_word_embeddings", False) and torch.equal(lm.lm_head.weight,
+                                                                         lm.model.embed_tokens.weight):
+        lm.tie_weights()
+
+
+def _extras_meta(d: Path) -> dict:
+    """An export's quietstar.json, checked: its format, and no option that has been removed since."""
+    meta = json.loads((d / EXTRAS_CONFIG).read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{d / EXTRAS_CONFIG}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    if meta["thought"].get("mixing", "unbounded") != "unbounded":   # exports written before the option was removed
+        raise ValueError(f"{d / EXTRAS_CONFIG}: mixing={meta['thought']['mixing']!r} is no longer supported "
+                         "(only the unbounded mixing weight is; see MixingHead)")
+    return meta
 
 
 def load_export_tokenizer(directory):
@@ -257,9 +280,7 @@ class QuietStarModel(nn.Module):
             raise FileNotFoundError(
                 f"{d} is not a Quiet-STaR export: {', '.join(missing)} missing (QuietStarModel.save_pretrained "
                 "writes them; a plain Hugging Face decoder folder is a --model for quietstar-train instead)")
-        meta = json.loads((d / EXTRAS_CONFIG).read_text())
-        if meta.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{d / EXTRAS_CONFIG}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+        meta = _extras_meta(d)
         lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True)
         check_decoder(lm)
         lm.config._attn_implementation = attention.register()
@@ -272,10 +293,7 @@ class QuietStarModel(nn.Module):
         if n_tok is not None and n_tok > V:
             raise ValueError(f"{d}: the tokenizer (tokenizer.json) has ids up to {n_tok - 1} but the decoder's "
                              f"vocabulary is {V}: a mismatched vocabulary")
-        saved = dict(meta["thought"])
-        if saved.pop("mixing", "unbounded") != "unbounded":     # exports written before the option was removed
-            raise ValueError(f"{d / EXTRAS_CONFIG}: mixing={meta['thought']['mixing']!r} is no longer supported "
-                             "(only the unbounded mixing weight is; see MixingHead)")
+        saved = {k: v for k, v in meta["thought"].items() if k != "mixing"}
         thought = ThoughtConfig(**{**saved, "banned_ids": tuple(saved["banned_ids"])})
         model = cls(lm, thought)
         model.load_extras(d)
@@ -295,13 +313,15 @@ class QuietStarModel(nn.Module):
         marker_scale: a model with another scale gets the same effective markers, stored / its own scale."""
         from safetensors.torch import load_file
         d = Path(directory)
-        meta = json.loads((d / EXTRAS_CONFIG).read_text())
+        meta = _extras_meta(d)
         hidden = int(self.lm.config.hidden_size)
         if (int(self.lm_head_weight.shape[0]), hidden) != (meta["vocab_size"], meta["hidden_size"]):
             raise ValueError(f"{d}: Quiet-STaR extras saved for vocabulary {meta['vocab_size']} and hidden size "
                              f"{meta['hidden_size']}, but the decoder has {int(self.lm_head_weight.shape[0])} and "
                              f"{hidden}")
         extras = load_file(str(d / EXTRAS_WEIGHTS))
+        if "markers" not in extras:
+            raise ValueError(f"{d / EXTRAS_WEIGHTS}: no markers (not written by QuietStarModel.save_pretrained)")
         if tuple(extras["markers"].shape) != (2, hidden):
             raise ValueError(f"{d / EXTRAS_WEIGHTS}: markers of shape {tuple(extras['markers'].shape)}, "
                              f"expected (2, {hidden})")

@@ -270,8 +270,10 @@ def export_full(model, export_dir, config: dict, tokenizer=None) -> Path | None:
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank_world()[0] != 0:
         return None
+    from .model import retie_embeddings
     plain = plain_model(config)
     plain.load_state_dict(sd)
+    retie_embeddings(plain.lm)
     return plain.save_pretrained(export_dir, tokenizer=tokenizer)
 
 
@@ -279,11 +281,13 @@ def load_plain(ckpt) -> tuple:
     """(an unsharded fp32 QuietStarModel on the CPU with a checkpoint's weights, the run's configuration), in one
     process without a process group: from a DCP folder of any world size (--parallel fsdp), or a .pt file
     (single process or DDP)."""
+    from .model import retie_embeddings
     if Path(ckpt).is_file():
         from .train import load_checkpoint
         ck = load_checkpoint(ckpt, mmap=True, arg="checkpoint")
         model = plain_model(ck["config"])
         model.load_state_dict(ck["model"])
+        retie_embeddings(model.lm)
         return model, ck["config"]
     from torch.distributed import checkpoint as dcp
     meta = read_meta(ckpt, arg="checkpoint")
@@ -292,6 +296,7 @@ def load_plain(ckpt) -> tuple:
     with _dcp_quiet():
         dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(state["model"])
+    retie_embeddings(model.lm)
     return model, meta["config"]
 
 

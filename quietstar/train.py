@@ -28,7 +28,7 @@ from . import data, parallel
 from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESET, Config, LossConfig,
                      ModelConfig, ThoughtConfig, TrainConfig)
 from .flops import peak_bf16_flops, step_flops
-from .model import QuietStarModel, build_decoder, empty_decoder_model
+from .model import QuietStarModel, build_decoder
 from .thoughts import ADDITIVE_METRICS, Backends, check_batch, target_counts
 
 
@@ -557,17 +557,14 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         eval_rows = list(load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout",
                                    with_doc_start=tc.document_mask, max_rows=tc.eval_rows))
 
-    # model: fp32 master weights; a resumed run's come from its checkpoint, so its model is built empty (no weight
-    # file read, nothing drawn: the checkpoint restores the RNG states too)
-    if tc.resume:
-        model = empty_decoder_model(cfg.model, cfg.thought)
-    else:
-        model = QuietStarModel(build_decoder(cfg.model, dtype=torch.float32), cfg.thought,
-                               marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text))
-        if QuietStarModel.is_export(cfg.model.name):  # a trained model continues with its markers and mixing head
-            model.load_extras(cfg.model.name)
-            if rank == 0 and progress:
-                print(f"--model {cfg.model.name}: a Quiet-STaR export; its markers and mixing head are loaded too")
+    # model: fp32 master weights (a resumed run builds it as the run did, so that its tied or untied embeddings
+    # and hence the optimizer's parameters are the same, then loads the checkpoint over it)
+    model = QuietStarModel(build_decoder(cfg.model, dtype=torch.float32), cfg.thought,
+                           marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text))
+    if QuietStarModel.is_export(cfg.model.name) and not tc.resume:  # a trained model continues with its extras
+        model.load_extras(cfg.model.name)
+        if rank == 0 and progress:
+            print(f"--model {cfg.model.name}: a Quiet-STaR export; its markers and mixing head are loaded too")
     lm = model.lm
     if lm.config.vocab_size < len(tok):
         raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}")

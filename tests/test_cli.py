@@ -279,6 +279,8 @@ def test_the_converter_reads_no_base_weights(tmp_path, tied):
                      tie_word_embeddings=tied)
     base = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2), marker_init_id=5)
     folder = tmp_path / "base"
+    gc = base.lm.generation_config
+    gc.do_sample, gc.temperature, gc.eos_token_id = True, 0.6, [2, 7]
     base.lm.save_pretrained(folder)
     mistral_tokenizer().save_pretrained(folder)
     out = tmp_path / "run"
@@ -292,6 +294,22 @@ def test_the_converter_reads_no_base_weights(tmp_path, tied):
     sa, sb = want.state_dict(), got.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (got.lm.lm_head.weight is got.lm.model.embed_tokens.weight) == tied
+    assert (got.lm.generation_config.temperature, got.lm.generation_config.eos_token_id) == (0.6, [2, 7])
     ids = torch.randint(3, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(got.lm(ids).logits, want.lm(ids).logits)
+
+
+def test_retie_follows_the_loaded_weights():
+    """A config that ties the embeddings over two different trained tensors (transformers then loads them
+    untied) stays untied; equal ones (a model trained tied) are tied again."""
+    from quietstar import ModelConfig, build_decoder
+    from quietstar.model import retie_embeddings
+    lm = build_decoder(ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                                   intermediate_size=64, tie_word_embeddings=True))
+    lm.lm_head.weight = torch.nn.Parameter(lm.model.embed_tokens.weight.detach() + 1)
+    retie_embeddings(lm)
+    assert lm.lm_head.weight is not lm.model.embed_tokens.weight
+    lm.lm_head.weight = torch.nn.Parameter(lm.model.embed_tokens.weight.detach().clone())
+    retie_embeddings(lm)
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight

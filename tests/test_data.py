@@ -115,17 +115,35 @@ def test_parquet_and_gzipped_json_lines_and_a_lazy_slice(tmp_path):
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "other.parquet")
     with pytest.raises(ValueError, match="needs a 'text' column.*it has content"):
         load_documents([tmp_path / "other.parquet"])
+    # a null text is an empty document (dropped); a number is an error naming the file and row / line
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "nulls.parquet")
+    assert load_documents([tmp_path / "nulls.parquet"]) == ["a", "b"]
+    (tmp_path / "num.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    with pytest.raises(ValueError, match="num.jsonl:2: the document field is int, expected a string"):
+        load_documents([tmp_path / "num.jsonl"])
+    whole = (tmp_path / "c.jsonl.gz").read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="cut.jsonl.gz: a truncated or corrupt gzip file"):
+        load_documents([tmp_path / "cut.jsonl.gz"])
 
 
-def test_rows_of_a_slice_are_the_first_rows_of_everything(tmp_path):
-    """train.load_rows(max_rows=R) reads documents until R rows are full: the same rows as packing them all."""
+def test_rows_of_a_slice_are_the_first_rows_of_everything(tmp_path, monkeypatch):
+    """train.load_rows(max_rows=R) reads documents until R rows are full (in chunks of 512): the same rows as
+    packing them all, from fewer documents."""
     from quietstar import assets
+    from quietstar import data as qdata
     from quietstar.train import load_rows
     tok = assets.mistral_tokenizer()
-    full = load_rows(("default",), tok, 64, split="heldout", with_doc_start=True)
-    for R in (1, 7, 300):
-        part = load_rows(("default",), tok, 64, split="heldout", with_doc_start=True, max_rows=R)
+    full = load_rows(("default",), tok, 64, with_doc_start=True)                 # 4,497 documents
+    read = []
+    real = qdata.tokenize_documents
+    monkeypatch.setattr(qdata, "tokenize_documents", lambda docs, t: read.append(len(docs)) or real(docs, t))
+    for R, most in ((1, 512), (2000, 2048), (full[0].shape[0], 4497)):
+        read.clear()
+        part = load_rows(("default",), tok, 64, with_doc_start=True, max_rows=R)
         assert len(part) == 3 and all(torch.equal(a[:R], b) for a, b in zip(full, part))
+        assert sum(read) <= most, (R, read)
+    assert sum(read) == 4497
     few = load_rows(("default",), tok, 64, split="heldout", max_documents=10)
     docs = load_documents("default", "heldout")[:10]
     assert torch.equal(few[0], pack_rows(tokenize_documents(docs, tok), 64, sep_id=1)[0])

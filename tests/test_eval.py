@@ -171,7 +171,8 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, tiny_export):
     exp = tiny_export(P=2)
     capsys.readouterr()                                # the export's own progress output
     for argv, needle in (([str(tmp_path / "missing")], "not a Quiet-STaR export"),
-                         ([str(exp), "--tasks", "heldout,mmlu"], "--tasks: unknown ['mmlu']")):
+                         ([str(exp), "--tasks", "heldout,mmlu"], "--tasks: unknown ['mmlu']"),
+                         ([str(exp), "--limit", "0"], "--limit must be >= 1")):
         rc = eval_main(argv + ["--device", "cpu", "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-eval: error: ") and needle in err[0], err
