@@ -507,13 +507,13 @@ def run(args, out: Path) -> dict:
     if args.mirror and len(arms(args)) + 5 > 8:
         print(f"WARNING: --mirror: {len(arms(args)) + 5} files (run.log, 4 results, a log per arm) in {args.mirror}; "
               "the device tool brings back 8", flush=True)
-    with MirrorEvery(out, Path(args.mirror) if args.mirror else None, args.mirror_every):
-        return _run(args, out)
-
-
-def _run(args, out: Path) -> dict:
-    t_start = time.time()
     mirror = Path(args.mirror) if args.mirror else None
+    with MirrorEvery(out, mirror, args.mirror_every):
+        return _run(args, out, mirror)
+
+
+def _run(args, out: Path, mirror: Path | None) -> dict:
+    t_start = time.time()
     if args.budget_s and not args.steps:
         step_times(args, budget=True)                             # refused now, not after the "before" phase
     steps = None if args.budget_s else plan_steps(args)          # with --budget-s: after the "before" phase

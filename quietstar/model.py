@@ -47,20 +47,27 @@ def check_decoder(lm) -> None:
         raise ValueError("model: an LM head with a bias is not supported (the fused LM head is W h)")
 
 
+def _folder_config(name: str):
+    """The config.json of a local model folder (never a Hub id), refused unless Mistral or Llama."""
+    from transformers import AutoConfig
+    hf_cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+    if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"--model {name}: expected a Mistral- or Llama-architecture folder, "
+                         f"got model_type={hf_cfg.model_type!r}")
+    return hf_cfg
+
+
 def build_decoder(cfg: ModelConfig, dtype=torch.float32, weights: bool = True):
     """The stock decoder: a random-init tiny Mistral, SmolLM2-135M (real, or random-init at its exact
     shape: the same work for speed measurements, no weights needed), or a local HF folder.
     `weights=False`: the architecture only, for weights loaded next (build it under torch.device("meta"):
     `empty_decoder_model`); a folder's weight files are not read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, MistralForCausalLM
+    from transformers import AutoModelForCausalLM, MistralForCausalLM
     if not weights:
         from .assets import smollm2_mistral_config
         hf_cfg = (tiny_mistral_config(cfg) if cfg.name == "tiny" else
                   smollm2_mistral_config() if cfg.name in ("smollm2-135m", "smollm2-135m-random") else
-                  AutoConfig.from_pretrained(cfg.name, local_files_only=True))
-        if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"--model {cfg.name}: expected a Mistral- or Llama-architecture folder, "
-                             f"got model_type={hf_cfg.model_type!r}")
+                  _folder_config(cfg.name))
         lm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
         if (Path(cfg.name) / "generation_config.json").exists():   # from_config makes a default one
             from transformers import GenerationConfig
@@ -82,10 +89,7 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32, weights: bool = True):
         from .assets import load_smollm2
         lm = load_smollm2(dtype=dtype)
     else:
-        hf_cfg = AutoConfig.from_pretrained(cfg.name, local_files_only=True)   # a local folder only
-        if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"--model {cfg.name}: expected a Mistral- or Llama-architecture folder, "
-                             f"got model_type={hf_cfg.model_type!r}")
+        _folder_config(cfg.name)
         lm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype, local_files_only=True)
     check_decoder(lm)
     lm.config._attn_implementation = attention.register()

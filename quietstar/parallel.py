@@ -253,14 +253,24 @@ def load_checkpoint(path, model, opt, sched, rng: dict) -> tuple[int, dict | Non
 # ----------------------------------------------------------------------------------------------
 # export: the full model on one rank, as QuietStarModel.save_pretrained writes it
 # ----------------------------------------------------------------------------------------------
-def plain_model(config: dict):
+def plain_model(config: dict, state_dict: dict | None = None):
     """An unsharded fp32 QuietStarModel on the CPU with the architecture of a run's `config` (a
-    `dataclasses.asdict(Config)`), its weights to be loaded (allocated, not initialised: `empty_decoder_model`)."""
+    `dataclasses.asdict(Config)`), built empty (`empty_decoder_model`), with `state_dict` loaded into it when
+    given (else its weights are to be loaded, then `fill`)."""
     from .config import ModelConfig, ThoughtConfig
     from .model import empty_decoder_model
     th = dict(config["thought"])
     th["banned_ids"] = tuple(th.get("banned_ids", ()))
-    return empty_decoder_model(ModelConfig(**config["model"]), ThoughtConfig(**th))
+    model = empty_decoder_model(ModelConfig(**config["model"]), ThoughtConfig(**th))
+    return model if state_dict is None else fill(model, state_dict)
+
+
+def fill(model, state_dict: dict):
+    """Load a full state dict into an empty-built model and tie its embeddings again where they agree."""
+    from .model import retie_embeddings
+    model.load_state_dict(state_dict)
+    retie_embeddings(model.lm)
+    return model
 
 
 def export_full(model, export_dir, config: dict, tokenizer=None) -> Path | None:
@@ -270,34 +280,24 @@ def export_full(model, export_dir, config: dict, tokenizer=None) -> Path | None:
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank_world()[0] != 0:
         return None
-    from .model import retie_embeddings
-    plain = plain_model(config)
-    plain.load_state_dict(sd)
-    retie_embeddings(plain.lm)
-    return plain.save_pretrained(export_dir, tokenizer=tokenizer)
+    return plain_model(config, sd).save_pretrained(export_dir, tokenizer=tokenizer)
 
 
 def load_plain(ckpt) -> tuple:
     """(an unsharded fp32 QuietStarModel on the CPU with a checkpoint's weights, the run's configuration), in one
     process without a process group: from a DCP folder of any world size (--parallel fsdp), or a .pt file
     (single process or DDP)."""
-    from .model import retie_embeddings
     if Path(ckpt).is_file():
         from .train import load_checkpoint
         ck = load_checkpoint(ckpt, mmap=True, arg="checkpoint")
-        model = plain_model(ck["config"])
-        model.load_state_dict(ck["model"])
-        retie_embeddings(model.lm)
-        return model, ck["config"]
+        return plain_model(ck["config"], ck["model"]), ck["config"]
     from torch.distributed import checkpoint as dcp
     meta = read_meta(ckpt, arg="checkpoint")
     model = plain_model(meta["config"])
     state = {"model": model.state_dict()}
     with _dcp_quiet():
         dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    model.load_state_dict(state["model"])
-    retie_embeddings(model.lm)
-    return model, meta["config"]
+    return fill(model, state["model"]), meta["config"]
 
 
 def export_checkpoint(ckpt, export_dir, tokenizer=None) -> Path:
