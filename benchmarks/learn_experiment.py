@@ -326,9 +326,26 @@ def mirror_files(out: Path, mirror: Path) -> list[str]:
         return _mirror_files(out, mirror)
 
 
+def _mirror_tmp(mirror: Path) -> Path:
+    """A folder for the copies in progress, on mirror's file system (so that the rename is atomic): beside
+    mirror where that is possible, so that a kill in mid-copy leaves no extra file in mirror (the device tool
+    brings back 8 files of $OUT), else inside it."""
+    mirror.mkdir(parents=True, exist_ok=True)
+    beside = mirror.parent / f".{mirror.name}_mirror_tmp"
+    try:
+        beside.mkdir(exist_ok=True)
+        if beside.stat().st_dev == mirror.stat().st_dev:
+            return beside
+        beside.rmdir()
+    except OSError:
+        pass
+    inside = mirror / "_mirror_tmp"
+    inside.mkdir(exist_ok=True)
+    return inside
+
+
 def _mirror_files(out: Path, mirror: Path) -> list[str]:
-    tmp_dir = mirror / "_mirror_tmp"          # on mirror's file system, so that the rename is atomic
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = _mirror_tmp(mirror)
     files = {n: out / n for n in ("results.json", "table.md", "curves.png", "hard_mask.pt")}
     files.update({f"metrics_{d.name[len('train_'):]}.jsonl": d / "metrics.jsonl" for d in out.glob("train_*")})
     done = []
@@ -337,7 +354,7 @@ def _mirror_files(out: Path, mirror: Path) -> list[str]:
             shutil.copyfile(src, tmp_dir / name)
             os.replace(tmp_dir / name, mirror / name)
             done.append(name)
-    tmp_dir.rmdir()                            # empty again: the device tool brings back 8 files of $OUT
+    tmp_dir.rmdir()                            # empty again
     return done
 
 

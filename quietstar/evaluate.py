@@ -7,6 +7,7 @@ Both over the same scored targets of the held-out rows.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -175,9 +176,16 @@ def _same_number(a, b) -> bool:
 
 
 @torch.no_grad()
-def gsm8k_exact_match(model, tok, problems, max_new_tokens: int, gen, device, thoughts: bool = True) -> dict:
+def gsm8k_exact_match(model, tok, problems, max_new_tokens: int, gen, device, thoughts: bool = True,
+                      autocast=None) -> dict:
     """Greedy generation (with thoughts, quietstar.generate) of a solution per problem; exact match of its
-    final number with the gold one. One problem at a time (prompts differ in length)."""
+    final number with the gold one. One problem at a time (prompts differ in length). `autocast`: a context
+    to decode under (quietstar-eval: bf16 on CUDA, as its likelihood metrics)."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        return _gsm8k_exact_match(model, tok, problems, max_new_tokens, gen, device, thoughts)
+
+
+def _gsm8k_exact_match(model, tok, problems, max_new_tokens, gen, device, thoughts) -> dict:
     from tqdm.auto import tqdm
 
     from .generate import ThinkingDecoder, end_token_ids
@@ -385,7 +393,7 @@ def _eval_main(argv) -> int:
                                  autocast)
         if args.gsm8k_em:
             res["gsm8k"]["exact_match"] = gsm8k_exact_match(model, tok, probs[: args.gsm8k_em], args.max_new_tokens,
-                                                            gen, device, thoughts)
+                                                            gen, device, thoughts, autocast)
     if "csqa" in tasks:
         qs = assets.commonsense_qa_validation()[: args.limit]
         res["csqa"] = commonsense_qa(model, tok, sep_id, qs, backends, args.batch_size, thoughts, gen, device,

@@ -195,6 +195,18 @@ def end_token_ids(tok) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # quietstar-generate
 # ----------------------------------------------------------------------------------------------
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`--dtype` as a torch dtype: "auto" is bfloat16 on CUDA, float32 on any other device."""
+    if name not in DTYPES:
+        raise ValueError(f"--dtype: unknown {name!r}; choose from {', '.join(DTYPES)}")
+    if DTYPES[name] is not None:
+        return DTYPES[name]
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietstar-generate", description="Generate text with thoughts (KV-cached).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -211,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
+                   help="the weights' dtype. auto: bfloat16 on CUDA (half float32's memory, and half the weight "
+                        "traffic that a decode step is bound by), float32 elsewhere")
     return p
 
 
@@ -231,7 +246,7 @@ def _main(argv) -> int:
         print("error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    model = QuietStarModel.from_pretrained(args.model, device=device).eval()
+    model = QuietStarModel.from_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device).eval()
     tok = load_export_tokenizer(args.model)
     tok.padding_side = "left"
     if tok.pad_token_id is None:

@@ -22,7 +22,11 @@ done
 if ! command -v nvidia-smi >/dev/null 2>&1; then cpu=1; fi
 if ! python3 -c "import torch" 2>/dev/null; then
   if [ -n "$cpu" ]; then
-    $PIP "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    # one quick try first (no retries): where download.pytorch.org cannot be reached at all but pip's own
+    # configuration holds the wheel (find-links, a mirror), each retry of each dependency costs seconds;
+    # then the patient one, for a flaky network
+    $PIP "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 15 2>/dev/null ||
+      $PIP "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
   else
     $PIP "torch==2.13.0"
   fi

@@ -177,3 +177,22 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, tiny_export):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-eval: error: ") and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_gsm8k_exact_match_decodes_under_the_autocast(tiny_export):
+    """quietstar-eval's generated GSM8K answers run under its autocast (bf16 on CUDA), like its likelihoods:
+    here CPU bf16 autocast, seen in the dtype of a decoder layer's MLP outputs."""
+    from quietstar import QuietStarModel
+    from quietstar.assets import mistral_tokenizer
+    from quietstar.evaluate import gsm8k_exact_match
+    model = QuietStarModel.from_pretrained(tiny_export(P=1)).eval()
+    seen = []
+    model.lm.model.layers[0].mlp.down_proj.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    probs = [{"question": "What is 1 + 1?", "short_answer": "2"}]
+    res = gsm8k_exact_match(model, mistral_tokenizer(), probs, 2, torch.Generator().manual_seed(0),
+                            torch.device("cpu"), thoughts=False, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert res["problems"] == 1 and seen and set(seen) == {torch.bfloat16}, seen
+    seen.clear()
+    gsm8k_exact_match(model, mistral_tokenizer(), probs, 2, torch.Generator().manual_seed(0), torch.device("cpu"),
+                      thoughts=True)
+    assert seen and set(seen) == {torch.float32}, seen

@@ -118,6 +118,12 @@ def test_bench_generate_runs_and_the_naive_decoder_agrees(tmp_path):
     import json
     meta = json.loads((tmp_path / "g.json").read_text())["meta"]
     assert meta["naive_and_cached_tokens_equal"] is True and meta["thinking_vs_M_plus_3_plain_steps"] > 0
+    assert meta["dtype"] == "float32"
+    r = subprocess.run([sys.executable, "benchmarks/bench_generate.py", "--model", "tiny", "--B", "1", "--prompt", "4",
+                        "--new", "2", "--M", "2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path),
+                        "--dtype", "bfloat16"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "generate_cpu_tiny_B1_bfloat16.json").read_text())["meta"]["dtype"] == "bfloat16"
 
 
 def test_end_token_ids_include_the_chat_end_of_turn():
@@ -135,3 +141,34 @@ def test_cli_bad_export_is_one_line(tmp_path, capsys):
     assert str(tmp_path / "missing") in err[0] and "not a Quiet-STaR export" in err[0]
     with pytest.raises(FileNotFoundError):           # --debug: the traceback instead
         main([str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu", "--debug"])
+
+
+def test_bf16_weights_decode_like_fp32(tiny_export):
+    """quietstar-generate's --dtype: "auto" is bf16 on CUDA; an export loaded in bf16 (markers and mixing head
+    included) decodes to fp32 log-probabilities close to the fp32 model's, and the CLI runs with it."""
+    from quietstar.generate import weights_dtype
+    assert weights_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert weights_dtype("auto", torch.device("cpu")) == torch.float32
+    assert weights_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="--dtype"):
+        weights_dtype("int8", torch.device("cpu"))
+    out = tiny_export(P=1)
+    m32 = QuietStarModel.from_pretrained(out).eval()
+    m16 = QuietStarModel.from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():     # a mixing head that mixes, so that the bf16 mixing head is used
+        for m in (m32, m16):
+            m.mixing_head.net[-1].bias.fill_(0.3)
+    assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+    V32 = m32.lm_head_weight.shape[0]
+    ids = torch.randint(3, V32, (2, 6), generator=torch.Generator().manual_seed(7))
+    forced = torch.randint(3, V32, (2, 2), generator=torch.Generator().manual_seed(4))
+    a = ThinkingDecoder(m32, ids).think(thought=forced)
+    b = ThinkingDecoder(m16, ids).think(thought=forced)
+    assert b.logp_mix.dtype == torch.float32
+    err = (a.logp_mix - b.logp_mix).abs().max()
+    assert 0 < err < 0.1, err                     # bf16 rounding, not another computation
+    assert torch.allclose(a.w, b.w.float(), atol=2e-2)
+    r = subprocess.run([sys.executable, "-m", "quietstar.generate", str(out), "--prompt", "1 + 1 =",
+                        "--max-new-tokens", "2", "--device", "cpu", "--dtype", "bfloat16"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("=== ") == 1, r.stderr[-3000:]

@@ -181,3 +181,27 @@ def test_gpu_wrapper_refuses_without_cuda_and_bad_modes(tmp_path):
     for mode, msg in (("measure", "no CUDA GPU"), ("run", "no CUDA GPU"), ("train", "MODE must be")):
         r = subprocess.run(["bash", sh, str(tmp_path), mode], capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stdout, (mode, r.stdout, r.stderr)
+
+
+def test_mirror_copies_in_progress_live_beside_the_mirror(tmp_path, monkeypatch):
+    """A kill in mid-copy must not leave a ninth entry in $OUT: the copy in progress is written beside the
+    mirror (same file system, atomic rename), inside it only where beside is impossible."""
+    out, mirror = tmp_path / "exp", tmp_path / "OUT"
+    out.mkdir()
+    (out / "table.md").write_text("t\n")
+    seen = []
+    real = lx.shutil.copyfile
+    monkeypatch.setattr(lx.shutil, "copyfile", lambda src, dst: (seen.append(Path(dst).parent), real(src, dst))[1])
+    assert lx.mirror_files(out, mirror) == ["table.md"]
+    assert seen == [tmp_path / ".OUT_mirror_tmp"] and not seen[0].exists()
+    assert [p.name for p in mirror.iterdir()] == ["table.md"]
+    real_mkdir = Path.mkdir
+
+    def no_beside(self, *a, **k):
+        if self.name.endswith("_mirror_tmp") and self.parent == tmp_path:
+            raise PermissionError(self)
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", no_beside)
+    seen.clear()
+    assert lx.mirror_files(out, mirror) == ["table.md"]
+    assert seen == [mirror / "_mirror_tmp"] and [p.name for p in mirror.iterdir()] == ["table.md"]
