@@ -8,9 +8,10 @@ For each new token, with the prefix x_0..x_t already in the decoder's KV cache:
   3. the mixed prediction log_softmax((1 - w) W h_base + w W h_talk), w = mixing_head(h_base, h_talk);
   4. the thought's K/V are dropped (the cache is cropped back to the prefix), the next token is chosen
      from the mixed prediction (greedy, or sampled at `temperature`) and fed as the next base step.
-That is M + 3 decode steps per token, none recomputing an earlier thought. With `n_thoughts` > 1, step 2-3
-run once per thought (each against the same prefix, the cache cropped in between) and the next-token
-distribution is the mean of their mixed probabilities: the marginal over sampled thoughts.
+That is M + 3 decode steps per token, none recomputing an earlier thought. With `n_thoughts` > 1, steps 2-3
+run for all thoughts at once (`ThinkingDecoder.think_many`: each row's cache copied once per thought, every
+copy against the same prefix) and the next-token distribution is the mean of their mixed probabilities: the
+marginal over sampled thoughts.
 
 Batched rows may have different prompt lengths: pad them on the left and pass `attention_mask`; the
 positions of each row follow its own length. Plain calls of the decoder are stock SDPA
@@ -19,6 +20,7 @@ positions of each row follow its own length. Plain calls of the decoder are stoc
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 
@@ -29,7 +31,7 @@ from .model import QuietStarModel, load_export_tokenizer
 
 @dataclass
 class Thought:
-    """What one thinking step produced for the batch."""
+    """What one thinking step produced for the batch (`think`; `think_many` puts its n thoughts after B)."""
     tokens: torch.Tensor       # (B, M) the thought tokens s_1..s_M
     w: torch.Tensor            # (B,) the mixing weight
     logp_mix: torch.Tensor     # (B, V) float32, the mixed next-token log-probabilities
@@ -96,34 +98,65 @@ class ThinkingDecoder:
               greedy_thought: bool = False) -> Thought:
         """One thought for every row (sampled; or its argmax tokens with `greedy_thought`; or `thought` (B, M)
         forced) and the mixed next-token log-probs."""
+        B, M = self.h_base.shape[0], self.model.thought.M
+        if thought is not None and tuple(thought.shape) != (B, M):
+            raise ValueError(f"thought must be (B={B}, M={M}), got {tuple(thought.shape)}")
+        th = self._think(1, generator, None if thought is None else thought[:, None], greedy_thought)
+        return Thought(tokens=th.tokens[:, 0], w=th.w[:, 0], logp_mix=th.logp_mix[:, 0])
+
+    @torch.no_grad()
+    def think_many(self, n: int, generator: torch.Generator | None = None, thoughts: torch.Tensor | None = None,
+                   greedy_thought: bool = False) -> Thought:
+        """n thoughts for every row at once, each against the same prefix: a Thought with tokens (B, n, M), w (B, n)
+        and logp_mix (B, n, V). The same as n calls of `think` (equal for forced `thoughts` (B, n, M); sampled ones
+        draw from the same distribution, not the same random numbers), but the n thoughts of a row decode as n rows
+        of one batch: M + 2 decode steps, not n (M + 2), for a KV cache copied n times while they run."""
+        B, M = self.h_base.shape[0], self.model.thought.M
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if thoughts is not None and tuple(thoughts.shape) != (B, n, M):
+            raise ValueError(f"thoughts must be (B={B}, n={n}, M={M}), got {tuple(thoughts.shape)}")
+        return self._think(n, generator, thoughts, greedy_thought)
+
+    def _think(self, n, generator, thoughts, greedy_thought) -> Thought:
         model, th = self.model, self.model.thought
         B = self.h_base.shape[0]
-        if thought is not None and tuple(thought.shape) != (B, th.M):
-            raise ValueError(f"thought must be (B={B}, M={th.M}), got {tuple(thought.shape)}")
         # transformers' windowed cache keeps W - 1 tokens and can drop the thought again only below that
         model.check_window(self.length + th.M + 3, f"a thought after {self.length} cached tokens (the prompt with "
                            f"its padding and the tokens generated) with its M + 2 = {th.M + 2} tokens")
         sot, eot = model.marker_embeddings()
         n0, mask0 = self.length, self.mask
-        tokens = torch.empty(B, th.M, dtype=torch.long, device=self.h_base.device)
-        h = self._step(sot.expand(B, -1), self.pos + 1)
-        for m in range(th.M):
-            if thought is not None:
-                s = thought[:, m]
-            else:
-                z = thought_logits(model, h, self.banned)
-                if not greedy_thought:   # Gumbel-max: a sample of softmax(z)
-                    u = torch.rand(z.shape, generator=generator, device=z.device).clamp_min_(torch.finfo(z.dtype).tiny)
-                    z = z - torch.log(-torch.log(u))
-                s = torch.argmax(z, dim=-1)
-            tokens[:, m] = s
-            h = self._step(model.embed(s), self.pos + 2 + m)
-        h_talk = self._step(eot.expand(B, -1), self.pos + th.M + 2)
-        logp_mix, w = mixed_logprobs(model, self.h_base, h_talk)
-        # drop the thought's K/V (a negative crop removes that many tokens): the next base step sees the prefix only
-        self.cache.crop(n0 - self.cache.get_seq_length())
-        self.mask = mask0
-        return Thought(tokens=tokens, w=w.float(), logp_mix=logp_mix)
+        h_base, pos = self.h_base, self.pos
+        if n > 1:      # row b's thoughts are rows b n .. b n + n - 1, each with a copy of b's cache
+            self.cache.batch_repeat_interleave(n)
+            self.mask = self.mask.repeat_interleave(n, dim=0)
+            h_base, pos = h_base.repeat_interleave(n, dim=0), pos.repeat_interleave(n, dim=0)
+        forced = None if thoughts is None else thoughts.reshape(B * n, th.M)
+        tokens = torch.empty(B * n, th.M, dtype=torch.long, device=h_base.device)
+        try:
+            h = self._step(sot.expand(B * n, -1), pos + 1)
+            for m in range(th.M):
+                if forced is not None:
+                    s = forced[:, m]
+                else:
+                    z = thought_logits(model, h, self.banned)
+                    if not greedy_thought:   # Gumbel-max: a sample of softmax(z)
+                        u = torch.rand(z.shape, generator=generator, device=z.device).clamp_min_(
+                            torch.finfo(z.dtype).tiny)
+                        z = z - torch.log(-torch.log(u))
+                    s = torch.argmax(z, dim=-1)
+                tokens[:, m] = s
+                h = self._step(model.embed(s), pos + 2 + m)
+            h_talk = self._step(eot.expand(B * n, -1), pos + th.M + 2)
+            logp_mix, w = mixed_logprobs(model, h_base, h_talk)
+        finally:
+            # drop the thought's K/V (a negative crop removes that many tokens) and the copies: the next base step
+            # sees the prefix only
+            self.cache.crop(n0 - self.cache.get_seq_length())
+            if n > 1:
+                self.cache.batch_select_indices(torch.arange(0, B * n, n, device=h_base.device))
+            self.mask = mask0
+        return Thought(tokens=tokens.view(B, n, th.M), w=w.float().view(B, n), logp_mix=logp_mix.view(B, n, -1))
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor) -> None:
@@ -160,9 +193,8 @@ def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, atten
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="generating (thinking)", unit="tok")
     for _ in steps:
-        ths = [dec.think(generator) for _ in range(n_thoughts)]
-        logp = torch.logsumexp(torch.stack([t.logp_mix for t in ths]), dim=0) - torch.log(torch.tensor(
-            float(n_thoughts)))
+        th = dec.think_many(n_thoughts, generator)
+        logp = torch.logsumexp(th.logp_mix, dim=1) - math.log(n_thoughts)
         if temperature == 0:
             nxt = logp.argmax(-1)
         else:
@@ -170,8 +202,8 @@ def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, atten
         if out and stop.numel():
             nxt = torch.where(done, out[-1], nxt)
         out.append(nxt)
-        thoughts.append(torch.stack([t.tokens for t in ths], dim=1))
-        ws.append(torch.stack([t.w for t in ths], dim=1))
+        thoughts.append(th.tokens)
+        ws.append(th.w)
         if stop.numel():
             done |= torch.isin(nxt, stop)
             if bool(done.all()):

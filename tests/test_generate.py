@@ -172,3 +172,56 @@ def test_bf16_weights_decode_like_fp32(tiny_export):
                         "--max-new-tokens", "2", "--device", "cpu", "--dtype", "bfloat16"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("=== ") == 1, r.stderr[-3000:]
+
+
+def test_think_many_equals_thoughts_one_at_a_time():
+    """n thoughts decoded as one batch (each row's cache copied n times) equal n single thoughts on the same
+    forced tokens, padded rows included; the cache and the later steps are as before; bad n and shapes refused."""
+    model = _model()
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, V, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    ids[1, :2], mask[1, :2] = 0, 0                           # row 1 left-padded
+    forced = torch.randint(3, V, (2, 3, 3), generator=g)     # (B, n, M)
+    dec = ThinkingDecoder(model, ids, mask)
+    n = dec.cache.get_seq_length()
+    many = dec.think_many(3, thoughts=forced)
+    assert dec.cache.get_seq_length() == n and dec.mask.shape == (2, 7)
+    assert all(layer.keys.shape[0] == 2 for layer in dec.cache.layers)
+    assert many.tokens.shape == (2, 3, 3) and many.w.shape == (2, 3) and many.logp_mix.shape == (2, 3, V)
+    assert torch.equal(many.tokens, forced)
+    for p in range(3):
+        one = dec.think(thought=forced[:, p])
+        assert torch.allclose(many.logp_mix[:, p], one.logp_mix, atol=1e-5, rtol=0), p
+        assert torch.allclose(many.w[:, p], one.w, atol=1e-6), p
+    assert (many.logp_mix[:, 0] - many.logp_mix[:, 1]).abs().max() > 1e-3, "different thoughts, different mixes"
+    dec.advance(torch.tensor([11, 12]))                      # the base step after it sees the prefix only
+    ref = ThinkingDecoder(model, ids, mask)
+    ref.advance(torch.tensor([11, 12]))
+    assert torch.allclose(dec.h_base, ref.h_base, atol=1e-6)
+    sampled = dec.think_many(2, torch.Generator().manual_seed(3))
+    assert not torch.isin(sampled.tokens, torch.tensor(model.banned_ids)).any()
+    with pytest.raises(ValueError, match="n must be"):
+        dec.think_many(0)
+    with pytest.raises(ValueError, match="thoughts must be"):
+        dec.think_many(2, thoughts=forced)
+
+
+def test_generate_averages_the_n_thoughts_probabilities():
+    """generate_with_thoughts(n_thoughts=n): the next token is the argmax of the mean of the n mixed
+    probabilities; with w = 0 every thought gives the base prediction, so n = 3 decodes like n = 1."""
+    model = _model()
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(12))
+    toks, thoughts, w = generate_with_thoughts(model, ids, max_new_tokens=3, n_thoughts=3,
+                                               generator=torch.Generator().manual_seed(13))
+    assert thoughts.shape == (2, 3, 3, 3) and w.shape == (2, 3, 3)
+    dec = ThinkingDecoder(model, ids)
+    for j in range(3):
+        th = dec.think_many(3, thoughts=thoughts[:, j])
+        assert torch.allclose(th.w, w[:, j], atol=1e-6)
+        assert torch.equal(th.logp_mix.exp().mean(1).argmax(-1), toks[:, j]), j
+        dec.advance(toks[:, j])
+    plain = _model(mixing=0)
+    a, _, _ = generate_with_thoughts(plain, ids, max_new_tokens=4, n_thoughts=3, generator=torch.Generator())
+    b, _, _ = generate_with_thoughts(plain, ids, max_new_tokens=4, n_thoughts=1, generator=torch.Generator())
+    assert torch.equal(a, b)
