@@ -42,40 +42,56 @@ def main(argv=None):
     p.add_argument("--title", default="")
     a = p.parse_args(argv)
     steps, evals, thoughts = read(a.metrics)
-    x = [r["step"] for r in steps]
+    if not steps:
+        raise SystemExit(f"plot_metrics.py: {a.metrics} holds no step records")
+
+    def series(key):
+        """(steps, values) of the records that have `key` (a --no-thoughts run logs no thought terms)."""
+        rs = [r for r in steps if key in r]
+        return [r["step"] for r in rs], [r[key] for r in rs]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5 if thoughts else 7))
-    ax[0, 0].plot(x, [r["nll_base"] for r in steps], label="NLL base (no thought)")
-    ax[0, 0].plot(x, [r["nll_talk"] for r in steps], label="NLL talk (mixed, K tokens)")
+    ax[0, 0].plot(*series("nll_base"), label="NLL base (no thought)")
+    if series("nll_talk")[0]:
+        ax[0, 0].plot(*series("nll_talk"), label="NLL talk (mixed, K tokens)")
     if evals:
         ax[0, 0].plot([e["step"] for e in evals], [e["heldout_nll_base"] for e in evals], "o--",
                       label="held-out NLL, no thought")
-        ax[0, 0].plot([e["step"] for e in evals], [e["heldout_nll_thought"] for e in evals], "s--",
-                      label="held-out NLL, with thought")
+        with_thought = [e for e in evals if "heldout_nll_thought" in e]
+        if with_thought and series("nll_talk")[0]:
+            ax[0, 0].plot([e["step"] for e in with_thought], [e["heldout_nll_thought"] for e in with_thought], "s--",
+                          label="held-out NLL, with thought")
     ax[0, 0].set_title("losses (nats/token)")
     ax[0, 0].legend(fontsize=7, framealpha=0.5)
-    ax[0, 1].plot(x, [r["policy"] for r in steps])
-    ax[0, 1].set_title("REINFORCE term L_policy")
-    ax[1, 0].plot(x, [r["w_mean"] for r in steps], label="mean w")
-    ax[1, 0].fill_between(x, [r["w_mean"] - r["w_std"] for r in steps], [r["w_mean"] + r["w_std"] for r in steps],
-                          alpha=0.3, label="± std")
-    ax[1, 0].set_title("mixing weight w")
-    ax[1, 0].legend(fontsize=8)
-    gained = [r for r in steps if "thought_gain" in r]          # runs before the gain was logged have none
-    if gained:
-        ax[1, 1].plot([r["step"] for r in gained], [r["thought_gain"] for r in gained], label="thought gain")
+    for panel, title, key in ((ax[0, 1], "REINFORCE term L_policy", "policy"), (ax[1, 0], "mixing weight w", "w_mean"),
+                              (ax[1, 1], "thought gain and reward (per position)", "reward")):
+        panel.set_title(title)
+        if not series(key)[0]:
+            panel.text(0.5, 0.5, "no thoughts in this run", ha="center", va="center", transform=panel.transAxes)
+    ax[0, 1].plot(*series("policy"))
+    xw, wm = series("w_mean")
+    if xw:
+        ws = series("w_std")[1]
+        ax[1, 0].plot(xw, wm, label="mean w")
+        ax[1, 0].fill_between(xw, [m - sd for m, sd in zip(wm, ws)], [m + sd for m, sd in zip(wm, ws)], alpha=0.3,
+                              label="± std")
+        ax[1, 0].legend(fontsize=8)
+    gained = series("thought_gain")          # runs before the gain was logged have none
+    if gained[0]:
+        ax[1, 1].plot(*gained, label="thought gain")
         ax[1, 1].axhline(0.0, color="grey", lw=0.5)
         ax[1, 1].set_ylabel("log p_mix - log p_base (nats/token)")
         ax[1, 1].legend(fontsize=8, loc="upper left")
-    r2 = ax[1, 1].twinx() if gained else ax[1, 1]
-    r2.plot(x, [r["reward"] for r in steps], color="C1", alpha=0.6, label="mean reward")
-    r2.set_ylabel("reward: sum_k log p_mix")
-    ax[1, 1].set_title("thought gain and reward (per position)")
+    if series("reward")[0]:
+        r2 = ax[1, 1].twinx() if gained[0] else ax[1, 1]
+        r2.plot(*series("reward"), color="C1", alpha=0.6, label="mean reward")
+        r2.set_ylabel("reward: sum_k log p_mix")
     for a_ in ax.flat:
         a_.set_xlabel("step")
     fig.suptitle(a.title)
     if thoughts:
         lines = format_thoughts(thoughts[-1], width=45)
-        fig.text(0.01, 0.005, "\n".join(lines), fontsize=6, family="monospace", va="bottom")
+        # parse_math off: decoded text (MATH's "$x$") is not mathtext
+        fig.text(0.01, 0.005, "\n".join(lines), fontsize=6, family="monospace", va="bottom", parse_math=False)
         fig.tight_layout(rect=(0, 0.02 + 0.018 * len(lines), 1, 1))
         for rec in thoughts:
             print("\n".join(format_thoughts(rec)))

@@ -7,7 +7,7 @@ from .reference import (
     token_logprob_ref,
 )
 
-# Until the Triton kernels land, the public names point at the references.
+# The public names are the Triton kernels; the references (*_ref) and the chunked PyTorch LM head beside them.
 from .thought_attention import ThoughtAttentionFunction, thought_attention  # noqa: E402
 from .thought_attention import thought_attention_step  # noqa: E402
 from .lm_head import mixed_logprob, sample_thought_tokens, token_logprob  # noqa: E402

@@ -64,14 +64,9 @@ def check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=Non
     if q.dim() != q_dims:
         want = "(B, H, T, D)" if step is not None else "(B, H, T, L, D)"
         raise ValueError(f"q must be {want}, got shape {tuple(q.shape)}")
+    # each key tensor against q first, then its value tensor against it: a mismatch names the tensor that is off
     if k_base.dim() != 4:
         raise ValueError(f"k_base must be (B, H_KV, T, D), got shape {tuple(k_base.shape)}")
-    if v_base.shape != k_base.shape:
-        raise ValueError(f"v_base must have k_base's shape {tuple(k_base.shape)}, got {tuple(v_base.shape)}")
-    if k_chain.dim() != 5:
-        raise ValueError(f"k_chain must be (B, H_KV, T, L, D), got shape {tuple(k_chain.shape)}")
-    if v_chain.shape != k_chain.shape:
-        raise ValueError(f"v_chain must have k_chain's shape {tuple(k_chain.shape)}, got {tuple(v_chain.shape)}")
     B, H, T = q.shape[:3]
     D = q.shape[-1]
     Bk, H_KV, Tk, Dk = k_base.shape
@@ -80,16 +75,21 @@ def check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=Non
             f"k_base must be (B={B}, H_KV, T={T}, D={D}) to match q, got shape {tuple(k_base.shape)}")
     if H_KV == 0 or H % H_KV != 0:
         raise ValueError(f"the number of query heads H={H} (q) must be a multiple of H_KV={H_KV} (k_base)")
+    if v_base.shape != k_base.shape:
+        raise ValueError(f"v_base must have k_base's shape {tuple(k_base.shape)}, got {tuple(v_base.shape)}")
+    if k_chain.dim() != 5:
+        raise ValueError(f"k_chain must be (B, H_KV, T, L, D), got shape {tuple(k_chain.shape)}")
     L = k_chain.shape[3]
     if tuple(k_chain.shape) != (B, H_KV, T, L, D):
         raise ValueError(
             f"k_chain must be (B={B}, H_KV={H_KV}, T={T}, L, D={D}), got shape {tuple(k_chain.shape)}")
     if L < 1:
         raise ValueError("k_chain must hold at least one chain step (L >= 1)")
-    if step is None:
-        if q.shape[3] != L:
-            raise ValueError(f"q has chain length L={q.shape[3]} but k_chain has L={L}")
-    else:
+    if step is None and q.shape[3] != L:
+        raise ValueError(f"k_chain has chain length L={L} but q has L={q.shape[3]}")
+    if v_chain.shape != k_chain.shape:
+        raise ValueError(f"v_chain must have k_chain's shape {tuple(k_chain.shape)}, got {tuple(v_chain.shape)}")
+    if step is not None:
         if not isinstance(step, int) or isinstance(step, bool):
             raise TypeError(f"step must be a Python int, got {type(step).__name__}")
         if not 0 <= step < L:

@@ -24,6 +24,9 @@ def check_model_name(name: str) -> None:
     if name in MODEL_PRESETS:
         return
     path = Path(name)
+    if path.is_file():
+        raise ValueError(f"--model {name}: a file; give the folder that holds it ({path.parent}), a Hugging Face "
+                         "model folder with its config.json")
     if not path.is_dir():
         raise ValueError(f"--model {name}: folder not found (give {', '.join(MODEL_PRESETS)} or a local Hugging Face "
                          "model folder; nothing is downloaded)")
@@ -67,7 +70,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{f} must be positive, got {getattr(self, f)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
-                             f"num_kv_heads={self.num_kv_heads}")
+                             f"ModelConfig.num_kv_heads={self.num_kv_heads}")
 
 
 @dataclass
@@ -221,7 +224,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         self.data = tuple(self.data) if not isinstance(self.data, str) else (self.data,)
         self.eval_data = tuple(self.eval_data) if not isinstance(self.eval_data, str) else (self.eval_data,)
-        for f in ("keep_last", "eval_rows", "eval_every", "thoughts_every", "ckpt_every", "max_documents"):
+        for f in ("keep_last", "eval_rows", "eval_every", "thoughts_every", "ckpt_every", "max_documents", "lr",
+                  "weight_decay", "warmup_steps", "grad_clip"):
             if getattr(self, f) < 0:
                 raise ValueError(f"--{f.replace('_', '-')} must be >= 0, got {getattr(self, f)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -13,21 +13,23 @@ import math
 import torch
 
 from .config import LossConfig
-from .thoughts import Backends, quietstar_forward
+from .thoughts import Backends, plain_lm_forward, quietstar_forward
 
 
 def heldout_losses(model, rows: torch.Tensor, valid: torch.Tensor, backends: Backends, batch_size: int,
                    generator: torch.Generator | None = None, device=None, autocast=None,
-                   doc_start: torch.Tensor | None = None) -> dict:
-    """The training log's held-out evaluation: mean NLL without and with thoughts over the scored targets
-    (`doc_start`: the packed rows' documents, attended within, as in training)."""
+                   doc_start: torch.Tensor | None = None, thoughts: bool = True) -> dict:
+    """The training log's held-out evaluation: mean NLL without and (`thoughts`) with thoughts over the scored
+    targets (`doc_start`: the packed rows' documents, attended within, as in training)."""
     valid = valid.clone()
     valid[:, -1] = False                          # x_T does not exist
-    base, mixed = token_nll(model, rows, valid, backends, batch_size, True, generator, device, autocast,
+    base, mixed = token_nll(model, rows, valid, backends, batch_size, thoughts, generator, device, autocast,
                             doc_start=doc_start)
     n = int(valid.sum())
-    return {"heldout_nll_base": float(base.double().sum()) / max(n, 1),
-            "heldout_nll_thought": float(mixed.double().sum()) / max(n, 1), "heldout_targets": n}
+    res = {"heldout_nll_base": float(base.double().sum()) / max(n, 1), "heldout_targets": n}
+    if mixed is not None:
+        res["heldout_nll_thought"] = float(mixed.double().sum()) / max(n, 1)
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,10 +59,7 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
               desc: str = "rows", doc_start: torch.Tensor | None = None):
     """Per-target NLL (R, T) of the base prediction and (with `thoughts`) of the k = 1 mixed prediction after a
     sampled thought, averaged over the P thoughts; 0 where not scored. The model's train/eval mode is
-    restored on return. `doc_start` (R, T): packed rows' documents, each position attending within its own
-    (with `thoughts` only)."""
-    if doc_start is not None and not thoughts:
-        raise ValueError("doc_start (document masking) is only supported with thoughts=True")
+    restored on return. `doc_start` (R, T): packed rows' documents, each position attending within its own."""
     was_training = model.training
     model.eval()
     device = device or model.lm_head_weight.device
@@ -82,6 +81,9 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
                 _, _, ex = quietstar_forward(model, ids, vn, LossConfig(), "sample-then-train", backends, generator,
                                              doc_start=ds)
                 lp_base, lp_mix = ex.lp_base, ex.lp_mix[..., 0].mean(1)          # (B, T)
+            elif ds is not None:      # the control's own forward: causal within documents, as it trained
+                _, _, ex = plain_lm_forward(model, ids, vn, backends, doc_start=ds)
+                lp_base, lp_mix = ex.lp_base, None
             else:
                 h = model.lm.model(input_ids=ids).last_hidden_state
                 lp = torch.log_softmax((h @ model.lm_head_weight.T).float(), dim=-1)
@@ -253,7 +255,7 @@ def build_eval_parser():
     p.add_argument("--data", default="default", help="heldout: default|math (the MATH held-out split) or a file")
     p.add_argument("--limit", type=int, default=None, help="the first N documents / problems / questions per task")
     p.add_argument("--seq-len", type=int, default=256, help="heldout: the separator + the first T-1 tokens")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="rows scored at once")
     p.add_argument("--no-thoughts", action="store_true", help="the base prediction only (no thought sampled)")
     p.add_argument("--save-hard-mask", default=None, help="heldout: store the hardest 10%% of targets by base NLL")
     p.add_argument("--hard-mask", default=None, help="heldout: score exactly the targets stored by --save-hard-mask")
@@ -262,16 +264,41 @@ def build_eval_parser():
                         "exact match (slow: M + 3 decode steps per token)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation length")
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+    p.add_argument("--seed", type=int, default=0, help="of the sampled thoughts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p
 
 
-def _heldout(args, model, tok, sep_id, backends, gen, device, autocast) -> dict:
+def load_hard_mask(path) -> dict:
+    """What --save-hard-mask stored ({"mask": (rows, T) bool, "seq_len": T, ...}), or a ValueError naming
+    --hard-mask."""
+    from pathlib import Path
+    if not Path(path).is_file():
+        raise ValueError(f"--hard-mask {path}: no such file (write one with --save-hard-mask)")
+    try:
+        saved = torch.load(path, map_location="cpu")
+    except Exception as e:     # not a torch file, or one with other objects than tensors
+        raise ValueError(f"--hard-mask {path}: not a mask saved by --save-hard-mask ({type(e).__name__})") from e
+    if not (isinstance(saved, dict) and isinstance(saved.get("mask"), torch.Tensor) and "seq_len" in saved
+            and saved["mask"].dtype == torch.bool and saved["mask"].dim() == 2):
+        raise ValueError(f"--hard-mask {path}: not a mask saved by --save-hard-mask (a dict with a 2-D bool "
+                         "'mask' and 'seq_len')")
+    return saved
+
+
+def _heldout_documents(args) -> list[str]:
+    """The held-out documents of --data (the first --limit); a bad file fails here, before the model loads."""
     from . import data as qdata
     spec = args.data if args.data in ("default", "math") else [args.data]
-    docs = qdata.load_documents(spec, split="heldout", max_documents=args.limit or 0)   # None: all
+    try:
+        return qdata.load_documents(spec, split="heldout", max_documents=args.limit or 0)   # None: all
+    except (OSError, ValueError) as e:       # a missing or binary file, a bad JSON line
+        raise ValueError(f"--data {args.data}: {e}") from e
+
+
+def _heldout(args, docs, model, tok, sep_id, backends, gen, device, autocast) -> dict:
+    from . import data as qdata
     toks = qdata.tokenize_documents(docs, tok)
     rows, valid = document_rows(toks, args.seq_len, sep_id)
     n_bytes = sum(len(tok.decode(t[: args.seq_len - 1]).encode("utf-8")) for t in toks)
@@ -279,7 +306,7 @@ def _heldout(args, model, tok, sep_id, backends, gen, device, autocast) -> dict:
                             autocast, progress=True, desc="held-out rows")
     hard = None
     if args.hard_mask:
-        saved = torch.load(args.hard_mask)
+        saved = load_hard_mask(args.hard_mask)
         if tuple(saved["mask"].shape) != tuple(valid.shape) or saved["seq_len"] != args.seq_len:
             raise ValueError(f"--hard-mask {args.hard_mask}: saved for {tuple(saved['mask'].shape)} rows x positions "
                              f"(T={saved['seq_len']}), this run has {tuple(valid.shape)}: use the same --data, "
@@ -309,13 +336,17 @@ def _nll_table(r: dict) -> list[str]:
     return lines
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _markdown(res: dict, args) -> list[str]:
     m = res["meta"]
     lines = [f"# quietstar-eval: {args.model}", "", f"{m['date']}, {m['device']}; thoughts: "
              f"{'M=%d, P=%d' % (m['M'], m['P']) if m['thoughts'] else 'off'}, seed {args.seed}", ""]
     if "heldout" in res:
         h = res["heldout"]
-        lines += [f"## Held-out text ({args.data}: {h['documents']} documents, one row each: separator + first "
+        lines += [f"## Held-out text ({args.data}: {_count(h['documents'], 'document')}, one row each: separator + first "
                   f"{args.seq_len - 1} tokens; {h['bytes']} bytes)", ""] + _nll_table(h)
         for key in ("without_thoughts", "with_thoughts"):
             if key in h.get("hard_tokens", {}):
@@ -324,16 +355,16 @@ def _markdown(res: dict, args) -> list[str]:
         lines.append("")
     if "gsm8k" in res:
         g = res["gsm8k"]
-        lines += [f"## GSM8K test ({g['problems']} problems): gold-solution likelihood given the question",
+        lines += [f"## GSM8K test ({_count(g['problems'], 'problem')}): gold-solution likelihood given the question",
                   ""] + _nll_table(g)
         if "exact_match" in g:
             e = g["exact_match"]
             lines += ["", f"Greedy generation {'with' if e['thoughts'] else 'without'} thoughts, "
-                      f"{e['problems']} problems: exact match {e['exact_match']:.1%} ({e['correct']} correct)"]
+                      f"{_count(e['problems'], 'problem')}: exact match {e['exact_match']:.1%} ({e['correct']} correct)"]
         lines.append("")
     if "csqa" in res:
         c = res["csqa"]
-        lines += [f"## CommonsenseQA validation ({c['questions']} questions), zero-shot by answer likelihood", "",
+        lines += [f"## CommonsenseQA validation ({_count(c['questions'], 'question')}), zero-shot by answer likelihood", "",
                   "| | accuracy (sum) | accuracy (per character) |", "|---|---|---|"]
         for key in ("without_thoughts", "with_thoughts"):
             if key in c:
@@ -356,15 +387,29 @@ def _eval_main(argv) -> int:
 
     from . import assets
     from .model import QuietStarModel, load_export_tokenizer
-    from .train import document_separator
+    from .train import document_separator, resolve_device
     args = build_eval_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (or left out: everything), got {args.limit}")
+    for flag, v, least in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 2),
+                           ("--max-new-tokens", args.max_new_tokens, 1), ("--gsm8k-em", args.gsm8k_em, 0)):
+        if v < least:
+            raise ValueError(f"{flag} must be >= {least}, got {v}")
     tasks = [t for t in args.tasks.split(",") if t]
     bad = [t for t in tasks if t not in ("heldout", "gsm8k", "csqa")]
     if bad:
         raise ValueError(f"--tasks: unknown {bad}; choose from heldout, gsm8k, csqa")
-    device = torch.device(args.device)
+    if args.gsm8k_em and "gsm8k" not in tasks:
+        raise ValueError(f"--gsm8k-em generates GSM8K solutions: add gsm8k to --tasks (got {args.tasks})")
+    if (args.hard_mask or args.save_hard_mask) and "heldout" not in tasks:
+        raise ValueError(f"--hard-mask / --save-hard-mask are for the heldout task: add it to --tasks "
+                         f"(got {args.tasks})")
+    if args.hard_mask and args.save_hard_mask:
+        raise ValueError("--hard-mask scores a saved mask, --save-hard-mask saves a new one: give one of them")
+    if args.hard_mask:
+        load_hard_mask(args.hard_mask)          # before any scoring: a bad file fails now, not after the run
+    docs = _heldout_documents(args) if "heldout" in tasks else None
+    device = resolve_device(args.device)
     if args.model == "smollm2-135m":
         from .config import ModelConfig, ThoughtConfig
         from .model import build_decoder
@@ -386,7 +431,7 @@ def _eval_main(argv) -> int:
                     "M": model.thought.M, "P": model.thought.P, "seed": args.seed, "device": str(device),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
     if "heldout" in tasks:
-        res["heldout"] = _heldout(args, model, tok, sep_id, backends, gen, device, autocast)
+        res["heldout"] = _heldout(args, docs, model, tok, sep_id, backends, gen, device, autocast)
     if "gsm8k" in tasks:
         probs = assets.gsm8k_test()[: args.limit]
         res["gsm8k"] = gsm8k_nll(model, tok, sep_id, probs, backends, args.batch_size, thoughts, gen, device,
@@ -404,6 +449,8 @@ def _eval_main(argv) -> int:
     lines = _markdown(res, args)
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    wrote = [out / "eval.json", out / "eval.md"] + ([Path(args.save_hard_mask)] if args.save_hard_mask else [])
+    print("wrote " + ", ".join(str(p) for p in wrote))
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -176,6 +175,8 @@ def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, atten
     produced a stop id keeps producing it (so it can be cut there) and the loop ends when all rows have."""
     if n_thoughts < 1:
         raise ValueError(f"n_thoughts must be >= 1, got {n_thoughts}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     # the last thought follows S + max_new_tokens - 1 cached tokens (ThinkingDecoder.think's condition): refused
@@ -246,15 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "OUT_DIR/export)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (at most)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--thoughts", type=int, default=1, help="thoughts per token, their predictions averaged")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--show-thoughts", action="store_true", help="print each token's thought inline, marked")
     p.add_argument("--no-thoughts", action="store_true", help="plain decoding (the base model), for comparison")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    p.add_argument("--seed", type=int, default=0, help="of the sampled thoughts (and tokens, with --temperature)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
                    help="the weights' dtype. auto: bfloat16 on CUDA (half float32's memory, and half the weight "
                         "traffic that a decode step is bound by), float32 elsewhere")
@@ -269,15 +270,26 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    from pathlib import Path
+
+    from .train import resolve_device
     args = build_parser().parse_args(argv)
+    for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--thoughts", args.thoughts)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.no_thoughts and (args.show_thoughts or args.thoughts != 1):
+        raise ValueError("--no-thoughts decodes without thoughts: drop --show-thoughts / --thoughts")
     prompts = list(args.prompt)
     if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise ValueError(f"--prompts-file {args.prompts_file}: no such file")
         with open(args.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
-        print("error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
+        raise ValueError("give --prompt TEXT or --prompts-file FILE (one prompt per line)")
+    device = resolve_device(args.device)
     model = QuietStarModel.from_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device).eval()
     tok = load_export_tokenizer(args.model)
     tok.padding_side = "left"

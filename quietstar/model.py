@@ -279,11 +279,17 @@ class QuietStarModel(nn.Module):
         """Load what `save_pretrained` wrote (the decoder with the "quietstar" attention registered)."""
         from transformers import AutoModelForCausalLM
         d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such folder (an export is the folder quietstar-train writes as "
+                                    "OUT_DIR/export)" if not d.exists() else
+                                    f"{d} is a file; an export is a folder (quietstar-train's OUT_DIR/export)")
         missing = [n for n in ("config.json", EXTRAS_WEIGHTS, EXTRAS_CONFIG) if not (d / n).exists()]
         if missing:
+            hint = (f"; {d} looks like a quietstar-train run folder: its export is {d / 'export'}"
+                    if cls.is_export(d / "export") else "")
             raise FileNotFoundError(
                 f"{d} is not a Quiet-STaR export: {', '.join(missing)} missing (QuietStarModel.save_pretrained "
-                "writes them; a plain Hugging Face decoder folder is a --model for quietstar-train instead)")
+                f"writes them; a plain Hugging Face decoder folder is a --model for quietstar-train instead){hint}")
         meta = _extras_meta(d)
         lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True)
         check_decoder(lm)

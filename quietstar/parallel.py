@@ -317,8 +317,16 @@ def _main(argv) -> int:
     ap.add_argument("--no-tokenizer", action="store_true", help="do not save the run's tokenizer beside the model")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     args = ap.parse_args(argv)
-    if not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint}: no such file or folder")
+    ck, out = Path(args.checkpoint), Path(args.export)
+    if not ck.exists():
+        raise FileNotFoundError(f"checkpoint {ck}: no such file or folder")
+    if ck.is_dir() and not (ck / META_FILE).exists():
+        pts = sorted(p.name for p in ck.glob("*.pt")) + sorted(p.name for p in ck.glob("step*") if p.is_dir())
+        if pts:                             # a quietstar-train run folder: name what it holds
+            raise ValueError(f"checkpoint {ck} is a run folder, not a checkpoint: give one of its checkpoints "
+                             f"({', '.join(str(ck / n) for n in pts[-3:])})")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export {out}: a file is there; the export is a folder")
     model, config = load_plain(args.checkpoint)
     tok = None
     if not args.no_tokenizer:                # the tokenizer the run trained with, as the run's own export has it

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=(),
         name = "--" + prefix + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = _default_text(default) or "none"
-        if preset and f.name in preset:
+        if preset and f.name in preset and preset[f.name] != default:
             shown += f"; with --model tiny: {_default_text(preset[f.name])}"
         kw = {"dest": prefix.replace("-", "_") + f.name, "default": None,
               "help": (docs.get(f.name, "") + f" (default: {shown})").replace("%", "%%")}
@@ -172,7 +173,10 @@ def config_from_args(argv=None) -> Config:
         if kws["model"].get("name", "tiny") == "tiny":
             kws["train"] = {**TINY_PRESET["train"], **kws["train"]}
             kws["loss"] = {**TINY_PRESET["loss"], **kws["loss"]}
-    train = TrainConfig(**kws["train"])
+    try:
+        train = TrainConfig(**kws["train"])
+    except ValueError as e:
+        raise ValueError(cli_names(str(e))) from e
     # Defaults that depend on the machine: the fused path on CUDA, the fastest CPU path on CPU.
     cuda = resolve_device(train.device).type == "cuda"
     if "attention" not in kws["train"]:
@@ -196,8 +200,21 @@ def config_from_args(argv=None) -> Config:
         if train.lm_head != "triton" or train.attention not in GRAPH_ATTENTION:
             raise ValueError(f"--cuda-graphs needs --lm-head triton and --attention in {GRAPH_ATTENTION}, got "
                              f"--lm-head {train.lm_head} --attention {train.attention}")
-    return Config(model=ModelConfig(**kws["model"]), thought=ThoughtConfig(**kws["thought"]),
-                  loss=LossConfig(**kws["loss"]), train=train)
+    try:
+        return Config(model=ModelConfig(**kws["model"]), thought=ThoughtConfig(**kws["thought"]),
+                      loss=LossConfig(**kws["loss"]), train=train)
+    except ValueError as e:
+        raise ValueError(cli_names(str(e))) from e
+
+
+_CONFIG_CLASSES = {"ModelConfig": "model", "ThoughtConfig": "thought", "LossConfig": "loss", "TrainConfig": "train"}
+
+
+def cli_names(message: str) -> str:
+    """A config error as the command line sees it: `ThoughtConfig.M` -> `--M`, `ModelConfig.num_heads` ->
+    `--model-num-heads` (the flag that sets the field)."""
+    return re.sub(r"\b(ModelConfig|ThoughtConfig|LossConfig|TrainConfig)\.(\w+)",
+                  lambda m: _flag(_CONFIG_CLASSES[m.group(1)], m.group(2)), message)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -464,7 +481,7 @@ def log_line(rec: dict) -> str:
     """The step's log line: the terms the run has (the no-thought control has loss and base NLL only)."""
     parts = [f"step {rec['step']:5d}", f"loss {rec['loss']:.4f}", f"base {rec['nll_base']:.4f}"]
     if "nll_talk" in rec:
-        parts += [f"talk {rec['nll_talk']:.4f}", f"policy {rec['policy']:+.3e}",
+        parts += [f"talk {rec['nll_talk']:.4f}", f"policy {rec['policy'] + 0.0:+.3e}",   # + 0.0: no "-0.000e+00"
                   f"w {rec['w_mean']:+.3f}±{rec['w_std']:.3f}", f"reward {rec['reward']:+.3f}",
                   f"gain {rec['thought_gain']:+.4f}"]
     parts += [f"{rec['ms']:.0f} ms", f"{rec['tok_per_s']:.0f} tok/s"] + ([f"MFU {rec['mfu']:.1%}"] if "mfu" in rec else [])
@@ -556,18 +573,24 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                              "name held-out text files with --eval-data FILES")
         eval_rows = list(load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout",
                                    with_doc_start=tc.document_mask, max_rows=tc.eval_rows))
+    if rank == 0 and progress:
+        n_eval = 0 if eval_rows is None else eval_rows[0].shape[0]
+        print(f"data: {rows.shape[0]} rows of T={tc.seq_len} tokens ({' '.join(tc.data)}"
+              + (f", the first {tc.max_documents} documents" if tc.max_documents else "") + ")"
+              + (f"; held-out: {n_eval} rows" + (f" (all there are; --eval-rows asked for {tc.eval_rows})"
+                                                 if n_eval < tc.eval_rows else "") if eval_rows is not None else ""))
 
     # model: fp32 master weights (a resumed run builds it as the run did, so that its tied or untied embeddings
     # and hence the optimizer's parameters are the same, then loads the checkpoint over it)
-    model = QuietStarModel(build_decoder(cfg.model, dtype=torch.float32), cfg.thought,
-                           marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text))
+    lm = build_decoder(cfg.model, dtype=torch.float32)
+    if lm.config.vocab_size < len(tok):
+        raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}"
+                         + (" (--model-vocab-size)" if cfg.model.name in ("tiny",) else ""))
+    model = QuietStarModel(lm, cfg.thought, marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text))
     if QuietStarModel.is_export(cfg.model.name) and not tc.resume:  # a trained model continues with its extras
         model.load_extras(cfg.model.name)
         if rank == 0 and progress:
             print(f"--model {cfg.model.name}: a Quiet-STaR export; its markers and mixing head are loaded too")
-    lm = model.lm
-    if lm.config.vocab_size < len(tok):
-        raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}")
     model.check_lengths(tc.seq_len)
     model.to(device).train()
     backends = Backends(tc.attention, tc.lm_head)
@@ -629,13 +652,15 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         g = torch.Generator(device=device).manual_seed(tc.seed + 12345)   # same thoughts' randomness each time
         with parallel.gathered(model):
             ev = heldout_losses(model, *eval_rows[:2], backends, tc.batch_size, g, device, autocast,
-                                doc_start=eval_rows[2] if len(eval_rows) > 2 else None)
+                                doc_start=eval_rows[2] if len(eval_rows) > 2 else None, thoughts=tc.thoughts)
         ev["step"] = step
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"eval": ev}) + "\n")
-            tqdm.write(f"eval @ step {step}: held-out NLL without thoughts {ev['heldout_nll_base']:.4f}, "
-                       f"with thoughts {ev['heldout_nll_thought']:.4f} ({ev['heldout_targets']} targets)")
+            with_thoughts = (f", with thoughts {ev['heldout_nll_thought']:.4f}" if "heldout_nll_thought" in ev
+                             else " (a --no-thoughts run: no thoughts to score)")
+            tqdm.write(f"eval @ step {step}: held-out NLL without thoughts {ev['heldout_nll_base']:.4f}"
+                       f"{with_thoughts} ({ev['heldout_targets']} targets)")
 
     if eval_rows is not None and start == 0:
         evaluate(0)
@@ -723,6 +748,8 @@ def _main(argv) -> int:
     rank, world, device = init_distributed(cfg.train.device)
     try:
         train(cfg, rank, world, device=device)
+    except ValueError as e:     # e.g. the model's checks of the thought config (ThoughtConfig.banned_ids)
+        raise ValueError(cli_names(str(e))) from e
     finally:
         import torch.distributed as dist
         if dist.is_initialized():       # torchrun's group, or the 1-rank group of --parallel fsdp

@@ -57,10 +57,18 @@ def test_bad_input_is_one_line_naming_the_argument(capsys, tmp_path, run4):
     out = tmp_path / "o"
     base = RUN + ["--steps", "2", "--out-dir", str(out)]
     fail(base + ["--model", "/nonexistent"], capsys, "--model /nonexistent", "folder not found")
+    fail(base + ["--model", "/bin/ls"], capsys, "--model /bin/ls: a file; give the folder that holds it (/bin)")
     fail(base + ["--data", "/bin/ls"], capsys, "--data /bin/ls", "UTF-8")
     fail(base + ["--data", str(tmp_path / "nope.txt")], capsys, "--data", "does not exist")
     fail(base + ["--P", "1"], capsys, "--P 1")
     fail(base + ["--betas", "0.9"], capsys, "--betas")
+    # a config field's check names the flag that sets it, not the field
+    fail(base + ["--lr", "-1"], capsys, "--lr must be >= 0")
+    fail(base + ["--M", "0"], capsys, "--M must be >= 1")
+    fail(base + ["--model-num-heads", "3"], capsys, "--model-num-heads=3 must be a multiple of --model-num-kv-heads=2")
+    fail(base + ["--banned-ids", "999999"], capsys, "--banned-ids [999999] are outside the vocabulary")
+    fail(base + ["--model-vocab-size", "1000"], capsys, "the tokenizer has 32000 ids", "(--model-vocab-size)")
+    fail(base + ["--parallel", "tp"], capsys, "--parallel")
     fail(base + ["--eval-every", "2"], capsys, "--eval-rows")
     text = tmp_path / "train.txt"
     text.write_text("some training text. " * 200)
@@ -139,7 +147,17 @@ def test_a_pt_checkpoint_converts_to_an_export(run4, tmp_path, capsys):
     assert len(err) == 1 and "no such file or folder" in err[0] and not (tmp_path / "e2").exists(), err
     assert convert([str(run4[0]), str(tmp_path / "e2")]) == 2          # a run folder, not a checkpoint
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"checkpoint {run4[0]}: not a complete sharded checkpoint" in err[0], err
+    assert len(err) == 1 and f"checkpoint {run4[0]} is a run folder, not a checkpoint" in err[0], err
+    assert str(run4[0] / "step000003.pt") in err[0], err                 # its checkpoints are named
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert convert([str(empty), str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {empty}: not a complete sharded checkpoint" in err[0], err
+    (tmp_path / "afile").write_text("x")
+    assert convert([str(ck), str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"export {tmp_path / 'afile'}: a file is there" in err[0], err
 
 
 # ---------------------------------------------------------------------------------------------- run folders
@@ -313,3 +331,27 @@ def test_retie_follows_the_loaded_weights():
     lm.lm_head.weight = torch.nn.Parameter(lm.model.embed_tokens.weight.detach().clone())
     retie_embeddings(lm)
     assert lm.lm_head.weight is lm.model.embed_tokens.weight
+
+
+def test_plot_metrics_takes_math_text_and_no_thought_runs(run4, tmp_path):
+    """Decoded thoughts of MATH text hold "$...$" (not mathtext for the plot), and a --no-thoughts run logs no
+    thought terms: both still plot."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_plot_metrics", ROOT / "benchmarks" / "plot_metrics.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    out, _ = run4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for r in rows:
+        for smp in r.get("thoughts", {}).get("samples", []):
+            smp["thought"] = 'label("$\\\\ell$", (-0.2,1.2' + smp["thought"]
+            smp["context"] += " $x^{2"
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot.main([str(tmp_path / "math.jsonl"), str(tmp_path / "math.png")])
+    assert (tmp_path / "math.png").stat().st_size > 10_000
+    thought_keys = {"nll_talk", "policy", "w_mean", "w_std", "reward", "thought_gain"}
+    plain = [{k: v for k, v in r.items() if k not in thought_keys} for r in rows if "thoughts" not in r]
+    assert plain and all("nll_base" in r for r in plain if "step" in r)
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    plot.main([str(tmp_path / "plain.jsonl"), str(tmp_path / "plain.png")])
+    assert (tmp_path / "plain.png").stat().st_size > 10_000

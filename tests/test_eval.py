@@ -52,6 +52,25 @@ def test_with_and_without_thoughts():
     assert (m1 - b0)[valid].abs().max() > 1e-3
 
 
+def test_without_thoughts_with_documents():
+    """The control's held-out NLL with packed documents: one document is the plain causal NLL; two documents
+    give the thought path's base NLL under the same masking (each position sees only its own document)."""
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[:, -1] = False
+    be = Backends("split", "chunked")
+    model = _model(mixing=False)
+    one_doc = torch.zeros(2, 10, dtype=torch.int32)
+    plain, _ = token_nll(model, ids, valid, be, 2, False)
+    docs, none = token_nll(model, ids, valid, be, 2, False, doc_start=one_doc)
+    assert none is None and torch.allclose(docs, plain, atol=1e-5)
+    two = torch.tensor([0] * 4 + [4] * 6, dtype=torch.int32).expand(2, 10).contiguous()
+    split, _ = token_nll(model, ids, valid, be, 2, False, doc_start=two)
+    base, _ = token_nll(model, ids, valid, be, 2, True, torch.Generator().manual_seed(1), doc_start=two)
+    assert torch.allclose(split, base, atol=1e-5)
+    assert (split[:, 4:] - plain[:, 4:]).abs().max() > 1e-3            # the second document no longer sees the first
+
+
 @pytest.mark.gpu
 def test_gpu_token_nll_triton_backends():
     """The evaluation on the fast path (what learn_experiment.py times and runs on the GPU): the base NLL equals
@@ -170,10 +189,26 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, tiny_export):
     from quietstar.evaluate import eval_main
     exp = tiny_export(P=2)
     capsys.readouterr()                                # the export's own progress output
-    for argv, needle in (([str(tmp_path / "missing")], "not a Quiet-STaR export"),
-                         ([str(exp), "--tasks", "heldout,mmlu"], "--tasks: unknown ['mmlu']"),
-                         ([str(exp), "--limit", "0"], "--limit must be >= 1")):
-        rc = eval_main(argv + ["--device", "cpu", "--out", str(tmp_path / "o")])
+    import shutil
+    shutil.copytree(exp, tmp_path / "run" / "export")              # a quietstar-train run folder's layout
+    (tmp_path / "text.pt").write_text("not a mask")
+    torch.save({"mask": torch.zeros(3)}, tmp_path / "other.pt")
+    cases = [([str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such folder"),
+             ([str(tmp_path / "run")], f"its export is {tmp_path / 'run' / 'export'}"),   # the run folder given
+             ([str(exp), "--tasks", "heldout,mmlu"], "--tasks: unknown ['mmlu']"),
+             ([str(exp), "--limit", "0"], "--limit must be >= 1"),
+             ([str(exp), "--batch-size", "0"], "--batch-size must be >= 1"),
+             ([str(exp), "--data", "/bin/ls"], "--data /bin/ls: document file /bin/ls is not UTF-8"),
+             ([str(exp), "--tasks", "csqa", "--gsm8k-em", "2"], "add gsm8k to --tasks"),
+             ([str(exp), "--hard-mask", str(tmp_path / "none.pt")], "no such file"),
+             ([str(exp), "--hard-mask", str(tmp_path / "text.pt")], "not a mask saved by --save-hard-mask"),
+             ([str(exp), "--hard-mask", str(tmp_path / "other.pt")], "not a mask saved by --save-hard-mask"),
+             ([str(exp), "--hard-mask", str(tmp_path / "other.pt"), "--save-hard-mask", str(tmp_path / "h.pt")],
+              "give one of them")]
+    if not torch.cuda.is_available():
+        cases.append(([str(exp), "--device", "cuda"], "--device cuda was asked for but no CUDA GPU"))
+    for argv, needle in cases:
+        rc = eval_main(argv + (["--device", "cpu"] if "--device" not in argv else []) + ["--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-eval: error: ") and needle in err[0], err
     assert not (tmp_path / "o").exists()

@@ -138,9 +138,42 @@ def test_cli_bad_export_is_one_line(tmp_path, capsys):
     rc = main([str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-generate: error: "), err
-    assert str(tmp_path / "missing") in err[0] and "not a Quiet-STaR export" in err[0]
+    assert f"{tmp_path / 'missing'}: no such folder" in err[0]
     with pytest.raises(FileNotFoundError):           # --debug: the traceback instead
         main([str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu", "--debug"])
+
+
+def test_cli_bad_options_are_one_line(tmp_path, capsys, tiny_export):
+    """Bad options end in one line naming the option, before the model is loaded where they can."""
+    from quietstar.generate import main
+    exp = tiny_export(P=1)
+    capsys.readouterr()
+    (tmp_path / "f.txt").write_text("x")
+    cases = [(["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+             (["--prompt", "x", "--thoughts", "0"], "--thoughts must be >= 1"),
+             (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+             (["--prompt", "x", "--no-thoughts", "--show-thoughts"], "--no-thoughts decodes without thoughts"),
+             (["--prompts-file", str(tmp_path / "none.txt")], "--prompts-file"),
+             ([], "give --prompt TEXT or --prompts-file FILE"),
+             (["--prompt", "x", "--dtype", "int8"], None)]             # argparse's own message, exit 2
+    if not torch.cuda.is_available():
+        cases.append((["--prompt", "x", "--device", "cuda"], "--device cuda was asked for but no CUDA GPU"))
+    for argv, needle in cases:
+        if needle is None:
+            with pytest.raises(SystemExit) as e:
+                main([str(exp)] + argv)
+            assert e.value.code == 2 and "--dtype" in capsys.readouterr().err
+            continue
+        rc = main([str(exp)] + argv + (["--device", "cpu"] if "--device" not in argv else []))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-generate: error: "), (argv, err)
+        assert needle in err[0], (argv, err)
+    assert main([str(exp), "--prompts-file", str(tmp_path / "f.txt"), "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        from quietstar import QuietStarModel
+        from quietstar.generate import generate_with_thoughts
+        generate_with_thoughts(QuietStarModel.from_pretrained(exp), torch.ones(1, 2, dtype=torch.long),
+                               max_new_tokens=0)
 
 
 def test_bf16_weights_decode_like_fp32(tiny_export):

@@ -254,8 +254,10 @@ def _good(device, D=32, dtype=torch.float32):
     "mutate,exc,match",
     [
         (lambda x: x.__setitem__(0, x[0][..., :1, :]), ValueError, "k_chain"),            # L mismatch
-        (lambda x: x.__setitem__(1, x[1][:, :, :4]), ValueError, "k_base"),               # T mismatch
-        (lambda x: x.__setitem__(2, x[2][:, :1]), ValueError, "v_base"),                  # shape
+        (lambda x: x.__setitem__(1, x[1][:, :, :4]), ValueError, r"^k_base must be \(B="),  # T mismatch: k_base named
+        (lambda x: x.__setitem__(2, x[2][:, :1]), ValueError, "^v_base must have"),        # shape
+        (lambda x: x.__setitem__(3, x[3][:, :, :4]), ValueError, r"^k_chain must be \(B="), # T mismatch: k_chain named
+        (lambda x: x.__setitem__(4, x[4][..., :1, :]), ValueError, "^v_chain must have"),  # L mismatch of v_chain
         (lambda x: x.__setitem__(3, x[3].half()), TypeError, "k_chain"),                  # dtype
         (lambda x: x.__setitem__(0, x[0][:, :3]), ValueError, "H_KV"),                    # H % H_KV
         (lambda x: x.__setitem__(0, x[0][0]), ValueError, "q must be"),                   # rank

@@ -50,7 +50,7 @@ def test_cli_defaults_and_errors():
     assert cfg.train.attention == ("triton" if torch.cuda.is_available() else "split")
     with pytest.raises(SystemExit):
         config_from_args(["--attention", "dense"])
-    with pytest.raises(ValueError, match="TrainConfig.seq_len"):
+    with pytest.raises(ValueError, match="--seq-len must be >= 2"):
         config_from_args(["--seq-len", "1"])
     assert cfg.train.cuda_graphs is False
     if torch.cuda.is_available():
@@ -109,7 +109,8 @@ def test_no_thoughts_control_is_the_plain_lm_loss(tmp_path):
 
     from quietstar.config import LossConfig
     from quietstar.thoughts import Backends, plain_lm_forward, quietstar_forward
-    cfg = config_from_args(TINY + ["--steps", "2", "--no-thoughts", "--out-dir", str(tmp_path)])
+    cfg = config_from_args(TINY + ["--steps", "2", "--no-thoughts", "--eval-rows", "2", "--eval-every", "2",
+                                   "--out-dir", str(tmp_path)])
     assert cfg.train.thoughts is False
     from quietstar.model import QuietStarModel, build_decoder
     torch.manual_seed(0)
@@ -135,9 +136,14 @@ def test_no_thoughts_control_is_the_plain_lm_loss(tmp_path):
     for n, g in g_plain.items():
         assert torch.allclose(g, model.get_parameter(n).grad, atol=1e-6, rtol=1e-4), n
     out = train(cfg, progress=False)
-    rows = read_metrics(out["metrics"])
+    records = read_metrics(out["metrics"])
+    rows = [r for r in records if "step" in r]
     assert [r["step"] for r in rows] == [1, 2] and all("nll_talk" not in r for r in rows)
     assert rows[0]["loss"] == rows[0]["nll_base"]
+    evals = [r["eval"] for r in records if "eval" in r]
+    # the control's held-out evaluation scores the base prediction only: it has no thoughts to sample
+    assert [e["step"] for e in evals] == [0, 2] and all("heldout_nll_thought" not in e for e in evals)
+    assert all(e["heldout_nll_base"] > 0 and e["heldout_targets"] > 0 for e in evals)
     with pytest.raises(ValueError, match="--no-thoughts"):
         config_from_args(["--no-thoughts", "--cuda-graphs"])
 
