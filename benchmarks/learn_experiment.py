@@ -331,6 +331,7 @@ def _mirror_tmp(mirror: Path) -> Path:
     mirror where that is possible, so that a kill in mid-copy leaves no extra file in mirror (the device tool
     brings back 8 files of $OUT), else inside it."""
     mirror.mkdir(parents=True, exist_ok=True)
+    mirror = mirror.resolve()                  # "." has no name, and its parent is not "..": the real folder's
     beside = mirror.parent / f".{mirror.name}_mirror_tmp"
     try:
         beside.mkdir(exist_ok=True)

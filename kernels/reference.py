@@ -86,7 +86,7 @@ def check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=Non
     if L < 1:
         raise ValueError("k_chain must hold at least one chain step (L >= 1)")
     if step is None and q.shape[3] != L:
-        raise ValueError(f"k_chain has chain length L={L} but q has L={q.shape[3]}")
+        raise ValueError(f"q and k_chain disagree on the chain length: q has L={q.shape[3]}, k_chain L={L}")
     if v_chain.shape != k_chain.shape:
         raise ValueError(f"v_chain must have k_chain's shape {tuple(k_chain.shape)}, got {tuple(v_chain.shape)}")
     if step is not None:

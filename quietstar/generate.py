@@ -126,13 +126,13 @@ class ThinkingDecoder:
         sot, eot = model.marker_embeddings()
         n0, mask0 = self.length, self.mask
         h_base, pos = self.h_base, self.pos
-        if n > 1:      # row b's thoughts are rows b n .. b n + n - 1, each with a copy of b's cache
-            self.cache.batch_repeat_interleave(n)
-            self.mask = self.mask.repeat_interleave(n, dim=0)
-            h_base, pos = h_base.repeat_interleave(n, dim=0), pos.repeat_interleave(n, dim=0)
-        forced = None if thoughts is None else thoughts.reshape(B * n, th.M)
-        tokens = torch.empty(B * n, th.M, dtype=torch.long, device=h_base.device)
         try:
+            if n > 1:      # row b's thoughts are rows b n .. b n + n - 1, each with a copy of b's cache
+                self.cache.batch_repeat_interleave(n)
+                self.mask = self.mask.repeat_interleave(n, dim=0)
+                h_base, pos = h_base.repeat_interleave(n, dim=0), pos.repeat_interleave(n, dim=0)
+            forced = None if thoughts is None else thoughts.reshape(B * n, th.M)
+            tokens = torch.empty(B * n, th.M, dtype=torch.long, device=h_base.device)
             h = self._step(sot.expand(B * n, -1), pos + 1)
             for m in range(th.M):
                 if forced is not None:
@@ -149,13 +149,20 @@ class ThinkingDecoder:
             h_talk = self._step(eot.expand(B * n, -1), pos + th.M + 2)
             logp_mix, w = mixed_logprobs(model, h_base, h_talk)
         finally:
-            # drop the thought's K/V (a negative crop removes that many tokens) and the copies: the next base step
-            # sees the prefix only
-            self.cache.crop(n0 - self.cache.get_seq_length())
-            if n > 1:
-                self.cache.batch_select_indices(torch.arange(0, B * n, n, device=h_base.device))
+            self._restore(n0, B, n)
             self.mask = mask0
         return Thought(tokens=tokens.view(B, n, th.M), w=w.float().view(B, n), logp_mix=logp_mix.view(B, n, -1))
+
+    def _restore(self, n0: int, B: int, n: int) -> None:
+        """The cache back to the prefix's n0 tokens and B rows: each layer's thought K/V dropped (a negative crop
+        removes that many tokens) and the copies of `think_many`. Layer by layer, so that an error in the middle of
+        a forward (layers before it one token longer) or of the copying leaves a correct cache too."""
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - n0
+            if extra > 0:
+                layer.crop(-extra)
+            if n > 1 and getattr(layer, "keys", None) is not None and layer.keys.shape[0] == B * n:
+                layer.batch_select_indices(torch.arange(0, B * n, n, device=layer.keys.device))
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor) -> None:
@@ -285,8 +292,11 @@ def _main(argv) -> int:
     if args.prompts_file:
         if not Path(args.prompts_file).is_file():
             raise ValueError(f"--prompts-file {args.prompts_file}: no such file")
-        with open(args.prompts_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     if not prompts:
         raise ValueError("give --prompt TEXT or --prompts-file FILE (one prompt per line)")
     device = resolve_device(args.device)

@@ -321,10 +321,11 @@ def _main(argv) -> int:
     if not ck.exists():
         raise FileNotFoundError(f"checkpoint {ck}: no such file or folder")
     if ck.is_dir() and not (ck / META_FILE).exists():
-        pts = sorted(p.name for p in ck.glob("*.pt")) + sorted(p.name for p in ck.glob("step*") if p.is_dir())
-        if pts:                             # a quietstar-train run folder: name what it holds
+        steps = sorted(p.name for p in ck.glob("step*") if p.suffix == ".pt" or p.is_dir())
+        pts = (["final.pt"] if (ck / "final.pt").exists() else []) + steps[-2:]
+        if pts:                             # a quietstar-train run folder: name what it holds, the last first
             raise ValueError(f"checkpoint {ck} is a run folder, not a checkpoint: give one of its checkpoints "
-                             f"({', '.join(str(ck / n) for n in pts[-3:])})")
+                             f"({', '.join(str(ck / n) for n in pts)})")
     if out.exists() and not out.is_dir():
         raise ValueError(f"export {out}: a file is there; the export is a folder")
     model, config = load_plain(args.checkpoint)

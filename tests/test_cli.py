@@ -148,7 +148,8 @@ def test_a_pt_checkpoint_converts_to_an_export(run4, tmp_path, capsys):
     assert convert([str(run4[0]), str(tmp_path / "e2")]) == 2          # a run folder, not a checkpoint
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"checkpoint {run4[0]} is a run folder, not a checkpoint" in err[0], err
-    assert str(run4[0] / "step000003.pt") in err[0], err                 # its checkpoints are named
+    assert str(run4[0] / "step000003.pt") in err[0], err                 # its checkpoints are named, final first
+    assert err[0].index(str(run4[0] / "final.pt")) < err[0].index(str(run4[0] / "step000003.pt")), err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert convert([str(empty), str(tmp_path / "e2")]) == 2

@@ -232,8 +232,10 @@ def test_think_many_equals_thoughts_one_at_a_time():
     ref = ThinkingDecoder(model, ids, mask)
     ref.advance(torch.tensor([11, 12]))
     assert torch.allclose(dec.h_base, ref.h_base, atol=1e-6)
-    sampled = dec.think_many(2, torch.Generator().manual_seed(3))
+    sampled = dec.think_many(4, torch.Generator().manual_seed(3))
     assert not torch.isin(sampled.tokens, torch.tensor(model.banned_ids)).any()
+    for b in range(2):      # each copy draws its own noise: the 4 thoughts of a row are not one thought 4 times
+        assert len({tuple(t) for t in sampled.tokens[b].tolist()}) > 1, sampled.tokens[b]
     with pytest.raises(ValueError, match="n must be"):
         dec.think_many(0)
     with pytest.raises(ValueError, match="thoughts must be"):
@@ -258,3 +260,31 @@ def test_generate_averages_the_n_thoughts_probabilities():
     a, _, _ = generate_with_thoughts(plain, ids, max_new_tokens=4, n_thoughts=3, generator=torch.Generator())
     b, _, _ = generate_with_thoughts(plain, ids, max_new_tokens=4, n_thoughts=1, generator=torch.Generator())
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fail_at", ["copy", "forward"])
+def test_an_error_inside_a_thought_leaves_the_cache_as_before(fail_at, monkeypatch):
+    """An error while the thoughts decode (out of memory in the copies, or inside a forward, where the layers
+    before it already hold one token more) leaves the cache at the prefix: later steps are as if it never ran."""
+    model = _model()
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(14))
+    dec = ThinkingDecoder(model, ids)
+    shapes = [tuple(layer.keys.shape) for layer in dec.cache.layers]
+    if fail_at == "copy":     # the second layer's copy fails: the first one holds 2 n rows, the second 2
+        layer = dec.cache.layers[1]
+        monkeypatch.setattr(layer, "batch_repeat_interleave", lambda n: (_ for _ in ()).throw(MemoryError("copy")))
+        err = MemoryError
+    else:                     # layer 0's MLP fails on the second step, after its attention cached the step:
+        mlp, calls = model.lm.model.layers[0].mlp, []   # layer 0 is one token ahead of layer 1
+        real = mlp.forward
+        monkeypatch.setattr(mlp, "forward", lambda x: (calls.append(1), real(x))[1] if len(calls) < 1 else
+                            (_ for _ in ()).throw(RuntimeError("forward")))
+        err = RuntimeError
+    with pytest.raises(err):
+        dec.think_many(3, torch.Generator().manual_seed(1))
+    monkeypatch.undo()
+    assert [tuple(layer.keys.shape) for layer in dec.cache.layers] == shapes and dec.mask.shape == (2, 7)
+    dec.advance(torch.tensor([11, 12]))
+    ref = ThinkingDecoder(model, ids)
+    ref.advance(torch.tensor([11, 12]))
+    assert torch.allclose(dec.h_base, ref.h_base, atol=1e-6)

@@ -205,3 +205,8 @@ def test_mirror_copies_in_progress_live_beside_the_mirror(tmp_path, monkeypatch)
     seen.clear()
     assert lx.mirror_files(out, mirror) == ["table.md"]
     assert seen == [mirror / "_mirror_tmp"] and [p.name for p in mirror.iterdir()] == ["table.md"]
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    monkeypatch.chdir(mirror)                  # --mirror . : beside the real folder, not "./._mirror_tmp"
+    seen.clear()
+    assert lx.mirror_files(out, Path(".")) == ["table.md"]
+    assert seen == [tmp_path / ".OUT_mirror_tmp"] and [p.name for p in mirror.iterdir()] == ["table.md"]
