@@ -18,13 +18,13 @@ from .thoughts import Backends, plain_lm_forward, quietstar_forward
 
 def heldout_losses(model, rows: torch.Tensor, valid: torch.Tensor, backends: Backends, batch_size: int,
                    generator: torch.Generator | None = None, device=None, autocast=None,
-                   doc_start: torch.Tensor | None = None, thoughts: bool = True) -> dict:
+                   doc_start: torch.Tensor | None = None, thoughts: bool = True, progress: bool = False) -> dict:
     """The training log's held-out evaluation: mean NLL without and (`thoughts`) with thoughts over the scored
     targets (`doc_start`: the packed rows' documents, attended within, as in training)."""
     valid = valid.clone()
     valid[:, -1] = False                          # x_T does not exist
     base, mixed = token_nll(model, rows, valid, backends, batch_size, thoughts, generator, device, autocast,
-                            doc_start=doc_start)
+                            doc_start=doc_start, progress=progress, desc="held-out eval")
     n = int(valid.sum())
     res = {"heldout_nll_base": float(base.double().sum()) / max(n, 1), "heldout_targets": n}
     if mixed is not None:

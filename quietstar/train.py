@@ -652,7 +652,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         g = torch.Generator(device=device).manual_seed(tc.seed + 12345)   # same thoughts' randomness each time
         with parallel.gathered(model):
             ev = heldout_losses(model, *eval_rows[:2], backends, tc.batch_size, g, device, autocast,
-                                doc_start=eval_rows[2] if len(eval_rows) > 2 else None, thoughts=tc.thoughts)
+                                doc_start=eval_rows[2] if len(eval_rows) > 2 else None, thoughts=tc.thoughts,
+                                progress=progress and rank == 0)
         ev["step"] = step
         if rank == 0:
             with open(metrics_path, "a") as f:
