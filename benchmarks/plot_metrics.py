@@ -49,27 +49,28 @@ def main(argv=None):
         """(steps, values) of the records that have `key` (a --no-thoughts run logs no thought terms)."""
         rs = [r for r in steps if key in r]
         return [r["step"] for r in rs], [r[key] for r in rs]
+    thinking = any("nll_talk" in r for r in steps)          # False: a --no-thoughts run
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5 if thoughts else 7))
     ax[0, 0].plot(*series("nll_base"), label="NLL base (no thought)")
-    if series("nll_talk")[0]:
+    if thinking:
         ax[0, 0].plot(*series("nll_talk"), label="NLL talk (mixed, K tokens)")
     if evals:
         ax[0, 0].plot([e["step"] for e in evals], [e["heldout_nll_base"] for e in evals], "o--",
                       label="held-out NLL, no thought")
         with_thought = [e for e in evals if "heldout_nll_thought" in e]
-        if with_thought and series("nll_talk")[0]:
+        if with_thought and thinking:
             ax[0, 0].plot([e["step"] for e in with_thought], [e["heldout_nll_thought"] for e in with_thought], "s--",
                           label="held-out NLL, with thought")
     ax[0, 0].set_title("losses (nats/token)")
     ax[0, 0].legend(fontsize=7, framealpha=0.5)
-    for panel, title, key in ((ax[0, 1], "REINFORCE term L_policy", "policy"), (ax[1, 0], "mixing weight w", "w_mean"),
-                              (ax[1, 1], "thought gain and reward (per position)", "reward")):
+    for panel, title in ((ax[0, 1], "REINFORCE term L_policy"), (ax[1, 0], "mixing weight w"),
+                         (ax[1, 1], "thought gain and reward (per position)")):
         panel.set_title(title)
-        if not series(key)[0]:
+        if not thinking:
             panel.text(0.5, 0.5, "no thoughts in this run", ha="center", va="center", transform=panel.transAxes)
     ax[0, 1].plot(*series("policy"))
     xw, wm = series("w_mean")
-    if xw:
+    if thinking:
         ws = series("w_std")[1]
         ax[1, 0].plot(xw, wm, label="mean w")
         ax[1, 0].fill_between(xw, [m - sd for m, sd in zip(wm, ws)], [m + sd for m, sd in zip(wm, ws)], alpha=0.3,
@@ -81,7 +82,7 @@ def main(argv=None):
         ax[1, 1].axhline(0.0, color="grey", lw=0.5)
         ax[1, 1].set_ylabel("log p_mix - log p_base (nats/token)")
         ax[1, 1].legend(fontsize=8, loc="upper left")
-    if series("reward")[0]:
+    if thinking:
         r2 = ax[1, 1].twinx() if gained[0] else ax[1, 1]
         r2.plot(*series("reward"), color="C1", alpha=0.6, label="mean reward")
         r2.set_ylabel("reward: sum_k log p_mix")

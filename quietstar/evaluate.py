@@ -183,11 +183,6 @@ def gsm8k_exact_match(model, tok, problems, max_new_tokens: int, gen, device, th
     """Greedy generation (with thoughts, quietstar.generate) of a solution per problem; exact match of its
     final number with the gold one. One problem at a time (prompts differ in length). `autocast`: a context
     to decode under (quietstar-eval: bf16 on CUDA, as its likelihood metrics)."""
-    with autocast if autocast is not None else contextlib.nullcontext():
-        return _gsm8k_exact_match(model, tok, problems, max_new_tokens, gen, device, thoughts)
-
-
-def _gsm8k_exact_match(model, tok, problems, max_new_tokens, gen, device, thoughts) -> dict:
     from tqdm.auto import tqdm
 
     from .generate import ThinkingDecoder, end_token_ids
@@ -195,16 +190,17 @@ def _gsm8k_exact_match(model, tok, problems, max_new_tokens, gen, device, though
     correct, outputs = 0, []
     for p in tqdm(problems, desc="GSM8K generation" + (" (thinking)" if thoughts else ""), unit="problem"):
         ids = torch.tensor([tok(_qa_prompt(p["question"]), add_special_tokens=False)["input_ids"]], device=device)
-        dec = ThinkingDecoder(model, ids)
         new = []
-        for _ in range(max_new_tokens):
-            logp = dec.think(gen).logp_mix if thoughts else dec.base_logprobs()
-            nxt = logp.argmax(-1)
-            new.append(int(nxt))
-            text = tok.decode(new)
-            if int(nxt) in ends or "\nQuestion:" in text or "\n\n\n" in text:
-                break
-            dec.advance(nxt)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            dec = ThinkingDecoder(model, ids)
+            for _ in range(max_new_tokens):
+                logp = dec.think(gen).logp_mix if thoughts else dec.base_logprobs()
+                nxt = logp.argmax(-1)
+                new.append(int(nxt))
+                text = tok.decode(new)
+                if int(nxt) in ends or "\nQuestion:" in text or "\n\n\n" in text:
+                    break
+                dec.advance(nxt)
         text = tok.decode([t for t in new if t not in ends]).split("\nQuestion:")[0]
         pred = final_number(text)
         ok = _same_number(pred, p["short_answer"])
@@ -297,7 +293,7 @@ def _heldout_documents(args) -> list[str]:
         raise ValueError(f"--data {args.data}: {e}") from e
 
 
-def _heldout(args, docs, model, tok, sep_id, backends, gen, device, autocast) -> dict:
+def _heldout(args, docs, saved_mask, model, tok, sep_id, backends, gen, device, autocast) -> dict:
     from . import data as qdata
     toks = qdata.tokenize_documents(docs, tok)
     rows, valid = document_rows(toks, args.seq_len, sep_id)
@@ -306,7 +302,7 @@ def _heldout(args, docs, model, tok, sep_id, backends, gen, device, autocast) ->
                             autocast, progress=True, desc="held-out rows")
     hard = None
     if args.hard_mask:
-        saved = load_hard_mask(args.hard_mask)
+        saved = saved_mask
         if tuple(saved["mask"].shape) != tuple(valid.shape) or saved["seq_len"] != args.seq_len:
             raise ValueError(f"--hard-mask {args.hard_mask}: saved for {tuple(saved['mask'].shape)} rows x positions "
                              f"(T={saved['seq_len']}), this run has {tuple(valid.shape)}: use the same --data, "
@@ -406,8 +402,8 @@ def _eval_main(argv) -> int:
                          f"(got {args.tasks})")
     if args.hard_mask and args.save_hard_mask:
         raise ValueError("--hard-mask scores a saved mask, --save-hard-mask saves a new one: give one of them")
-    if args.hard_mask:
-        load_hard_mask(args.hard_mask)          # before any scoring: a bad file fails now, not after the run
+    # read before the model loads: a bad --hard-mask or --data fails now, not after minutes of loading and scoring
+    saved_mask = load_hard_mask(args.hard_mask) if args.hard_mask else None
     docs = _heldout_documents(args) if "heldout" in tasks else None
     device = resolve_device(args.device)
     if args.model == "smollm2-135m":
@@ -431,7 +427,7 @@ def _eval_main(argv) -> int:
                     "M": model.thought.M, "P": model.thought.P, "seed": args.seed, "device": str(device),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
     if "heldout" in tasks:
-        res["heldout"] = _heldout(args, docs, model, tok, sep_id, backends, gen, device, autocast)
+        res["heldout"] = _heldout(args, docs, saved_mask, model, tok, sep_id, backends, gen, device, autocast)
     if "gsm8k" in tasks:
         probs = assets.gsm8k_test()[: args.limit]
         res["gsm8k"] = gsm8k_nll(model, tok, sep_id, probs, backends, args.batch_size, thoughts, gen, device,
