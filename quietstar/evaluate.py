@@ -20,11 +20,12 @@ def heldout_losses(model, rows: torch.Tensor, valid: torch.Tensor, backends: Bac
                    generator: torch.Generator | None = None, device=None, autocast=None,
                    doc_start: torch.Tensor | None = None, thoughts: bool = True, progress: bool = False) -> dict:
     """The training log's held-out evaluation: mean NLL without and (`thoughts`) with thoughts over the scored
-    targets (`doc_start`: the packed rows' documents, attended within, as in training)."""
+    targets (`doc_start`: the packed rows' documents, attended within, as in training). Its progress bar is
+    erased when done: the training log prints the result."""
     valid = valid.clone()
     valid[:, -1] = False                          # x_T does not exist
     base, mixed = token_nll(model, rows, valid, backends, batch_size, thoughts, generator, device, autocast,
-                            doc_start=doc_start, progress=progress, desc="held-out eval")
+                            doc_start=doc_start, progress=progress, desc="held-out eval", leave=False)
     n = int(valid.sum())
     res = {"heldout_nll_base": float(base.double().sum()) / max(n, 1), "heldout_targets": n}
     if mixed is not None:
@@ -56,10 +57,11 @@ def document_rows(docs_token_ids, T: int, sep_id: int, pad_id: int | None = None
 @torch.no_grad()
 def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts: bool = True,
               generator: torch.Generator | None = None, device=None, autocast=None, progress: bool = False,
-              desc: str = "rows", doc_start: torch.Tensor | None = None):
+              desc: str = "rows", doc_start: torch.Tensor | None = None, leave: bool = True):
     """Per-target NLL (R, T) of the base prediction and (with `thoughts`) of the k = 1 mixed prediction after a
     sampled thought, averaged over the P thoughts; 0 where not scored. The model's train/eval mode is
-    restored on return. `doc_start` (R, T): packed rows' documents, each position attending within its own."""
+    restored on return. `doc_start` (R, T): packed rows' documents, each position attending within its own.
+    `progress`: a tqdm bar over the batches, erased when done unless `leave`."""
     was_training = model.training
     model.eval()
     device = device or model.lm_head_weight.device
@@ -68,7 +70,7 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
     it = range(0, rows.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc=desc + (" (thinking)" if thoughts else ""), unit="batch")
+        it = tqdm(it, desc=desc + (" (thinking)" if thoughts else ""), unit="batch", leave=leave)
     for i in it:
         # trim the batch's right padding: nothing after its last scored target affects a scored one (causal)
         vb = valid[i:i + batch_size]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from quietstar import Backends, ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
-from quietstar.evaluate import commonsense_qa, document_rows, final_number, hard_mask, scored_rows, token_nll
+from quietstar.evaluate import (commonsense_qa, document_rows, final_number, hard_mask, heldout_losses, scored_rows,
+                                token_nll)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,19 @@ def test_without_thoughts_with_documents():
     assert torch.allclose(split, base, atol=1e-5)
     assert (split[:, 4:] - plain[:, 4:]).abs().max() > 1e-3            # the second document no longer sees the first
 
+
+def test_training_eval_bar_is_erased(capsys):
+    """Training's periodic held-out eval erases its progress bar (the log line says the result); the
+    stand-alone evaluation keeps its bar."""
+    ids, valid = document_rows([list(range(3, 15))], T=10, sep_id=0)
+    model, be = _model(mixing=False), Backends("split", "chunked")
+    token_nll(model, ids, valid, be, 1, False, progress=True, desc="kept")
+    kept = capsys.readouterr().err
+    assert "kept" in kept and kept.endswith("\n")
+    res = heldout_losses(model, ids, valid, be, 1, thoughts=False, progress=True)
+    erased = capsys.readouterr().err
+    assert "held-out eval" in erased and not erased.endswith("\n")      # the bar's line is blanked, not ended
+    assert res["heldout_targets"] == int(valid[:, :-1].sum())
 
 @pytest.mark.gpu
 def test_gpu_token_nll_triton_backends():
