@@ -204,9 +204,18 @@ def _fmt_ci(d: dict, nd: int) -> str:
     return f"{d['diff']:+.{nd}f} [{d['lo']:+.{nd}f}, {d['hi']:+.{nd}f}]"
 
 
+def weights_description(model: str) -> str:
+    """What `--model` loads, exactly (the table's heading and results.json's meta)."""
+    if model == "smollm2-135m":
+        from quietstar import assets
+        return (f"smollm2-135m = {assets.SMOLLM2_GGUF_NAME} (the instruct model, 4-bit GGUF dequantised to fp32; "
+                f"sha256 {assets.SMOLLM2_GGUF_SHA256[:12]}...)")
+    return model
+
+
 def render_table(res: dict) -> str:
     m = res["meta"]
-    lines = [f"# Does it learn? Quiet-STaR vs a no-thought control ({m['model']})", "",
+    lines = [f"# Does it learn? Quiet-STaR vs a no-thought control ({m.get('weights', m['model'])})", "",
              f"{m['date']}; {m['device']}; torch {m['torch']}, triton {m['triton']}; seed {m['seed']}", "",
              f"Training: {m.get('steps') or '?'} steps of B={m['batch_size']} rows x T={m['seq_len']} tokens per arm "
              f"(the same rows in the same order), lr {m['lr']:g} (warm-up {m['warmup_steps']}), AdamW; Quiet-STaR "
@@ -234,6 +243,9 @@ def render_table(res: dict) -> str:
                 d = bootstrap_diff(b["sum"], b["n"], after["sum"], after["n"])
                 cells += [f"{mean_of(after):.{nd}f}", _fmt_ci(d, nd)]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "The hard tokens were chosen for their high NLL under the starting model, so their NLL tends to fall "
+              "under any further training (regression to the mean): compare the arms' after columns (below), not one "
+              "arm's after - before."]
     ctl = res.get("control", {}).get("eval")
     done = [(row, arm, kind) for row, arm, kind in table_rows(res) if arm != "control" and res.get(arm, {}).get("eval")]
     if ctl and done:
@@ -538,7 +550,8 @@ def _run(args, out: Path, mirror: Path | None) -> dict:
     device, backends, autocast, tok, sets = eval_setup(args)
     cuda = device.type == "cuda"
     import triton
-    res = {"meta": {"model": args.model, "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
+    where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    res = {"meta": {"model": args.model, "weights": weights_description(args.model), "device": where,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "triton": triton.__version__, "seed": args.seed, "steps": steps,
                     "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,

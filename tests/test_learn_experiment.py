@@ -147,6 +147,12 @@ def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
     assert lx.mean_of(ctl["heldout_all_base"]) != lx.mean_of(before["heldout_all_base"])
     table = (out / "table.md").read_text()
     assert "not run" not in table and "Quiet-STaR after minus control after" in table
+    assert "(regression to the mean)" in table        # the hard tokens' caveat, under the before/after table
+    # the heading names the weights exactly: "smollm2-135m" is the instruct model's 4-bit GGUF
+    assert table.splitlines()[0].endswith("(tiny)") and res["meta"]["weights"] == "tiny"
+    real = dict(res, meta=dict(res["meta"], model="smollm2-135m", weights=lx.weights_description("smollm2-135m")))
+    assert "(smollm2-135m = SmolLM2-135M-Instruct.Q4_1.gguf (the instruct model, 4-bit GGUF dequantised" in \
+        lx.render_table(real).splitlines()[0]
     assert table.count("| held-out NLL, hardest 10% (nats/token) |") == 5 + 4     # rows per arm; QS - control
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
