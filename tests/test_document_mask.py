@@ -24,7 +24,7 @@ from quietstar.attention import Documents, parallel_fn, step_fn
 from quietstar.data import pack_rows
 from quietstar.thoughts import quietstar_forward, sample_thoughts, talk_validity
 from test_quietstar import V, assert_schedules_match, loss_and_grads, tiny_model
-from test_thought_attention import ATOL, ERR_FACTOR, nan_empty  # noqa: F401  (autouse fixture: poison buffers)
+from test_thought_attention import ATOL, ERR_FACTOR, nan_empty, ref_and_grads  # noqa: F401  (nan_empty: autouse)
 
 ta = importlib.import_module("kernels.thought_attention")
 
@@ -397,13 +397,9 @@ def test_gpu_bf16_kernels_with_documents(B, H, H_KV, T, L, D):
     lengths = [[100, 1, T - 101], [T - 1, 1]]
     ds = doc_start_of(lengths).to(dev)
     xs = [x.to(dev) for x in _inputs(B, H, H_KV, T, L, D, seed=11)]
-    x64 = [x.clone().requires_grad_() for x in xs]
-    ref = thought_attention_ref(*x64, doc_start=ds)
-    do = torch.randn_like(ref)
-    g_ref = torch.autograd.grad(ref, x64, do)
-    xb = [x.to(dt).requires_grad_() for x in xs]
-    pt = thought_attention_ref(*xb, doc_start=ds)
-    g_pt = torch.autograd.grad(pt, xb, do.to(dt))
+    do = torch.randn_like(xs[0])
+    ref, g_ref = ref_and_grads(xs, do, doc_start=ds)          # slice by slice: the whole batch at once is ~27 GB
+    pt, g_pt = ref_and_grads([x.to(dt) for x in xs], do.to(dt), doc_start=ds)
     xk = [x.to(dt).requires_grad_() for x in xs]
     o = ta.thought_attention(*xk, doc_start=ds)
     g_k = torch.autograd.grad(o, xk, do.to(dt))

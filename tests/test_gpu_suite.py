@@ -109,3 +109,22 @@ def test_a_cut_test_stage_still_names_its_failures(tmp_path):
                           "- FAILED test_train::test_cuda_graphs_train_the_same_run: (from the log)"]
     assert gs.digest_tests(tmp_path / "none")[0].startswith("GPU tests: no report") and "0 failed" in \
         gs.digest_tests(tmp_path / "none")[0]
+
+
+def test_the_digest_names_every_failure(tmp_path):
+    """The learning experiment's fallbacks read the digest's FAILED lines: a failure listed late (here the 20th
+    of 20) must be there, or its kernel family would run the experiment untrusted."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
+    gs = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gs
+    spec.loader.exec_module(gs)
+    cases = [f'<testcase classname="tests.test_graphs" name="test_gpu_{i}"><failure message="boom {i}"/></testcase>'
+             for i in range(19)]
+    cases.append('<testcase classname="tests.test_lm_head" name="test_gpu_last"><failure message="late"/></testcase>')
+    cases.append('<testcase classname="tests.test_lm_head" name="test_gpu_ok"/>')
+    (tmp_path / "gpu_tests.xml").write_text(f"<testsuites><testsuite>{''.join(cases)}</testsuite></testsuites>")
+    lines = gs.digest_tests(tmp_path)
+    assert lines[0].startswith("GPU tests: 1 passed, 20 failed")
+    assert sum(x.startswith("- FAILED ") for x in lines) == 20
+    assert "- FAILED test_lm_head::test_gpu_last: late" in lines

@@ -83,14 +83,46 @@ def _strided(x: torch.Tensor, g, kind: int) -> torch.Tensor:
     return view
 
 
-def _lse64(q, k_base, k_chain, scale):
-    """float64 log-sum-exp per query row, (B, H, T, L), built with the dense mask (tiny shapes)."""
+def _slices(B, H, H_KV):
+    """(batch row, query heads, KV head) of every independent sub-problem: query head h reads KV head h // G
+    only, and a row only its own keys."""
+    G = H // H_KV
+    return [(b, slice(g * G, (g + 1) * G), slice(g, g + 1)) for b in range(B) for g in range(H_KV)]
+
+
+def _lse_ref(q, k_base, k_chain, scale):
+    """Log-sum-exp per query row, (B, H, T, L), in the inputs' dtype, built with the dense mask one (row,
+    KV head) at a time (see ref_and_grads)."""
     B, H, T, L, D = q.shape
-    G = H // k_base.shape[1]
-    k = torch.cat([k_base, k_chain.reshape(B, -1, T * L, D)], dim=2).repeat_interleave(G, 1)
-    s = (q.reshape(B, H, T * L, D) @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~thought_attention_mask(T, L, q.device), float("-inf"))
-    return torch.logsumexp(s, -1).reshape(B, H, T, L)
+    mask = ~thought_attention_mask(T, L, q.device)
+    out = torch.zeros(B, H, T * L, dtype=q.dtype, device=q.device)
+    for b, hq, hk in _slices(B, H, k_base.shape[1]):
+        k = torch.cat([k_base[b, hk], k_chain[b, hk].reshape(1, T * L, D)], dim=1)
+        s = (q[b, hq].reshape(-1, T * L, D) @ k.transpose(-1, -2)) * scale
+        out[b, hq] = torch.logsumexp(s.masked_fill(mask, float("-inf")), -1)
+    return out.reshape(B, H, T, L)
+
+
+def ref_and_grads(xs, do, **kw):
+    """thought_attention_ref(*xs, **kw) and the gradients of <o, do> with respect to xs = (q, k_base, v_base,
+    k_chain, v_chain), computed one (batch row, KV head) at a time and joined: the same numbers as the whole
+    batch at once (the slices are independent problems) at 1 / (B * H_KV) of the dense reference's memory. At
+    the paper shape (B=2, H=32/8, T=256, L=14) the whole batch in float64 holds about 27 GB, and three such GPU
+    tests running at once (pytest -n 8) exceed an 80 GB GPU."""
+    q, kb, vb, kc, vc = xs
+    doc_start = kw.pop("doc_start", None)
+    parts = []
+    for b, hq, hk in _slices(q.shape[0], q.shape[1], kb.shape[1]):
+        x = [q[b:b + 1, hq]] + [t[b:b + 1, hk] for t in (kb, vb, kc, vc)]
+        x = [t.detach().requires_grad_() for t in x]
+        if doc_start is not None:
+            kw["doc_start"] = doc_start[b:b + 1]
+        o = thought_attention_ref(*x, **kw)
+        parts.append((o.detach(),) + torch.autograd.grad(o, x, do[b:b + 1, hq]))
+    H_KV = kb.shape[1]
+    rows = [parts[i:i + H_KV] for i in range(0, len(parts), H_KV)]         # per batch row, its KV heads in order
+    joined = [torch.cat([torch.cat([p[j] for p in row], 1) for row in rows], 0) for j in range(6)]
+    return joined[0], tuple(joined[1:])
 
 
 def _maxerr(a, ref):
@@ -112,15 +144,13 @@ def _run_parallel_check(B, H, H_KV, T, L, D, dtype, device, seed, strided=None, 
     do_master = _randn((B, H, T, L, D), g, device)
     sc = 1.0 / math.sqrt(D) if scale is None else scale
 
-    x64 = [x.double().requires_grad_() for x in masters]
-    o64 = thought_attention_ref(*x64, scale=scale)
-    g64 = torch.autograd.grad(o64, x64, do_master.double())
-    lse64 = _lse64(*[x.detach() for x in (x64[0], x64[1], x64[3])], sc)
+    x64 = [x.double() for x in masters]
+    o64, g64 = ref_and_grads(x64, do_master.double(), scale=scale)
+    lse64 = _lse_ref(x64[0], x64[1], x64[3], sc)
 
-    xd = [x.to(dtype).requires_grad_() for x in masters]
-    od = thought_attention_ref(*xd, scale=scale)
-    gd = torch.autograd.grad(od, xd, do_master.to(dtype))
-    lsed = _lse64(xd[0].detach().to(dtype), xd[1].detach(), xd[3].detach(), sc) if dtype == torch.float32 else None
+    xd = [x.to(dtype) for x in masters]
+    od, gd = ref_and_grads(xd, do_master.to(dtype), scale=scale)
+    lsed = _lse_ref(xd[0], xd[1], xd[3], sc)            # PyTorch's own error: the scores in the test dtype
 
     xk = [x.to(dtype) for x in masters]
     do = do_master.to(dtype)
@@ -136,17 +166,47 @@ def _run_parallel_check(B, H, H_KV, T, L, D, dtype, device, seed, strided=None, 
         assert gk.shape == gr64.shape and gk.dtype == dtype, name
         _check(name, gk, gr64, grd, dtype)
 
-    # lse: fp32, natural log; PyTorch's own error taken from the scores in the test dtype
+    # lse: fp32, natural log
     _, lse = thought_attention_fwd(*[x.detach() for x in xk], scale=scale)
     assert lse.dtype == torch.float32 and lse.shape == (B, H, T, L)
-    if lsed is None:
-        s = (xd[0].detach().reshape(B, H, T * L, D)
-             @ torch.cat([xd[1].detach(), xd[3].detach().reshape(B, H_KV, T * L, D)], 2)
-             .repeat_interleave(H // H_KV, 1).transpose(-1, -2)) * sc
-        s = s.masked_fill(~thought_attention_mask(T, L, device), float("-inf"))
-        lsed = torch.logsumexp(s, -1).reshape(B, H, T, L)
     _check("lse", lse, lse64, lsed, dtype)
 
+
+def test_ref_and_grads_is_the_whole_batch_at_a_fraction_of_the_memory():
+    """The tests' reference, slice by slice: the whole batch's output and gradients (with scale and documents),
+    and its peak memory (the profiler's allocation events) well below the whole batch's at once."""
+    from test_kernel_memory import peak_extra
+    B, H, H_KV, T, L, D = 2, 4, 2, 12, 3, 8
+    g = _gen(3)
+    xs = [x.double() for x in _make_inputs(B, H, H_KV, T, L, D, g, "cpu")]
+    do = _randn((B, H, T, L, D), g, "cpu", torch.float64)
+    ds = torch.tensor([[0] * 5 + [5] * 7, [0] * 12])
+    for kw in ({}, {"scale": 0.3, "doc_start": ds}):
+        x = [t.clone().requires_grad_() for t in xs]
+        o = thought_attention_ref(*x, **kw)
+        want = (o,) + torch.autograd.grad(o, x, do)
+        o_s, grads = ref_and_grads(xs, do, **dict(kw))
+        for name, got, ref in zip(("o",) + GRAD_NAMES, (o_s,) + grads, want):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    lse = _lse_ref(xs[0], xs[1], xs[3], 0.3)
+    s = (xs[0].reshape(B, H, T * L, D) @ torch.cat([xs[1], xs[3].reshape(B, H_KV, T * L, D)], 2)
+         .repeat_interleave(H // H_KV, 1).transpose(-1, -2)) * 0.3
+    torch.testing.assert_close(lse, torch.logsumexp(s.masked_fill(~thought_attention_mask(T, L, "cpu"), float("-inf")),
+                                                    -1).reshape(B, H, T, L), rtol=1e-12, atol=1e-12)
+
+    # memory: PyTorch's math attention (what float64 gets on a GPU; the CPU has a fused kernel that does not
+    # hold the scores) at a shape where the (T*L) x (T + T*L) scores, not the outputs, are most of it
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, H, H_KV, T, L, D = 2, 4, 2, 24, 4, 4
+    xs = [x.double() for x in _make_inputs(B, H, H_KV, T, L, D, g, "cpu")]
+    do = _randn((B, H, T, L, D), g, "cpu", torch.float64)
+
+    def whole():
+        x = [t.clone().requires_grad_() for t in xs]
+        torch.autograd.grad(thought_attention_ref(*x), x, do)
+    with sdpa_kernel(SDPBackend.MATH):
+        sliced, at_once = peak_extra(lambda: ref_and_grads(xs, do), "cpu"), peak_extra(whole, "cpu")
+    assert sliced < at_once / 2, (sliced, at_once)           # 4 slices: about a quarter plus the outputs
 
 # ----------------------------------------------------------------------------------------------
 # parallel op: forward, lse, all five gradients
