@@ -23,7 +23,8 @@ curves.png, so a run that is cut short leaves everything it finished:
 
 Sizing (--budget-s, the GPU run): the number of steps (the same for every arm) is chosen after the
 "before" phase, from what is left of the budget, the step times and per-arm overheads that --measure
-timed on a random-init model of the same shape, and --measure's estimate of each evaluation's time.
+timed on a random-init model of the same shape, --measure's estimate of each evaluation's time, and
+this run's own load of the real model (the "before" phase's), which every arm repeats.
 The training metrics stream into train_<arm>/metrics.jsonl step by step (with a few decoded thoughts
 every --thoughts-every steps).
 
@@ -509,9 +510,10 @@ def step_times(args, budget: bool) -> dict:
     return st
 
 
-def plan_steps(args, left_s: float | None = None) -> int:
+def plan_steps(args, left_s: float | None = None, load_s: float = 0.0) -> int:
     """Optimizer steps per arm: --steps; or the training time (--train-budget-s, or with --budget-s what is left
-    of it, `left_s`, less every arm's fixed cost and evaluation) over one step of every arm."""
+    of it, `left_s`, less every arm's fixed cost and evaluation) over one step of every arm. `load_s`: this
+    run's load of the real model, which every arm repeats (--measure's overheads timed a random-init build)."""
     if args.steps:
         return args.steps
     st = step_times(args, budget=left_s is not None)
@@ -521,10 +523,10 @@ def plan_steps(args, left_s: float | None = None) -> int:
         train_s, how = args.train_budget_s, f"--train-budget-s {args.train_budget_s:.0f}"
     else:
         fixed = SIZING_MARGIN * (n_qs * (st["quietstar_overhead_s"] + st["eval_thought_s"])
-                                 + st["control_overhead_s"] + st["eval_base_s"])
+                                 + st["control_overhead_s"] + st["eval_base_s"] + (n_qs + 1) * load_s)
         train_s = left_s - fixed - SIZING_SLACK_S
-        how = (f"--budget-s: {left_s:.0f} s left - {fixed:.0f} s of set-up and evaluation (x{SIZING_MARGIN}) "
-               f"- {SIZING_SLACK_S:.0f} s slack = {train_s:.0f} s of training")
+        how = (f"--budget-s: {left_s:.0f} s left - {fixed:.0f} s of set-up, model loads and evaluation "
+               f"(x{SIZING_MARGIN}) - {SIZING_SLACK_S:.0f} s slack = {train_s:.0f} s of training")
     steps = int(train_s / per_step_s)
     print(f"sizing: {how}; {n_qs} x {st['quietstar_ms']:.0f} + {st['control_ms']:.0f} ms per step of all arms "
           f"-> {steps} steps (cap {args.max_steps})", flush=True)
@@ -584,7 +586,8 @@ def _run(args, out: Path, mirror: Path | None) -> dict:
     torch.save({"mask": sets.hard, "seq_len": args.seq_len}, out / "hard_mask.pt")
     del start
     if steps is None:
-        steps = res["meta"]["steps"] = plan_steps(args, left_s=args.budget_s - (time.time() - t_start))
+        steps = res["meta"]["steps"] = plan_steps(args, left_s=args.budget_s - (time.time() - t_start),
+                                                  load_s=res["seconds"]["load"])
     render(out, res, mirror)
     for arm, beta in arms(args):
         model = phase(f"train_{arm}", lambda: train_arm(args, arm, beta, steps, out, args.model))

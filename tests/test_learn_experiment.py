@@ -53,6 +53,8 @@ def test_steps_sized_from_measured_step_times(tmp_path):
     assert lx.plan_steps(args, left_s=300) == int((300 - m * (2 * (10 + 20) + 5 + 4) - slack) / 0.9)
     args = lx.build_parser().parse_args(["--step-times", str(st), "--policy-weights", "1"])
     assert lx.plan_steps(args, left_s=300) == int((300 - m * (10 + 20 + 5 + 4) - slack) / 0.5)
+    # every arm loads the real model again: this run's load time, once per arm (here 2 arms)
+    assert lx.plan_steps(args, left_s=300, load_s=7) == int((300 - m * (10 + 20 + 5 + 4 + 2 * 7) - slack) / 0.5)
     with pytest.raises(SystemExit, match="no time to train"):
         lx.plan_steps(args, left_s=m * 39 + slack)
     # a --measure cut after its first arm: the run refuses at its start, before loading or evaluating anything
