@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepare, on this machine, what the GPU machine lacks (it has no package registry): run once after
 # `bash scripts/setup.sh`. Downloads into the git-ignored .whl/ the wheels of the benchmarks' peers
-# and of the test stage's per-test timeout: liger-kernel, cut-cross-entropy, pytest-timeout (all pure
-# Python, a few MB). Then ONE device call runs the whole GPU suite (benchmarks/README.md):
+# and of the test stage's per-test timeout and the GGUF reader: liger-kernel, cut-cross-entropy, pytest-timeout,
+# gguf (all pure Python, about 1 MB). Then ONE device call runs the whole GPU suite (benchmarks/README.md):
 #   carry [".whl", "quietstar/data"], command: bash benchmarks/gpu_suite.sh "$OUT"
 # No model weights travel: the speed runs use a random-init model at SmolLM2-135M's exact shape.
 #
