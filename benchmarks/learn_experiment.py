@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -484,6 +485,9 @@ def measure(args, out: Path) -> dict:
         res[f"eval_{kind}_s"] = eval_seconds(model, sets, beta is not None, backends, args.eval_batch, device,
                                              autocast, args.measure_eval_rows)
         del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         save_json(out / "step_times.json", res)         # after each arm: a cut --measure keeps what it timed
     shutil.rmtree(out / "measure", ignore_errors=True)
     print(json.dumps(res))
@@ -595,7 +599,8 @@ def _run(args, out: Path, mirror: Path | None) -> dict:
         last = read_metrics(metrics_path(out, arm))
         res[arm]["last_step"] = last[-1] if last else None
         del model
-        if cuda:
+        if cuda:            # the next arm needs the memory: a reference cycle (the graphed sampler's) is freed now
+            gc.collect()
             torch.cuda.empty_cache()
         render(out, res, mirror)
     print((out / "table.md").read_text())
