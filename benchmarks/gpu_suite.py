@@ -231,10 +231,12 @@ def digest_tests(raw: Path) -> list[str]:
     root = ET.parse(p).getroot()
     cases = list(root.iter("testcase"))
     fails, skipped = [], 0
+    bad_cases = [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    width = 200 if len(bad_cases) <= 10 else 80         # many failures: shorter messages, every name whole
     for c in cases:
         bad = c.find("failure") if c.find("failure") is not None else c.find("error")
         if bad is not None:
-            msg = (bad.get("message") or "").splitlines()[0][:200] if bad.get("message") else ""
+            msg = (bad.get("message") or "").splitlines()[0][:width] if bad.get("message") else ""
             fails.append(f"- FAILED {c.get('classname', '').split('.')[-1]}::{c.get('name')}: {msg}")
         elif c.find("skipped") is not None:
             skipped += 1
@@ -354,11 +356,15 @@ def write_digest(out: Path, raw: Path, sts: list[Stage], info: dict, problems: l
     head += [f"| {s.name} | {s.status} | {_f(s.rc, '{}')} | {s.secs:.0f} | {s.cap_s} |" for s in sts]
     head += [f"- {s.name}: {n}" for s in sts for n in s.notes]
     head += [""] + [f"- problem: {p}" for p in problems] + ([""] if problems else [])
-    parts = [head, digest_tests(raw), digest_train(out), digest_attention(out), digest_lm_head(out)]
-    text = "\n".join(line for part in parts for line in part)
-    if len(text.encode()) > DIGEST_MAX_BYTES:   # keep the head (status) whole; cut the tables' tails
-        text = text.encode()[:DIGEST_MAX_BYTES - 80].decode(errors="ignore") + \
+    # the status and every test failure stay whole (learn_experiment.sh's fallbacks read the FAILED lines);
+    # beyond 8 KB the tables' tails are cut
+    keep = "\n".join(line for part in (head, digest_tests(raw)) for line in part)
+    rest = "\n".join(line for part in (digest_train(out), digest_attention(out), digest_lm_head(out)) for line in part)
+    room = max(0, DIGEST_MAX_BYTES - 80 - len(keep.encode()) - 1)
+    if len(rest.encode()) > room:
+        rest = rest.encode()[:room].decode(errors="ignore") + \
             "\n... (digest cut at 8 KB; the full tables are in the .md files)\n"
+    text = keep + "\n" + rest
     (out / "digest.md").write_text(text)
     return text
 

@@ -85,6 +85,7 @@ def test_training_eval_bar_is_erased(capsys):
     assert "held-out eval" in erased and not erased.endswith("\n")      # the bar's line is blanked, not ended
     assert res["heldout_targets"] == int(valid[:, :-1].sum())
 
+
 @pytest.mark.gpu
 def test_gpu_token_nll_triton_backends():
     """The evaluation on the fast path (what learn_experiment.py times and runs on the GPU): the base NLL equals

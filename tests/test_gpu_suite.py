@@ -111,9 +111,10 @@ def test_a_cut_test_stage_still_names_its_failures(tmp_path):
         gs.digest_tests(tmp_path / "none")[0]
 
 
-def test_the_digest_names_every_failure(tmp_path):
-    """The learning experiment's fallbacks read the digest's FAILED lines: a failure listed late (here the 20th
-    of 20) must be there, or its kernel family would run the experiment untrusted."""
+def test_the_digest_names_every_failure(tmp_path, monkeypatch):
+    """The learning experiment's fallbacks read digest.md's FAILED lines: a failure listed late (here the 20th
+    of 20) must be there, or its kernel family would run the experiment untrusted; and the 8 KB cut of
+    digest.md takes the tables' tails, never a failure (35 failures with long messages, 20 KB of tables)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
     gs = importlib.util.module_from_spec(spec)
@@ -128,3 +129,12 @@ def test_the_digest_names_every_failure(tmp_path):
     assert lines[0].startswith("GPU tests: 1 passed, 20 failed")
     assert sum(x.startswith("- FAILED ") for x in lines) == 20
     assert "- FAILED test_lm_head::test_gpu_last: late" in lines
+    cases = [f'<testcase classname="tests.test_graphs" name="test_gpu_{i}"><failure message="{"m" * 300}"/>'
+             f'</testcase>' for i in range(34)] + cases[-2:]
+    (tmp_path / "gpu_tests.xml").write_text(f"<testsuites><testsuite>{''.join(cases)}</testsuite></testsuites>")
+    monkeypatch.setattr(gs, "digest_lm_head", lambda out: [f"| row {i} | " + "y" * 100 for i in range(200)])
+    text = gs.write_digest(tmp_path, tmp_path, [], {}, [], False, 1.0)
+    assert (tmp_path / "digest.md").read_text() == text and len(text.encode()) <= gs.DIGEST_MAX_BYTES
+    assert all(f"- FAILED test_graphs::test_gpu_{i}: {'m' * 80}\n" in text for i in range(34))
+    assert "- FAILED test_lm_head::test_gpu_last: late" in text and "digest cut at 8 KB" in text
+    assert "| row 0 |" in text and "| row 199 |" not in text

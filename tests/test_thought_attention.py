@@ -95,7 +95,7 @@ def _lse_ref(q, k_base, k_chain, scale):
     KV head) at a time (see ref_and_grads)."""
     B, H, T, L, D = q.shape
     mask = ~thought_attention_mask(T, L, q.device)
-    out = torch.zeros(B, H, T * L, dtype=q.dtype, device=q.device)
+    out = torch.full((B, H, T * L), float("nan"), dtype=q.dtype, device=q.device)     # a missed slice shows
     for b, hq, hk in _slices(B, H, k_base.shape[1]):
         k = torch.cat([k_base[b, hk], k_chain[b, hk].reshape(1, T * L, D)], dim=1)
         s = (q[b, hq].reshape(-1, T * L, D) @ k.transpose(-1, -2)) * scale
@@ -207,6 +207,7 @@ def test_ref_and_grads_is_the_whole_batch_at_a_fraction_of_the_memory():
     with sdpa_kernel(SDPBackend.MATH):
         sliced, at_once = peak_extra(lambda: ref_and_grads(xs, do), "cpu"), peak_extra(whole, "cpu")
     assert sliced < at_once / 2, (sliced, at_once)           # 4 slices: about a quarter plus the outputs
+
 
 # ----------------------------------------------------------------------------------------------
 # parallel op: forward, lse, all five gradients
