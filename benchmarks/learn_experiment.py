@@ -435,6 +435,14 @@ def train_arm(args, arm: str, beta, steps: int, out: Path, model: str):
     return r["model"]
 
 
+def release_memory(device) -> None:
+    """After an arm's model is dropped: free what a reference cycle (the graphed sampler's) still holds, and
+    give the CUDA cache back, so that the next arm has the memory."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def eval_setup(args):
     """(device, backends, autocast or None, tokenizer, EvalSets) of an evaluation, as both --measure and the run
     evaluate."""
@@ -485,9 +493,7 @@ def measure(args, out: Path) -> dict:
         res[f"eval_{kind}_s"] = eval_seconds(model, sets, beta is not None, backends, args.eval_batch, device,
                                              autocast, args.measure_eval_rows)
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
         save_json(out / "step_times.json", res)         # after each arm: a cut --measure keeps what it timed
     shutil.rmtree(out / "measure", ignore_errors=True)
     print(json.dumps(res))
@@ -554,9 +560,8 @@ def _run(args, out: Path, mirror: Path | None) -> dict:
         step_times(args, budget=True)                             # refused now, not after the "before" phase
     steps = None if args.budget_s else plan_steps(args)          # with --budget-s: after the "before" phase
     device, backends, autocast, tok, sets = eval_setup(args)
-    cuda = device.type == "cuda"
     import triton
-    where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     res = {"meta": {"model": args.model, "weights": weights_description(args.model), "device": where,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "triton": triton.__version__, "seed": args.seed, "steps": steps,
@@ -599,9 +604,7 @@ def _run(args, out: Path, mirror: Path | None) -> dict:
         last = read_metrics(metrics_path(out, arm))
         res[arm]["last_step"] = last[-1] if last else None
         del model
-        if cuda:            # the next arm needs the memory: a reference cycle (the graphed sampler's) is freed now
-            gc.collect()
-            torch.cuda.empty_cache()
+        release_memory(device)
         render(out, res, mirror)
     print((out / "table.md").read_text())
     return res

@@ -69,8 +69,8 @@ def main(argv=None):
         if not thinking:
             panel.text(0.5, 0.5, "no thoughts in this run", ha="center", va="center", transform=panel.transAxes)
     ax[0, 1].plot(*series("policy"))
-    xw, wm = series("w_mean")
     if thinking:
+        xw, wm = series("w_mean")
         ws = series("w_std")[1]
         ax[1, 0].plot(xw, wm, label="mean w")
         ax[1, 0].fill_between(xw, [m - sd for m, sd in zip(wm, ws)], [m + sd for m, sd in zip(wm, ws)], alpha=0.3,

@@ -295,7 +295,7 @@ def _heldout_documents(args) -> list[str]:
         raise ValueError(f"--data {args.data}: {e}") from e
 
 
-def _heldout(args, docs, saved_mask, model, tok, sep_id, backends, gen, device, autocast) -> dict:
+def _heldout(args, docs, saved, model, tok, sep_id, backends, gen, device, autocast) -> dict:
     from . import data as qdata
     toks = qdata.tokenize_documents(docs, tok)
     rows, valid = document_rows(toks, args.seq_len, sep_id)
@@ -303,8 +303,7 @@ def _heldout(args, docs, saved_mask, model, tok, sep_id, backends, gen, device, 
     base, mixed = token_nll(model, rows, valid, backends, args.batch_size, not args.no_thoughts, gen, device,
                             autocast, progress=True, desc="held-out rows")
     hard = None
-    if args.hard_mask:
-        saved = saved_mask
+    if saved is not None:                  # --hard-mask, read before the model loaded
         if tuple(saved["mask"].shape) != tuple(valid.shape) or saved["seq_len"] != args.seq_len:
             raise ValueError(f"--hard-mask {args.hard_mask}: saved for {tuple(saved['mask'].shape)} rows x positions "
                              f"(T={saved['seq_len']}), this run has {tuple(valid.shape)}: use the same --data, "

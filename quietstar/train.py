@@ -585,7 +585,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     lm = build_decoder(cfg.model, dtype=torch.float32)
     if lm.config.vocab_size < len(tok):
         raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}"
-                         + (" (--model-vocab-size)" if cfg.model.name in ("tiny",) else ""))
+                         + (" (--model-vocab-size)" if cfg.model.name == "tiny" else ""))
     model = QuietStarModel(lm, cfg.thought, marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text))
     if QuietStarModel.is_export(cfg.model.name) and not tc.resume:  # a trained model continues with its extras
         model.load_extras(cfg.model.name)

@@ -24,7 +24,8 @@ def _run(args, timeout=300):
                           timeout=timeout)
 
 
-def _load(name):
+def load_benchmark(name):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module          # dataclasses look their module up there
@@ -98,7 +99,7 @@ def test_lm_head_cpu_mode_small(tmp_path):
 
 
 def test_thought_attention_smoke_catches_a_wrong_kernel(tmp_path, monkeypatch):
-    bench = _load("bench_thought_attention")
+    bench = load_benchmark("bench_thought_attention")
     ref = bench.thought_attention_ref
     monkeypatch.setattr(bench.kernels, "thought_attention", lambda *a, **k: ref(*a, **k) * 1.001)
     rc = bench.main(["--smoke", "--cases", "fwd", "--providers", "dense,ours", "--shapes", "T=19",
@@ -109,7 +110,7 @@ def test_thought_attention_smoke_catches_a_wrong_kernel(tmp_path, monkeypatch):
 
 
 def test_lm_head_smoke_catches_wrong_kernels(tmp_path, monkeypatch):
-    bench = _load("bench_lm_head")
+    bench = load_benchmark("bench_lm_head")
     ref = bench.mixed_logprob_ref
     monkeypatch.setattr(bench.kernels, "mixed_logprob", lambda *a, **k: ref(*a, **k) + 1e-3)
     greedy_plus_one = lambda h, weight, *a, **k: ((h.float() @ weight.float().T).argmax(-1) + 1) % weight.shape[0]  # noqa: E731

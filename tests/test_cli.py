@@ -12,6 +12,7 @@ import torch
 
 from quietstar.train import build_parser, config_from_args, main, train
 
+from test_benchmarks import load_benchmark
 from test_train import TINY, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,10 +249,7 @@ def test_help_shows_every_default():
 
 
 def test_plot_metrics_shows_gain_and_thoughts(run4, tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_plot_metrics", ROOT / "benchmarks" / "plot_metrics.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = load_benchmark("plot_metrics")
     out, m = run4
     plot.main([str(out / "metrics.jsonl"), str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").stat().st_size > 10_000
@@ -337,10 +335,7 @@ def test_retie_follows_the_loaded_weights():
 def test_plot_metrics_takes_math_text_and_no_thought_runs(run4, tmp_path):
     """Decoded thoughts of MATH text hold "$...$" (not mathtext for the plot), and a --no-thoughts run logs no
     thought terms: both still plot."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_plot_metrics", ROOT / "benchmarks" / "plot_metrics.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = load_benchmark("plot_metrics")
     out, _ = run4
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for r in rows:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_benchmarks import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("gpu_tests", "train_step", "thought_attention", "lm_head")
@@ -94,11 +95,7 @@ def test_gpu_profile_refuses_without_cuda(tmp_path):
 def test_a_cut_test_stage_still_names_its_failures(tmp_path):
     """pytest writes its JUnit report at the end; a stage cut at its cap has only its -v log. The digest then
     names the failures the log shows (with and without xdist), which learn_experiment.py's fallbacks read."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
-    gs = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gs              # its dataclasses look their module up there
-    spec.loader.exec_module(gs)
+    gs = load_benchmark("gpu_suite")
     (tmp_path / "gpu_tests.log").write_text(
         "[gw1] [ 10%] PASSED tests/test_lm_head.py::test_gpu_a\n"
         "[gw0] [ 20%] FAILED tests/test_document_mask.py::test_gpu_graph_replay_with_documents[triton] \n"
@@ -115,11 +112,7 @@ def test_the_digest_names_every_failure(tmp_path, monkeypatch):
     """The learning experiment's fallbacks read digest.md's FAILED lines: a failure listed late (here the 20th
     of 20) must be there, or its kernel family would run the experiment untrusted; and the 8 KB cut of
     digest.md takes the tables' tails, never a failure (35 failures with long messages, 20 KB of tables)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
-    gs = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gs
-    spec.loader.exec_module(gs)
+    gs = load_benchmark("gpu_suite")
     cases = [f'<testcase classname="tests.test_graphs" name="test_gpu_{i}"><failure message="boom {i}"/></testcase>'
              for i in range(19)]
     cases.append('<testcase classname="tests.test_lm_head" name="test_gpu_last"><failure message="late"/></testcase>')
