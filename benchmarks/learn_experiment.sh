@@ -7,7 +7,8 @@
 #
 #   call 1: bash benchmarks/learn_experiment.sh "$OUT" measure   carry [".whl", "quietstar/data", ".smollm2/part1"]
 #           (ends by --call-s, default 300 s: the device call's timeout_s is 330)
-#           1. the GPU tests (gpu_suite.py's gpu_tests stage; --suite-budget-s, default 110, 0 skips them)
+#           1. the GPU tests (gpu_suite.py's gpu_tests stage; --suite-budget-s, default 130, 0 skips them:
+#              the tests get 90 s, the rest is for a rerun, alone, of the ones that failed)
 #           2. both arms' step times, set-up times and evaluation times on a random-init model of the same
 #              shape (runs/learn/step_times.json: call 2 sizes its steps from it); a kernel family whose
 #              GPU tests failed is replaced by its plain-PyTorch path in both calls (learn_experiment.py
@@ -48,7 +49,7 @@ fi
 
 case "$MODE" in
   measure)
-    suite_budget=110 fsdp_budget=100 CALL1_S=300 rest=()
+    suite_budget=130 fsdp_budget=100 CALL1_S=300 rest=()
     while [ $# -gt 0 ]; do
       case "$1" in
         --suite-budget-s) suite_budget="$2"; shift 2 ;;
@@ -59,14 +60,15 @@ case "$MODE" in
     done
     rm -f "$STATE/gpu_tests.txt"
     if [ "$suite_budget" -gt 0 ]; then
-      # 60 s per test (pytest-timeout): a hung test fails alone and the report (what call 2 reads) is written
-      bash benchmarks/gpu_suite.sh "$OUT/suite" --stages gpu_tests --caps gpu_tests=$((suite_budget - 20)),per_test=60 \
+      # 60 s per test (pytest-timeout): a hung test fails alone and the report (what call 2 reads) is written;
+      # failed tests run again alone in a fresh process (gpu_suite.py rerun_failures) with what is left
+      bash benchmarks/gpu_suite.sh "$OUT/suite" --stages gpu_tests --caps gpu_tests=$((suite_budget - 40)),per_test=60 \
         --budget-s "$suite_budget" > "$OUT/suite.log" 2>&1
       src=$?
       echo "GPU suite (tests): exit $src (digest: $OUT/suite/digest.md)"
       tail -c 3000 "$OUT/suite/digest.md" 2>/dev/null
       # one line for call 2's results.json: the tests' counts and the failed ones
-      line="$(grep -E '^(GPU tests:|- FAILED)' "$OUT/suite/digest.md" 2>/dev/null | paste -sd ';')"
+      line="$(grep -E '^(GPU tests:|rerun of|- FAILED|- PASSED ON RERUN)' "$OUT/suite/digest.md" 2>/dev/null | paste -sd ';')"
       echo "${line:-GPU tests: no result (gpu_suite.py exit $src, see suite.log)}" > "$STATE/gpu_tests.txt"
       for f in "$OUT"/suite/*; do [ -e "$f" ] && mv "$f" "$OUT/suite_$(basename "$f")"; done; rmdir "$OUT/suite" 2>/dev/null
     fi
