@@ -12,8 +12,7 @@ import math
 
 import torch
 
-from .config import LossConfig
-from .thoughts import Backends, plain_lm_forward, quietstar_forward
+from .thoughts import Backends, plain_lm_forward, thought_predictions
 
 
 def heldout_losses(model, rows: torch.Tensor, valid: torch.Tensor, backends: Backends, batch_size: int,
@@ -79,10 +78,9 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
         ds = None if doc_start is None else doc_start[i:i + batch_size, :last].to(device)
         ctx = autocast if autocast is not None else torch.autocast(device.type, enabled=False)
         with ctx:
-            if thoughts:
-                _, _, ex = quietstar_forward(model, ids, vn, LossConfig(), "sample-then-train", backends, generator,
-                                             doc_start=ds)
-                lp_base, lp_mix = ex.lp_base, ex.lp_mix[..., 0].mean(1)          # (B, T)
+            if thoughts:               # the k = 1 prediction only, on the sampler's cache (not the training loss)
+                ex = thought_predictions(model, ids, vn, backends, generator, doc_start=ds)
+                lp_base, lp_mix = ex.lp_base, ex.lp_mix.mean(1)                  # (B, T)
             elif ds is not None:      # the control's own forward: causal within documents, as it trained
                 _, _, ex = plain_lm_forward(model, ids, vn, backends, doc_start=ds)
                 lp_base, lp_mix = ex.lp_base, None
@@ -303,11 +301,7 @@ def _heldout(args, docs, saved, model, tok, sep_id, backends, gen, device, autoc
     base, mixed = token_nll(model, rows, valid, backends, args.batch_size, not args.no_thoughts, gen, device,
                             autocast, progress=True, desc="held-out rows")
     hard = None
-    if saved is not None:                  # --hard-mask, read before the model loaded
-        if tuple(saved["mask"].shape) != tuple(valid.shape) or saved["seq_len"] != args.seq_len:
-            raise ValueError(f"--hard-mask {args.hard_mask}: saved for {tuple(saved['mask'].shape)} rows x positions "
-                             f"(T={saved['seq_len']}), this run has {tuple(valid.shape)}: use the same --data, "
-                             "--limit and --seq-len")
+    if saved is not None:                  # --hard-mask, read and checked before the model loaded
         hard = saved["mask"] & valid
     elif args.save_hard_mask:
         hard = hard_mask(base, valid)
@@ -406,6 +400,11 @@ def _eval_main(argv) -> int:
     # read before the model loads: a bad --hard-mask or --data fails now, not after minutes of loading and scoring
     saved_mask = load_hard_mask(args.hard_mask) if args.hard_mask else None
     docs = _heldout_documents(args) if "heldout" in tasks else None
+    if saved_mask is not None and (tuple(saved_mask["mask"].shape) != (len(docs), args.seq_len)
+                                   or saved_mask["seq_len"] != args.seq_len):      # one row per document
+        raise ValueError(f"--hard-mask {args.hard_mask}: saved for {tuple(saved_mask['mask'].shape)} rows x positions "
+                         f"(T={saved_mask['seq_len']}), this run has {(len(docs), args.seq_len)}: use the same "
+                         "--data, --limit and --seq-len")
     device = resolve_device(args.device)
     if args.model == "smollm2-135m":
         from .config import ModelConfig, ThoughtConfig

@@ -137,9 +137,17 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
     on the device whose entry l keys step l's Philox noise (a CUDA graph reads them from a static
     buffer; quietstar/graphs.py). Drawing them as M one-element randints from a generator gives
     exactly the tokens of the generator path."""
+    return _sample(model, input_ids, backends, generator, seeds, docs).thoughts
+
+
+def _sample(model: QuietStarModel, input_ids: torch.Tensor, backends: Backends, generator, seeds, docs,
+            extra_steps: int = 0) -> SimpleNamespace:
+    """sample_thoughts' work: the base pass, then M cached chain steps that sample. Returns the thoughts, the base
+    pass's hidden states h_base (B, T, d), the cache (with room for `extra_steps` more chain steps) and the
+    embeddings of the last sampled tokens s_M (B, P*T, d), the input of chain step M."""
     th = model.thought
     B, T = input_ids.shape
-    P, M, L = th.P, th.M, th.L
+    P, M = th.P, th.M
     if seeds is not None:
         if backends.lm_head != "triton":
             raise ValueError(f"seeds need the triton LM head (its sampler is keyed by a device seed); "
@@ -154,10 +162,10 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
     W = model.lm_head_weight
     if backends.lm_head == "triton" and W.is_cuda and torch.is_autocast_enabled("cuda"):
         W = W.to(torch.get_autocast_dtype("cuda"))     # once, not in each of the M sampler calls
-    cache = ThoughtCache(P=P, T=T, L=M)                 # indices 0..M-1 are the ones that sample
+    cache = ThoughtCache(P=P, T=T, L=M + extra_steps)   # indices 0..M-1 are the ones that sample
     pos_base = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache, docs=docs))
-    pos = chain_positions(T, L, input_ids.device)                          # (T, L)
+    h_base = model.hidden(model.embed(input_ids), pos_base, Layout("base", backends.attention, cache=cache, docs=docs))
+    pos = chain_positions(T, M, input_ids.device)                          # (T, M)
     sot, _ = model.marker_embeddings()
     thoughts = input_ids.new_empty(B, P, T, M)
     emb = sot.expand(B, P * T, sot.shape[-1])
@@ -168,7 +176,7 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
         s = ops.sample(h.reshape(B * P * T, -1), W, temperature=th.tau_sample, banned_ids=model.banned_ids, **noise)
         thoughts[..., l] = s.view(B, P, T)
         emb = model.embed(s.view(B, P * T))
-    return thoughts
+    return SimpleNamespace(thoughts=thoughts, h_base=h_base, cache=cache, next_embeddings=emb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,6 +356,49 @@ def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next
                                            backends, denominators, docs.doc_start if docs is not None else None)
     extras.thoughts = thoughts
     return loss, metrics, extras
+
+
+@torch.no_grad()
+def thought_predictions(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,
+                        backends: Backends = Backends(), generator: torch.Generator | None = None,
+                        doc_start: torch.Tensor | None = None) -> SimpleNamespace:
+    """Evaluation's predictions of x_{t+1}, without and with a thought, and nothing of the training loss' other
+    work. Equals quietstar_forward's `extras.lp_base` and `extras.lp_mix[..., 0]` (talk prediction k = 1)
+    for the same generator state (a test; up to rounding):
+
+    - the thoughts are sampled by the same code and the same draws, so they are the same tokens;
+    - two more cached chain steps feed s_M and <eot>; the hidden state at <eot> is the parallel chain's at
+      index M + 1: the same attention (the causal prefix and the chain's own earlier tokens), the same
+      positions; it is mixed with the base pass's state at t, as the loss mixes it.
+
+    Skipped: the second forward over all P*T*L chain tokens (the incremental steps already hold the cache),
+    the K - 1 later talk predictions and the P*T*M REINFORCE log-probs. At the paper shape (T=256, M=9, K=4,
+    P=2) that is 5,888 decoder tokens per row instead of 12,288 and 5,376 LM-head rows instead of 11,520.
+
+    Returns lp_base (B, T) and lp_mix (B, P, T): log p(x_{t+1}), 0 where not scored; w (B, P, T): the
+    mixing weight; thoughts (B, P, T, M)."""
+    valid_next = check_batch(input_ids, valid_next, doc_start)
+    docs = None if doc_start is None else Documents(doc_start)
+    model.check_lengths(input_ids.shape[1])
+    B, T = input_ids.shape
+    P, M = model.thought.P, model.thought.M
+    run = _sample(model, input_ids, backends, generator, None, docs, extra_steps=2)
+    pos = chain_positions(T, M + 2, input_ids.device)
+    _, eot = model.marker_embeddings()
+    for l, emb in ((M, run.next_embeddings), (M + 1, eot.expand(B, P * T, eot.shape[-1]))):
+        p_l = pos[:, l].repeat(P)[None].expand(B, P * T)
+        h = model.hidden(emb, p_l, Layout("step", backends.attention, step=l, cache=run.cache, docs=docs))
+    d = h.shape[-1]
+    h_talk = h.view(B, P, T, d)
+    h_b = run.h_base[:, None].expand(B, P, T, d)
+    ops = lm_head_ops(backends.lm_head)
+    lp_base = base_logprobs(model, input_ids, valid_next, run.h_base, ops).view(B, T)
+    _, valid_1 = talk_validity(valid_next, 1, doc_start)                                     # (B, T, 1)
+    tgt = torch.where(valid_1[..., 0], future_tokens(input_ids, 1)[..., 0], -100)            # (B, T)
+    w = model.mixing_head(h_b, h_talk)                                                       # (B, P, T)
+    lp_mix = ops.mixed_logprob(h_talk.reshape(-1, d), h_b.reshape(-1, d), w.reshape(-1), model.lm_head_weight,
+                               tgt[:, None].expand(B, P, T).reshape(-1), ignore_index=-100).view(B, P, T)
+    return SimpleNamespace(lp_base=lp_base, lp_mix=lp_mix, w=w, thoughts=run.thoughts)
 
 
 def plain_lm_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,

@@ -53,6 +53,36 @@ def test_with_and_without_thoughts():
     assert (m1 - b0)[valid].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("backends", [("reference", "reference"), ("split", "chunked"), ("triton", "triton")])
+@pytest.mark.parametrize("documents", [False, True])
+def test_thought_predictions_equal_the_training_forward(backends, documents):
+    """The evaluation's own path (thought_predictions: two more cached steps after sampling, the k = 1 prediction
+    only) gives the training forward's lp_base and lp_mix[..., 0] for the same generator: the same thoughts, the
+    same numbers up to fp32 rounding, with a mixing head that mixes (w != 0) and with packed documents; the
+    Triton backends run in the CPU interpreter here."""
+    from quietstar import LossConfig, quietstar_forward
+    from quietstar.thoughts import thought_predictions
+    model = _model(mixing=True)
+    with torch.no_grad():
+        for prm in model.mixing_head.parameters():
+            prm.add_(0.3 * torch.randn(prm.shape, generator=torch.Generator().manual_seed(3)))
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[0, 2] = False
+    ds = torch.tensor([0] * 4 + [4] * 6, dtype=torch.int32).expand(2, 10).contiguous() if documents else None
+    be = Backends(*backends)
+    _, _, full = quietstar_forward(model, ids, valid, LossConfig(), "sample-then-train", be,
+                                   torch.Generator().manual_seed(1), doc_start=ds)
+    ev = thought_predictions(model, ids, valid, be, torch.Generator().manual_seed(1), doc_start=ds)
+    assert torch.equal(ev.thoughts, full.thoughts)
+    assert ev.lp_mix.shape == (2, 2, 10) and ev.w.shape == (2, 2, 10)
+    torch.testing.assert_close(ev.lp_base, full.lp_base, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ev.lp_mix, full.lp_mix[..., 0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ev.w, full.w[..., 0], atol=2e-5, rtol=1e-5)
+    assert ev.w.abs().min() > 1e-3 and (ev.lp_mix != 0).sum() > 10     # it mixes, and most targets are scored
+    assert (ev.lp_mix[:, :, -1] == 0).all() and (ev.lp_mix[0, :, 2] == 0).all()   # unscored targets: 0
+
+
 def test_without_thoughts_with_documents():
     """The control's held-out NLL with packed documents: one document is the plain causal NLL; two documents
     give the thought path's base NLL under the same masking (each position sees only its own document)."""
@@ -104,6 +134,33 @@ def test_gpu_token_nll_triton_backends():
     assert (m16 - b16)[valid].abs().max() > 1e-3                         # w != 0: the thoughts count
 
 
+@pytest.mark.gpu
+def test_gpu_thought_predictions_equal_the_training_forward():
+    """On the GPU's fast path (Triton attention and LM head): the evaluation's path equals the training forward's
+    k = 1 prediction in fp32 (the same thoughts), and under bf16 autocast differs from it by rounding only (a wrong
+    chain step or position would be off by nats)."""
+    from quietstar import LossConfig, quietstar_forward
+    from quietstar.thoughts import thought_predictions
+    dev = torch.device("cuda")
+    model = _model(mixing=True).to(dev)
+    ids = torch.randint(3, 97, (3, 40), generator=torch.Generator().manual_seed(5)).to(dev)
+    ds = torch.tensor([0] * 15 + [15] * 25, dtype=torch.int32, device=dev).expand(3, 40).contiguous()
+    be = Backends("triton", "triton")
+    gen = lambda: torch.Generator(device=dev).manual_seed(1)  # noqa: E731
+    for name, ctx in (("fp32", torch.autocast("cuda", enabled=False)),
+                      ("bf16", torch.autocast("cuda", dtype=torch.bfloat16))):
+        with ctx, torch.no_grad():
+            _, _, full = quietstar_forward(model, ids, None, LossConfig(), "sample-then-train", be, gen(), doc_start=ds)
+            ev = thought_predictions(model, ids, None, be, gen(), doc_start=ds)
+        assert torch.equal(ev.thoughts, full.thoughts), name
+        diff = (ev.lp_mix.float() - full.lp_mix[..., 0].float()).abs()
+        assert torch.isfinite(ev.lp_mix).all() and (ev.lp_mix != 0).sum() > 100, name
+        if name == "fp32":
+            assert diff.max() < 1e-4, diff.max()
+        else:
+            assert diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
 def test_cli_hard_mask_round_trip(tmp_path):
     from quietstar.assets import mistral_tokenizer
     torch.manual_seed(0)
@@ -134,6 +191,11 @@ def test_cli_hard_mask_round_trip(tmp_path):
                                         "--hard-mask", str(tmp_path / "hard.pt"), "--out", str(tmp_path / "c")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "use the same --data, --limit and --seq-len" in bad.stderr
+    assert "held-out rows" not in bad.stderr         # refused before any row is scored (its progress bar)
+    bad = subprocess.run(common[:4] + ["--data", str(docs), "--limit", "4", "--seq-len", "12", "--device", "cpu",
+                                        "--hard-mask", str(tmp_path / "hard.pt"), "--out", str(tmp_path / "c")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "(T=16), this run has (4, 12)" in bad.stderr and "held-out rows" not in bad.stderr
 
 
 class _Tok:

@@ -118,7 +118,15 @@ def test_bench_generate_runs_and_the_naive_decoder_agrees(tmp_path):
     import json
     meta = json.loads((tmp_path / "g.json").read_text())["meta"]
     assert meta["naive_and_cached_tokens_equal"] is True and meta["thinking_vs_M_plus_3_plain_steps"] > 0
-    assert meta["dtype"] == "float32"
+    assert meta["dtype"] == "float32" and "one_after_another_vs_together" not in meta
+    r = subprocess.run([sys.executable, "benchmarks/bench_generate.py", "--model", "tiny", "--B", "2", "--prompt", "5",
+                        "--new", "2", "--M", "2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path),
+                        "--thoughts", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "generate_cpu_tiny_B2_P3.json").read_text())["meta"]
+    assert meta["thoughts"] == 3 and meta["together_and_one_after_another_tokens_equal"] is True
+    assert meta["one_after_another_vs_together"] > 0
+    assert "3 thoughts per token together (think_many)" in (tmp_path / "generate_cpu_tiny_B2_P3.md").read_text()
     r = subprocess.run([sys.executable, "benchmarks/bench_generate.py", "--model", "tiny", "--B", "1", "--prompt", "4",
                         "--new", "2", "--M", "2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path),
                         "--dtype", "bfloat16"], cwd=REPO, capture_output=True, text=True, timeout=600)
