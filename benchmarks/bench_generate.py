@@ -109,7 +109,7 @@ def timed(fn, repeats, sync):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     ap.add_argument("--new", type=int, default=8, help="generated tokens per row")

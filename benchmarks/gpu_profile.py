@@ -230,7 +230,7 @@ def part_lm(args, deadline):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default="nan,attn,lm")
     ap.add_argument("--budget-s", type=float, default=220)

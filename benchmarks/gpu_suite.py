@@ -456,7 +456,7 @@ def pack(out: Path, raw: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--out", required=True, help="output folder ($OUT on the GPU machine); emptied first")
     ap.add_argument("--dry-run", action="store_true", help="CPU rehearsal: the same stages at smoke shapes")
     ap.add_argument("--stages", default="", help="comma-separated subset of the stages (default: all)")

@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:       # a runtime install (scripts/setup.sh without --dev) has no plotting
+    raise SystemExit("plot_metrics.py needs matplotlib: pip install matplotlib (or bash scripts/setup.sh --dev)") \
+        from None
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,7 +40,7 @@ def format_thoughts(rec: dict, width: int = 60) -> list[str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("metrics")
     p.add_argument("png")
     p.add_argument("--title", default="")

@@ -54,6 +54,9 @@ def _default_text(v) -> str:
     return " ".join(map(str, v)) if isinstance(v, tuple) else repr(v) if isinstance(v, str) else str(v)
 
 
+FIELD_CHOICES = {"parallel": parallel.PARALLEL_MODES}     # fields whose flag takes one of a few values
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=(), preset=None):
     """One flag per field of `cls`, its help the field's docstring and its default (the flags themselves
     default to None, so that a flag given on the command line can be told from a default)."""
@@ -68,6 +71,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=(),
             shown += f"; with --model tiny: {_default_text(preset[f.name])}"
         kw = {"dest": prefix.replace("-", "_") + f.name, "default": None,
               "help": (docs.get(f.name, "") + f" (default: {shown})").replace("%", "%%")}
+        if f.name in FIELD_CHOICES:
+            kw["choices"] = FIELD_CHOICES[f.name]
         if isinstance(default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):
@@ -577,8 +582,9 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         n_eval = 0 if eval_rows is None else eval_rows[0].shape[0]
         print(f"data: {rows.shape[0]} rows of T={tc.seq_len} tokens ({' '.join(tc.data)}"
               + (f", the first {tc.max_documents} documents" if tc.max_documents else "") + ")"
-              + (f"; held-out: {n_eval} rows" + (f" (all there are; --eval-rows asked for {tc.eval_rows})"
-                                                 if n_eval < tc.eval_rows else "") if eval_rows is not None else ""))
+              + (f"; held-out: {n_eval} row{'s' * (n_eval != 1)}"
+                 + (f" (all there are; --eval-rows asked for {tc.eval_rows})" if n_eval < tc.eval_rows else "")
+                 if eval_rows is not None else ""))
 
     # model: fp32 master weights (a resumed run builds it as the run did, so that its tied or untied embeddings
     # and hence the optimizer's parameters are the same, then loads the checkpoint over it)
