@@ -209,11 +209,12 @@ def rerun_failures(st: Stage, raw: Path, env, cap_s: float, root: Path = REPO) -
     except subprocess.TimeoutExpired:       # pytest writes its report at the end: none, every failure stays
         _kill_group(p)
         st.notes.append(f"the rerun of the {len(ids)} failed test(s) was cut at {cap_s:.0f} s")
-    st.secs += time.time() - t0
     n = len(rerun_passed(raw))
     if n == len(ids):
         st.status = "FAILED, passed on rerun"
-    print(f"   rerun of the {len(ids)} failed test(s), alone: {n} passed", flush=True)
+    st.notes.append(f"rerun of the {len(ids)} failed test(s), alone: {n} passed ({time.time() - t0:.0f} s, "
+                    "beyond the stage's time)")
+    print(f"   {st.notes[-1]}", flush=True)
 
 
 def install_wheels(raw: Path, env: dict) -> list[str]:
@@ -512,13 +513,11 @@ def main(argv=None) -> int:
         by_name = {st.name: st for st in sts}
         sts = [by_name[n] for n in wanted]
     warm = None
-    for st in sts:
+    for i, st in enumerate(sts):
         if st.name == "gpu_tests" and not args.no_warm and any(s.name == "thought_attention" for s in sts):
             warm = start(warm_cmd(dry), raw / "attention_compile.log", env)
         run_stage(st, raw, env, args.inject_failure, args.budget_s - 15 - (time.time() - t_start))
-        if st.name == "gpu_tests" and st.rc == 1:    # 1: tests failed (not cut, not a usage error)
-            rerun_failures(st, raw, env, min(caps.get("rerun", 60), args.budget_s - 15 - (time.time() - t_start)))
-        if warm is not None:   # never beside a timed stage
+        if warm is not None:   # never beside a timed stage (nor beside the rerun)
             try:
                 warm.wait(timeout=max(5, caps.get("warm_extra", 30)))
             except subprocess.TimeoutExpired:
@@ -527,6 +526,10 @@ def main(argv=None) -> int:
             if warm.returncode not in (0, None, -15, -9):
                 problems.append(f"the background attention compile exited {warm.returncode}")
             warm = None
+        if st.name == "gpu_tests" and st.rc == 1:    # 1: tests failed (not cut, not a usage error)
+            # from what the budget leaves beyond the later stages' caps: the rerun never cuts a benchmark
+            spare = args.budget_s - 15 - (time.time() - t_start) - sum(later.cap_s for later in sts[i + 1:])
+            rerun_failures(st, raw, env, min(caps.get("rerun", 60), spare))
     text = write_digest(out, raw, sts, info, problems, dry, time.time() - t_start)
     pack(out, raw)
     n_files = len(list(out.iterdir()))

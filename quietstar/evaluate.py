@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import torch
 
@@ -334,7 +335,8 @@ def _count(n: int, noun: str) -> str:
 def _markdown(res: dict, args) -> list[str]:
     m = res["meta"]
     lines = [f"# quietstar-eval: {args.model}", "", f"{m['date']}, {m['device']}; thoughts: "
-             f"{'M=%d, P=%d' % (m['M'], m['P']) if m['thoughts'] else 'off'}, seed {args.seed}", ""]
+             f"{'M=%d, P=%d' % (m['M'], m['P']) if m['thoughts'] else 'off'}, seed {args.seed}; scoring took "
+             f"{m['scoring_s']:.0f} s", ""]
     if "heldout" in res:
         h = res["heldout"]
         lines += [f"## Held-out text ({args.data}: {_count(h['documents'], 'document')}, one row each: separator + first "
@@ -426,6 +428,7 @@ def _eval_main(argv) -> int:
     res = {"meta": {"model": args.model, "tasks": tasks, "limit": args.limit, "thoughts": thoughts,
                     "M": model.thought.M, "P": model.thought.P, "seed": args.seed, "device": str(device),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
+    t_scoring = time.perf_counter()
     if "heldout" in tasks:
         res["heldout"] = _heldout(args, docs, saved_mask, model, tok, sep_id, backends, gen, device, autocast)
     if "gsm8k" in tasks:
@@ -441,6 +444,7 @@ def _eval_main(argv) -> int:
                                      autocast)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    res["meta"]["scoring_s"] = round(time.perf_counter() - t_scoring, 1)      # the tasks, after the model loaded
     (out / "eval.json").write_text(json.dumps(res, indent=1))
     lines = _markdown(res, args)
     (out / "eval.md").write_text("\n".join(lines) + "\n")

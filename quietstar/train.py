@@ -71,8 +71,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=(),
             shown += f"; with --model tiny: {_default_text(preset[f.name])}"
         kw = {"dest": prefix.replace("-", "_") + f.name, "default": None,
               "help": (docs.get(f.name, "") + f" (default: {shown})").replace("%", "%%")}
-        if f.name in FIELD_CHOICES:
-            kw["choices"] = FIELD_CHOICES[f.name]
+        if f.name in FIELD_CHOICES:       # shown, not enforced here: Config's check refuses others in one line
+            kw["metavar"] = "{" + ",".join(FIELD_CHOICES[f.name]) + "}"
         if isinstance(default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):

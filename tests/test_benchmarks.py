@@ -121,3 +121,24 @@ def test_lm_head_smoke_catches_wrong_kernels(tmp_path, monkeypatch):
     ours = [r for r in rows if r["provider"] == "ours"]
     assert ours and all(r["status"].startswith("FAILED check") for r in ours), ours
     assert all(r["status"] == "ok" for r in rows if r["provider"] == "naive"), rows
+
+
+def test_eval_path_benchmark_checks_the_predictions(tmp_path, monkeypatch):
+    """bench_eval.py times the evaluation's thought_predictions against the training forward it replaced and
+    fails (exit 1) when their k = 1 log-probs disagree."""
+    bench = load_benchmark("bench_eval")
+    small = ["--model", "tiny", "--T", "12", "--M", "2", "--K", "2", "--repeats", "1", "--device", "cpu",
+             "--out", str(tmp_path), "--tag", "e"]
+    assert bench.main(small) == 0
+    d = json.loads((tmp_path / "e.json").read_text())
+    assert d["env"]["thoughts_equal"] is True and d["env"]["max_abs_diff_lp_k1"] < 1e-5
+    assert [r["path"].split(" ")[0] for r in d["rows"]] == ["training", "thought_predictions"]
+    assert all(r["s"] > 0 for r in d["rows"]) and "faster" in (tmp_path / "e.md").read_text()
+    good = bench.thought_predictions
+
+    def shifted(*a, **k):
+        out = good(*a, **k)
+        out.lp_mix = out.lp_mix - 1e-3
+        return out
+    monkeypatch.setattr(bench, "thought_predictions", shifted)
+    assert bench.main(small) == 1

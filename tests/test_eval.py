@@ -187,6 +187,8 @@ def test_cli_hard_mask_round_trip(tmp_path):
     assert abs(a["hard_tokens"]["without_thoughts"]["nll"] - b["hard_tokens"]["without_thoughts"]["nll"]) < 1e-5
     assert a["hard_tokens"]["without_thoughts"]["nll"] > a["without_thoughts"]["nll"]
     assert (tmp_path / "b" / "eval.md").read_text().count("hard tokens") == 2
+    meta = json.loads((tmp_path / "a" / "eval.json").read_text())["meta"]
+    assert meta["scoring_s"] > 0 and f"scoring took {meta['scoring_s']:.0f} s" in (tmp_path / "a" / "eval.md").read_text()
     bad = subprocess.run(common[:4] + ["--data", str(docs), "--limit", "3", "--seq-len", "16", "--device", "cpu",
                                         "--hard-mask", str(tmp_path / "hard.pt"), "--out", str(tmp_path / "c")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -76,6 +76,9 @@ def test_failed_gpu_tests_fall_back_to_plain_paths():
     args = lx.build_parser().parse_args(["--attention", "triton"])
     assert lx.apply_fallbacks(args, "GPU tests: 1 failed;- FAILED test_thought_attention::test_gpu_x[128]: a") == \
         ["attention=split"]
+    args = lx.build_parser().parse_args(["--attention", "triton"])     # the evaluation's step kernel at M, M + 1
+    assert lx.apply_fallbacks(args, "GPU tests: 1 failed;- FAILED test_eval::test_gpu_thought_predictions_equal"
+                                    "_the_training_forward: a") == ["attention=split"]
     args = lx.build_parser().parse_args([])
     line = ("GPU tests: 2 failed;- FAILED test_document_mask::test_gpu_bf16_kernels_with_documents[1-4-2-64-5-64]: "
             "a;- FAILED test_train::test_cuda_graphs_train_the_same_run: b")
