@@ -324,3 +324,35 @@ def test_smollm2_random_init_has_finite_gradients_at_a_leading_separator():
     with torch.no_grad():       # the test can fail: HF's zeroed row gives non-finite gradients
         lm.model.embed_tokens.weight[pad].zero_()
     assert not finite_grads()
+
+
+@pytest.mark.parametrize("backends", [("reference", "reference"), ("split", "chunked"), ("triton", "triton")])
+@pytest.mark.parametrize("documents", [False, True])
+def test_thought_predictions_equal_the_training_forward(backends, documents):
+    """The evaluation's own path (thought_predictions: two more cached steps after sampling, the k = 1 prediction
+    only) gives the training forward's lp_base and lp_mix[..., 0] for the same generator: the same thoughts, the
+    same numbers up to fp32 rounding, with a mixing head that mixes (w != 0) and with packed documents; the
+    Triton backends run in the CPU interpreter here (so this test lives here, not in test_eval.py, which
+    scripts/gpu_versions_check.sh also runs under the GPU machine's numpy, where the interpreter cannot)."""
+    from test_eval import _model
+
+    from quietstar.thoughts import thought_predictions
+    model = _model(mixing=True)
+    with torch.no_grad():
+        for prm in model.mixing_head.parameters():
+            prm.add_(0.3 * torch.randn(prm.shape, generator=torch.Generator().manual_seed(3)))
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[0, 2] = False
+    ds = torch.tensor([0] * 4 + [4] * 6, dtype=torch.int32).expand(2, 10).contiguous() if documents else None
+    be = Backends(*backends)
+    _, _, full = quietstar_forward(model, ids, valid, LossConfig(), "sample-then-train", be,
+                                   torch.Generator().manual_seed(1), doc_start=ds)
+    ev = thought_predictions(model, ids, valid, be, torch.Generator().manual_seed(1), doc_start=ds)
+    assert torch.equal(ev.thoughts, full.thoughts)
+    assert ev.lp_mix.shape == (2, 2, 10) and ev.w.shape == (2, 2, 10)
+    torch.testing.assert_close(ev.lp_base, full.lp_base, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ev.lp_mix, full.lp_mix[..., 0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ev.w, full.w[..., 0], atol=2e-5, rtol=1e-5)
+    assert ev.w.abs().min() > 1e-3 and (ev.lp_mix != 0).sum() > 10     # it mixes, and most targets are scored
+    assert (ev.lp_mix[:, :, -1] == 0).all() and (ev.lp_mix[0, :, 2] == 0).all()   # unscored targets: 0
