@@ -125,6 +125,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default=None)
     args = ap.parse_args()
+    if args.thoughts < 1:     # before the model is built
+        ap.error(f"--thoughts must be >= 1, got {args.thoughts}")
     dev = torch.device(args.device)
     torch.manual_seed(0)
     lm = build_decoder(ModelConfig(name=args.model))
@@ -136,8 +138,6 @@ def main() -> int:
     ids = torch.randint(1, V, (args.B, args.prompt), generator=torch.Generator().manual_seed(1)).to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     thinking(model, ids, 1)   # warm-up (and Triton / cuBLAS initialisation)
-    if args.thoughts < 1:
-        ap.error(f"--thoughts must be >= 1, got {args.thoughts}")
     P = args.thoughts
     rows = {}
     decoders = [("plain cached decoding", plain), ("thinking, KV-cached (quietstar.generate)", thinking),

@@ -291,8 +291,8 @@ def digest_tests(raw: Path) -> list[str]:
     bad_cases = [c for c in cases if _failed(c)]
     width = 200 if len(bad_cases) <= 10 else 80         # many failures: shorter messages, every name whole
     for c in cases:
-        if _failed(c):
-            bad = c.find("failure") if c.find("failure") is not None else c.find("error")
+        bad = c.find("failure") if c.find("failure") is not None else c.find("error")
+        if bad is not None:
             msg = (bad.get("message") or "").splitlines()[0][:width] if bad.get("message") else ""
             name = "::".join([x for x in (c.get("classname") or "").split(".") if x != "tests"] + [c.get("name")])
             if (c.get("classname"), c.get("name")) in passed_alone:
