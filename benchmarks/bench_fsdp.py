@@ -54,14 +54,13 @@ def child(args) -> dict:
     dev = torch.device("cpu" if args.dry_run else "cuda")
     torch.manual_seed(0)
     shape = TINY if args.dry_run else MODEL_1B
-    with dev:                                   # initialise on the device: 1.1B normal_ draws on a CPU take long
-        lm = build_decoder(ModelConfig(max_position_embeddings=4096, **shape), dtype=torch.float32)
-        model = QuietStarModel(lm, ThoughtConfig(**THOUGHT), marker_init_id=3)
-    model.to(dev).train()
+    def build():
+        with dev:                               # initialise on the device: 1.1B normal_ draws on a CPU take long
+            lm = build_decoder(ModelConfig(max_position_embeddings=4096, **shape), dtype=torch.float32)
+            return QuietStarModel(lm, ThoughtConfig(**THOUGHT), marker_init_id=3)
+    # as quietstar-train builds it (one rank: rank 0 builds, shards and broadcasts its state dict to itself)
+    model = parallel.shard_from_rank0(build, build, dev, activation_checkpointing=args.ac).train()
     n_params = sum(p.numel() for p in model.parameters())
-    if args.ac:
-        parallel.apply_activation_checkpointing(model)
-    parallel.apply_fsdp(model, dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     backends = Backends("split", "chunked") if args.dry_run else Backends("triton", "triton")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not args.dry_run)

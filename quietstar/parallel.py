@@ -9,6 +9,11 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   (parameters all-gathered in bf16), fp32 master weights, optimizer state and gradient reduction.
   Reduce-scatter averages over ranks, as DDP does, so the loss is divided by the global counts / world
   (`denominators` in quietstar/train.py): the update is the one of the whole global batch.
+- `shard_from_rank0`: how `quietstar-train --parallel fsdp` builds its model. Only rank 0 reads the
+  weights (the full fp32 model in its host memory); the other ranks build the architecture on the meta
+  device. `fully_shard` moves one module at a time to the GPU and keeps this rank's shard, then rank 0
+  broadcasts its state dict and buffers, each rank keeping its shard. One host copy of the model per job
+  instead of one per rank, and no GPU ever holds the whole model (benchmarks/bench_fsdp_load.py).
 - `apply_activation_checkpointing`: each decoder layer recomputes its forward in the backward
   (`torch.utils.checkpoint`, non-reentrant, through `checkpoint_wrapper`). Calls without gradients
   (the M thought-sampling steps) run the layer directly. The recomputation is exact: every attention
@@ -125,6 +130,41 @@ def apply_fsdp(model, device: torch.device, mixed_precision: bool | None = None)
     # The root's forward takes the loss denominators (global target counts, up to B*T*P): they must stay
     # fp32 (bf16 would round counts above 256), so the root does not cast its inputs.
     fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False))
+    return model
+
+
+def shard_from_rank0(build, build_empty, device: torch.device, activation_checkpointing: bool = False,
+                     mixed_precision: bool | None = None):
+    """The FSDP2 model of `build()`, whose weights only rank 0 reads and only rank 0 holds whole.
+
+    Rank 0 calls `build()`: the full model on the CPU. Every other rank calls `build_empty()` under
+    `torch.device("meta")`: the architecture without memory. `fully_shard` moves each decoder layer, then
+    the root's remaining parameters, to `device` and keeps this rank's shard, so no GPU ever holds more
+    than one module unsharded; the other ranks then allocate their shards, rank 0 broadcasts its state
+    dict one tensor at a time (each rank keeps its shard: `set_model_state_dict` with
+    `broadcast_from_rank0`) and its buffers (RoPE's, which no state dict holds). For Mistral-7B on 8 ranks
+    of one node that is one fp32 copy in host memory (28 GB) instead of 8. Returns the model on
+    `device`, every rank's parameters equal to rank 0's `build()`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    ensure_process_group(device)
+    rank = dist.get_rank()
+    if rank == 0:
+        model = build()
+        full = model.state_dict()        # the CPU tensors: fully_shard replaces the parameters' data
+    else:
+        with torch.device("meta"):
+            model = build_empty()
+        full = {}
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, device, mixed_precision)
+    if rank != 0:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    with torch.no_grad():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
     return model
 
 

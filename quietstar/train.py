@@ -588,25 +588,30 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
 
     # model: fp32 master weights (a resumed run builds it as the run did, so that its tied or untied embeddings
     # and hence the optimizer's parameters are the same, then loads the checkpoint over it)
-    lm = build_decoder(cfg.model, dtype=torch.float32)
-    if lm.config.vocab_size < len(tok):
-        raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}"
-                         + (" (--model-vocab-size)" if cfg.model.name == "tiny" else ""))
-    model = QuietStarModel(lm, cfg.thought, marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text))
-    if QuietStarModel.is_export(cfg.model.name) and not tc.resume:  # a trained model continues with its extras
-        model.load_extras(cfg.model.name)
-        if rank == 0 and progress:
-            print(f"--model {cfg.model.name}: a Quiet-STaR export; its markers and mixing head are loaded too")
-    model.check_lengths(tc.seq_len)
-    model.to(device).train()
-    backends = Backends(tc.attention, tc.lm_head)
+    def quietstar_model(weights: bool = True):    # weights=False: the architecture (FSDP's ranks > 0, on meta)
+        lm = build_decoder(cfg.model, dtype=torch.float32, weights=weights)
+        if lm.config.vocab_size < len(tok):        # every rank checks what it can before any collective
+            raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}"
+                             + (" (--model-vocab-size)" if cfg.model.name == "tiny" else ""))
+        model = QuietStarModel(lm, cfg.thought, marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text)
+                               if weights else None)
+        model.check_lengths(tc.seq_len)
+        if weights and QuietStarModel.is_export(cfg.model.name) and not tc.resume:  # a trained model continues
+            model.load_extras(cfg.model.name)                                      # with its extras
+            if rank == 0 and progress:
+                print(f"--model {cfg.model.name}: a Quiet-STaR export; its markers and mixing head are loaded too")
+        return model
 
-    fwd = model
-    if tc.activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
-    if tc.parallel == "fsdp":
-        parallel.apply_fsdp(model, device)
-    elif world > 1:
+    backends = Backends(tc.attention, tc.lm_head)
+    if tc.parallel == "fsdp":       # only rank 0 reads the weights; each GPU gets its shards layer by layer
+        model = parallel.shard_from_rank0(quietstar_model, lambda: quietstar_model(weights=False), device,
+                                          tc.activation_checkpointing).train()
+    else:
+        model = quietstar_model().to(device).train()
+        if tc.activation_checkpointing:
+            parallel.apply_activation_checkpointing(model)
+    lm, fwd = model.lm, model
+    if world > 1 and tc.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=not tc.thoughts)   # the control: no extras' grads

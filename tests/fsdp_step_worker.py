@@ -1,6 +1,8 @@
 """Run under `torchrun --nproc_per_node 2` by tests/test_parallel.py (not a test file itself).
 
-Every rank builds the same tiny model from one seed; rank 0 also keeps an unsharded copy. For each
+Rank 0 builds a tiny model from one seed and rank 1 only its architecture on the meta device
+(`parallel.shard_from_rank0`: rank 1's shards are rank 0's weights, broadcast); rank 0 also builds an
+unsharded copy from the same seed. For each
 case (schedule, attention backend, activation checkpointing) the FSDP2 model takes one step's forward
 and backward on this rank's half of a global batch, with the loss divided by the global target counts
 / world (as quietstar/train.py does); rank 0 runs the unsharded copy on the whole batch in one process.
@@ -8,7 +10,6 @@ Thoughts are fixed inputs, so both sides score the same chains. Rank 0 writes, p
 loss difference, the smallest cosine and the largest relative error |g - g_ref| / |g_ref| between the
 gathered FSDP gradient and the reference gradient of every parameter, to the JSON file given as argv[1].
 """
-import copy
 import json
 import os
 import sys
@@ -55,11 +56,9 @@ def main(out_path: str) -> None:
     rows = slice(rank * B // world, (rank + 1) * B // world)
     results = {}
     for schedule, attention, ac in CASES:
-        base = tiny_model()
-        ref = copy.deepcopy(base) if rank == 0 else None
-        if ac:
-            parallel.apply_activation_checkpointing(base)
-        model = parallel.apply_fsdp(base, torch.device("cpu"))
+        ref = tiny_model() if rank == 0 else None
+        # rank 0 builds the model, rank 1 only its architecture (meta): its shards come from rank 0's broadcast
+        model = parallel.shard_from_rank0(tiny_model, tiny_model, torch.device("cpu"), activation_checkpointing=ac)
         c = target_counts(check_batch(ids[rows], vn[rows]), 2, 2)
         flat = torch.stack([c["n_base"], c["n_talk"], c["n_pol"]])
         dist.all_reduce(flat)

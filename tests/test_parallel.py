@@ -121,6 +121,51 @@ def test_activation_checkpointing_backward_is_identical_on_gpu():
 
 
 # ----------------------------------------------------------------------------------------------
+# building the sharded model: only rank 0 reads the weights
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_fsdp_load_gives_every_rank_rank0s_shards(tmp_path):
+    """2 ranks: the shards of `shard_from_rank0` (rank 1 builds on meta) equal those of every rank building
+    the model (checksums; the script exits 1 otherwise), and the table is written."""
+    r = _launch([str(ROOT / "benchmarks" / "bench_fsdp_load.py")], ["--tiny", "--out", str(tmp_path)], nproc=1)
+    runs = json.loads((tmp_path / "fsdp_load.json").read_text())["runs"]
+    assert {m: [x["rank"] for x in recs] for m, recs in runs.items()} == {"rank0": [0, 1], "every": [0, 1]}
+    assert runs["rank0"][1]["checksum"] == runs["every"][1]["checksum"] != runs["every"][0]["checksum"]
+    assert "| rank0: rank 0 builds" in (tmp_path / "fsdp_load.md").read_text() and "Sum over the ranks" in r.stdout
+
+
+@pytest.mark.gpu
+def test_shard_from_rank0_on_gpu():
+    """One rank on CUDA (NCCL, in a fresh process): the model built on the CPU reaches the GPU through
+    fully_shard, module by module; rank 0's broadcast to itself runs on NCCL; the sharded model holds the
+    CPU build's values, everything on the GPU, and trains a step with the Triton kernels."""
+    code = """
+import torch, sys
+sys.path.insert(0, "tests")
+from fsdp_step_worker import step, tiny_model
+from quietstar import parallel
+ref = tiny_model(head_dim=16).state_dict()
+model = parallel.shard_from_rank0(lambda: tiny_model(head_dim=16), lambda: tiny_model(head_dim=16),
+                                  torch.device("cuda"), activation_checkpointing=True)
+assert all(t.device.type == "cuda" for t in list(model.parameters()) + list(model.buffers()))
+got = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in model.state_dict().items()}
+assert got.keys() == ref.keys(), got.keys() ^ ref.keys()
+for k, v in ref.items():
+    assert torch.equal(getattr(got[k], "full_tensor", lambda: got[k])().cpu(), v), k
+g = torch.Generator().manual_seed(2)
+ids = torch.randint(0, 97, (2, 37), generator=g).cuda()
+thoughts = torch.randint(0, 97, (2, 2, 37, 2), generator=g).cuda()
+loss = step(model, ids, None, thoughts, "sample-then-train", "triton")
+assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+torch.distributed.destroy_process_group()
+print("OK")
+"""
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
 # sharded checkpoints: other world sizes, the converter, a killed save
 # ----------------------------------------------------------------------------------------------
 def _train(out, nproc, batch, extra=()):
