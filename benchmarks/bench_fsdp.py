@@ -58,7 +58,8 @@ def child(args) -> dict:
         with dev:                               # initialise on the device: 1.1B normal_ draws on a CPU take long
             lm = build_decoder(ModelConfig(max_position_embeddings=4096, **shape), dtype=torch.float32)
             return QuietStarModel(lm, ThoughtConfig(**THOUGHT), marker_init_id=3)
-    # as quietstar-train builds it (one rank: rank 0 builds, shards and broadcasts its state dict to itself)
+    # as quietstar-train --parallel fsdp on one rank (shard_from_rank0 is then apply_fsdp of the built model),
+    # but built on the GPU for speed where quietstar-train builds it on the CPU
     model = parallel.shard_from_rank0(build, build, dev, activation_checkpointing=args.ac).train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)

@@ -113,9 +113,10 @@ def write(out: Path, runs: dict, args) -> str:
               + "; ".join(f"{mode} {sum(r['peak_growth_bytes'] for r in recs) / gib:.2f} GiB"
                           for mode, recs in runs.items()) + ".",
               "", "On the CPU the mesh is the host, so rank 0 holds its shards beside the full model until the "
-              "broadcast ends; on GPUs its shards are GPU memory and rank 0's host holds the full model alone, "
-              "the other ranks' hosts nothing of it (the GPU side: each GPU holds its shards and one module "
-              "unsharded at a time, where every rank building the model moved all of it to its GPU first)."]
+              "broadcast ends. On GPUs (read from the code path, not measured here) its shards are GPU memory: "
+              "rank 0's host holds the full model alone and the other ranks' hosts nothing of it; rank 0's GPU "
+              "holds its shards and one module unsharded at a time, the others' GPUs their shards and one "
+              "broadcast tensor, where every rank building the model moved all of it to its GPU first."]
     text = "\n".join(lines) + "\n"
     (out / "fsdp_load.md").write_text(text)
     return text

@@ -11,9 +11,9 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   (`denominators` in quietstar/train.py): the update is the one of the whole global batch.
 - `shard_from_rank0`: how `quietstar-train --parallel fsdp` builds its model. Only rank 0 reads the
   weights (the full fp32 model in its host memory); the other ranks build the architecture on the meta
-  device. `fully_shard` moves one module at a time to the GPU and keeps this rank's shard, then rank 0
-  broadcasts its state dict and buffers, each rank keeping its shard. One host copy of the model per job
-  instead of one per rank, and no GPU ever holds the whole model (benchmarks/bench_fsdp_load.py).
+  device. `fully_shard` moves one module at a time to rank 0's GPU and keeps its shard; the other ranks
+  allocate theirs, and rank 0 broadcasts its state dict and buffers, each rank keeping its shard. One
+  host copy of the model per job instead of one per rank (benchmarks/bench_fsdp_load.py).
 - `apply_activation_checkpointing`: each decoder layer recomputes its forward in the backward
   (`torch.utils.checkpoint`, non-reentrant, through `checkpoint_wrapper`). Calls without gradients
   (the M thought-sampling steps) run the layer directly. The recomputation is exact: every attention
@@ -38,6 +38,7 @@ is refused (the graphed sampler would capture buffers FSDP frees between calls).
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import dataclasses
 import json
@@ -138,23 +139,51 @@ def shard_from_rank0(build, build_empty, device: torch.device, activation_checkp
     """The FSDP2 model of `build()`, whose weights only rank 0 reads and only rank 0 holds whole.
 
     Rank 0 calls `build()`: the full model on the CPU. Every other rank calls `build_empty()` under
-    `torch.device("meta")`: the architecture without memory. `fully_shard` moves each decoder layer, then
-    the root's remaining parameters, to `device` and keeps this rank's shard, so no GPU ever holds more
-    than one module unsharded; the other ranks then allocate their shards, rank 0 broadcasts its state
-    dict one tensor at a time (each rank keeps its shard: `set_model_state_dict` with
-    `broadcast_from_rank0`) and its buffers (RoPE's, which no state dict holds). For Mistral-7B on 8 ranks
-    of one node that is one fp32 copy in host memory (28 GB) instead of 8. Returns the model on
-    `device`, every rank's parameters equal to rank 0's `build()`."""
+    `torch.device("meta")`: the architecture without memory. Before any other collective every rank learns
+    whether a rank failed to build (each then raises that error: nobody waits in a broadcast for a rank
+    that is gone) and how rank 0's parameters are shared: a config that says "tied" over a checkpoint
+    with two different embedding tensors loads untied on rank 0, so the meta model is untied to match.
+    `fully_shard` moves each decoder layer, then the root's remaining parameters, to `device` and keeps
+    this rank's shard: rank 0's GPU holds one module unsharded at a time, never the whole model. The
+    other ranks allocate their shards, and rank 0 broadcasts its state dict one tensor at a time (each
+    rank keeps its shard: `set_model_state_dict` with `broadcast_from_rank0`) and its buffers (RoPE's,
+    which no state dict holds). So a node holds one fp32 copy of the model in host memory, not one per
+    rank. On one rank this is `apply_fsdp(build())`. Returns the model on `device`, every rank's
+    parameters and buffers equal to rank 0's `build()`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     ensure_process_group(device)
-    rank = dist.get_rank()
-    if rank == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world == 1:                   # nobody to broadcast to
         model = build()
-        full = model.state_dict()        # the CPU tensors: fully_shard replaces the parameters' data
-    else:
-        with torch.device("meta"):
-            model = build_empty()
-        full = {}
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        return apply_fsdp(model, device, mixed_precision)
+    model, error = None, None
+    try:
+        if rank == 0:
+            model = build()
+        else:
+            with torch.device("meta"):
+                model = build_empty()
+    except Exception as e:           # raised below, on every rank, after they have all heard of it
+        error = e
+    told = [None] * world
+    dist.all_gather_object(told, ((type(error).__name__, str(error)) if error is not None else None,
+                                  _shared_params(model) if model is not None else None))
+    if error is not None:
+        raise error
+    failed = next(((r, f) for r, (f, _) in enumerate(told) if f is not None), None)
+    if failed is not None:
+        r, (name, msg) = failed
+        cls = getattr(builtins, name, None)
+        raise (cls(msg) if isinstance(cls, type) and issubclass(cls, Exception) else
+               RuntimeError(f"rank {r} could not build the model: {name}: {msg}"))
+    if any(_flat(g) != _flat(told[0][1]) for _, g in told[1:]):     # every rank decides alike
+        raise ValueError("rank 0's model has other parameters than the architecture the other ranks built "
+                         "from its config (names or shapes differ): cannot shard it from rank 0")
+    if rank != 0:
+        _share_like(model, told[0][1])
+    full = model.state_dict() if rank == 0 else {}   # rank 0's CPU tensors: fully_shard replaces the parameters' data
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, device, mixed_precision)
@@ -166,6 +195,32 @@ def shard_from_rank0(build, build_empty, device: torch.device, activation_checkp
         for b in model.buffers():
             dist.broadcast(b, src=0)
     return model
+
+
+def _shared_params(model) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Every parameter once: the names it has (more than one when tied) and its shape."""
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), ([], tuple(p.shape)))[0].append(n)
+    return sorted((tuple(ns), shape) for ns, shape in names.values())
+
+
+def _flat(groups) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter name, tied or not."""
+    return sorted((n, s) for ns, s in groups for n in ns)
+
+
+def _share_like(model, groups) -> None:
+    """Make the meta `model`'s parameters (the same names and shapes) shared as `groups` says
+    (`_shared_params` of rank 0's model)."""
+    if _shared_params(model) == groups:
+        return
+    for names, _ in groups:          # one fresh meta parameter per group of rank 0's
+        first = model.get_parameter(names[0])
+        p = nn.Parameter(torch.empty_like(first, device="meta"), requires_grad=first.requires_grad)
+        for n in names:
+            owner, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(owner), attr, p)
 
 
 def is_fsdp(model) -> bool:

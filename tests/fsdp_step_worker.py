@@ -27,10 +27,10 @@ CASES = [("sample-then-train", "split", False), ("sample-then-train", "split", T
 B, T = 4, 12                     # global batch; each of the 2 ranks takes B // 2 rows
 
 
-def tiny_model(seed: int = 0, head_dim: int = 8) -> QuietStarModel:
+def tiny_model(seed: int = 0, head_dim: int = 8, tied: bool = False) -> QuietStarModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=head_dim, intermediate_size=64,
-                      vocab_size=97, tie_word_embeddings=False)
+                      vocab_size=97, tie_word_embeddings=tied)
     model = QuietStarModel(build_decoder(cfg), ThoughtConfig(M=2, K=2, P=2), marker_init_id=3)
     with torch.no_grad():        # the mixing head's last layer starts at 0: give every parameter a gradient
         model.mixing_head.net[-1].weight.normal_(0, 0.1)

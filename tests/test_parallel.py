@@ -39,14 +39,24 @@ def _env():
     return env
 
 
-def _launch(target, args, nproc):
+def _launch(target, args, nproc, timeout=600):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + target
     else:
         cmd = [sys.executable] + target
-    r = subprocess.run(cmd + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    p = subprocess.Popen(cmd + args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()                # torchrun stops its workers (each in its own session) on SIGTERM
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        pytest.fail(f"{' '.join(target)}: no end after {timeout} s (a rank waiting in a collective?)\n{err[-3000:]}")
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd + args, p.returncode, out, err)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,11 +144,30 @@ def test_bench_fsdp_load_gives_every_rank_rank0s_shards(tmp_path):
     assert "| rank0: rank 0 builds" in (tmp_path / "fsdp_load.md").read_text() and "Sum over the ranks" in r.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["untied", "fail0", "fail1", "mismatch"])
+def test_shard_from_rank0_agrees_or_fails_on_every_rank(case, tmp_path):
+    """2 ranks: rank 0's weights untied under a tied config reach every rank untied (and the loss is rank
+    0's); a rank that cannot build makes every rank raise its error (none waits in a broadcast); a model
+    whose parameters differ from the architecture is refused on every rank."""
+    _launch([str(ROOT / "tests" / "fsdp_build_worker.py")], [str(tmp_path), case], nproc=2, timeout=180)  # a hang fails
+    recs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    if case == "untied":
+        for r in recs:
+            assert r["equal"] and not r["tied"], r
+            assert abs(r["loss"] - r["ref_loss"]) <= 1e-6 * abs(r["ref_loss"]), r
+    else:
+        want = {"fail0": "rank 0 cannot read the weights", "fail1": "rank 1 cannot build the architecture",
+                "mismatch": "rank 0's model has other parameters"}[case]
+        assert all(r.get("error", "").startswith(want) for r in recs), recs
+
+
 @pytest.mark.gpu
 def test_shard_from_rank0_on_gpu():
-    """One rank on CUDA (NCCL, in a fresh process): the model built on the CPU reaches the GPU through
-    fully_shard, module by module; rank 0's broadcast to itself runs on NCCL; the sharded model holds the
-    CPU build's values, everything on the GPU, and trains a step with the Triton kernels."""
+    """One rank on CUDA (NCCL, in a fresh process), as `quietstar-train --parallel fsdp` on one GPU: the
+    model built on the CPU reaches the GPU through fully_shard, module by module, holds the CPU build's
+    values, everything on the GPU, and trains a step with the Triton kernels. (The broadcast to other
+    ranks needs two GPUs: it is tested on the CPU with gloo.)"""
     code = """
 import torch, sys
 sys.path.insert(0, "tests")
