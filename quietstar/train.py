@@ -603,7 +603,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         return model
 
     backends = Backends(tc.attention, tc.lm_head)
-    if tc.parallel == "fsdp":       # only rank 0 reads the weights; each GPU gets its shards layer by layer
+    if tc.parallel == "fsdp":       # only rank 0 reads the weights; the other ranks receive their shards
         model = parallel.shard_from_rank0(quietstar_model, lambda: quietstar_model(weights=False), device,
                                           tc.activation_checkpointing).train()
     else:
