@@ -181,7 +181,7 @@ def shard_from_rank0(build, build_empty, device: torch.device, activation_checkp
     if any(_flat(g) != _flat(told[0][1]) for _, g in told[1:]):     # every rank decides alike
         raise ValueError("rank 0's model has other parameters than the architecture the other ranks built "
                          "from its config (names or shapes differ): cannot shard it from rank 0")
-    if rank != 0:
+    if told[rank][1] != told[0][1]:                                 # rank > 0 on meta, shared otherwise
         _share_like(model, told[0][1])
     full = model.state_dict() if rank == 0 else {}   # rank 0's CPU tensors: fully_shard replaces the parameters' data
     if activation_checkpointing:
@@ -213,8 +213,6 @@ def _flat(groups) -> list[tuple[str, tuple[int, ...]]]:
 def _share_like(model, groups) -> None:
     """Make the meta `model`'s parameters (the same names and shapes) shared as `groups` says
     (`_shared_params` of rank 0's model)."""
-    if _shared_params(model) == groups:
-        return
     for names, _ in groups:          # one fresh meta parameter per group of rank 0's
         first = model.get_parameter(names[0])
         p = nn.Parameter(torch.empty_like(first, device="meta"), requires_grad=first.requires_grad)
