@@ -10,6 +10,7 @@ fails to build. Cases (argv[2]):
 Each rank writes what happened to argv[1]/rank{r}.json.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def main(out: str, case: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(rec))
     dist.barrier()
     dist.destroy_process_group()
+    # Under load, the fail1 case's rank 0 sometimes aborts in the interpreter's teardown after all of the
+    # above ("terminate called without an active exception", SIGABRT; ~1 run in 10 on 2 busy cores, never
+    # with os._exit in 36). What is checked is written by then: skip the teardown.
+    os._exit(0)
 
 
 if __name__ == "__main__":
