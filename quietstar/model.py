@@ -106,8 +106,16 @@ def empty_decoder_model(cfg: ModelConfig, thought: ThoughtConfig) -> "QuietStarM
         lm = build_decoder(cfg, dtype=torch.float32, weights=False)
         model = QuietStarModel(lm, thought)
     model.to_empty(device="cpu")
-    lm.model.rotary_emb = type(lm.model.rotary_emb)(config=lm.config)
+    remake_rope(lm)
     return model
+
+
+def remake_rope(lm, device=None) -> None:
+    """Compute RoPE's buffers (inverse frequencies, in no state dict) from the config again and put them on
+    `device`: after a build on the meta device and `to_empty`, which leaves them uninitialised. Computed on
+    the CPU, as every model built from its weights has them (a GPU's pow may round otherwise)."""
+    with torch.device("cpu"):
+        lm.model.rotary_emb = type(lm.model.rotary_emb)(config=lm.config).to(device)
 
 
 def retie_embeddings(lm) -> None:

@@ -14,6 +14,10 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   device. `fully_shard` moves one module at a time to rank 0's GPU and keeps its shard; the other ranks
   allocate theirs, and rank 0 broadcasts its state dict and buffers, each rank keeping its shard. One
   host copy of the model per job instead of one per rank (benchmarks/bench_fsdp_load.py).
+- `shard_empty` / `empty_model`: how a resumed run builds its model (sharded or not). Nobody reads the
+  weights: every rank builds the architecture on the meta device, shares its parameters as the
+  checkpoint records (`shared_params`: tied embeddings or not), allocates them (its shards) and computes
+  RoPE's buffers again; the checkpoint fills the rest.
 - `apply_activation_checkpointing`: each decoder layer recomputes its forward in the backward
   (`torch.utils.checkpoint`, non-reentrant, through `checkpoint_wrapper`). Calls without gradients
   (the M thought-sampling steps) run the layer directly. The recomputation is exact: every attention
@@ -52,6 +56,7 @@ import torch.nn as nn
 
 PARALLEL_MODES = ("ddp", "fsdp")
 META_FILE = "quietstar_checkpoint.json"      # beside DCP's files: the config, the step, the world size
+_CKPT_WRAPPED = "_checkpoint_wrapped_module."  # the name checkpoint_wrapper gives the layer it wraps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,22 +172,12 @@ def shard_from_rank0(build, build_empty, device: torch.device, activation_checkp
                 model = build_empty()
     except Exception as e:           # raised below, on every rank, after they have all heard of it
         error = e
-    told = [None] * world
-    dist.all_gather_object(told, ((type(error).__name__, str(error)) if error is not None else None,
-                                  _shared_params(model) if model is not None else None))
-    if error is not None:
-        raise error
-    failed = next(((r, f) for r, (f, _) in enumerate(told) if f is not None), None)
-    if failed is not None:
-        r, (name, msg) = failed
-        cls = getattr(builtins, name, None)
-        raise (cls(msg) if isinstance(cls, type) and issubclass(cls, Exception) else
-               RuntimeError(f"rank {r} could not build the model: {name}: {msg}"))
-    if any(_flat(g) != _flat(told[0][1]) for _, g in told[1:]):     # every rank decides alike
+    told = _agree(error, _shared_params(model) if model is not None else None)
+    if any(_flat(g) != _flat(told[0]) for g in told[1:]):     # every rank decides alike
         raise ValueError("rank 0's model has other parameters than the architecture the other ranks built "
                          "from its config (names or shapes differ): cannot shard it from rank 0")
-    if told[rank][1] != told[0][1]:                                 # rank > 0 on meta, shared otherwise
-        _share_like(model, told[0][1])
+    if told[rank] != told[0]:                                 # rank > 0 on meta, shared otherwise
+        _share_like(model, told[0])
     full = model.state_dict() if rank == 0 else {}   # rank 0's CPU tensors: fully_shard replaces the parameters' data
     if activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -197,11 +192,111 @@ def shard_from_rank0(build, build_empty, device: torch.device, activation_checkp
     return model
 
 
+def shard_empty(build_empty, device: torch.device, shared, activation_checkpointing: bool = False,
+                mixed_precision: bool | None = None, arg: str = "--resume"):
+    """The FSDP2 model of `build_empty()`'s architecture, for a checkpoint loaded next (`load_checkpoint`):
+    nobody reads the model's weight files. Every rank builds it on the meta device, shares its parameters
+    as `shared` says (`shared_params` of the model that was saved: tied embeddings or not), shards it and
+    allocates its shards on `device` (not initialised), then computes RoPE's buffers again (no state dict
+    holds them). A checkpoint whose parameters (names or shapes) differ from the architecture is refused
+    on every rank, naming `arg` and the first difference."""
+    from .model import remake_rope
+    ensure_process_group(device)
+    shared = _from_json(shared)
+    model, error = None, None
+    try:
+        with torch.device("meta"):
+            model = build_empty()
+        _check_rebuildable(model)
+        _check_fits(model, shared, arg)
+    except Exception as e:           # raised on every rank, after they have all heard of it
+        error = e
+    _agree(error, None)
+    _share_like(model, shared)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, device, mixed_precision)
+    model.to_empty(device=device)
+    remake_rope(model.lm, device)
+    return model
+
+
+def empty_model(build_empty, device: torch.device, shared, arg: str = "--resume"):
+    """The unsharded model of `build_empty()`'s architecture on `device`, allocated but not initialised, its
+    parameters shared as `shared` says and RoPE's buffers computed: for a state dict loaded next (a
+    resumed run of one process or DDP). Nobody reads the model's weight files. Names or shapes that
+    differ from the checkpoint are left for `load_state_dict` to report."""
+    from .model import remake_rope
+    shared = _from_json(shared)
+    with torch.device("meta"):
+        model = build_empty()
+    _check_rebuildable(model)
+    model.to_empty(device=device)        # unties shared parameters (each gets its own memory): tied again below
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    _share_like(model, [g for g in shared if all(n in names for n in g[0])])
+    remake_rope(model.lm, device)
+    return model
+
+
+def shared_params(model) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """What a checkpoint stores of how `model`'s parameters are shared (`_shared_params`, JSON-ready), so that
+    a resumed run can build the same model empty; activation checkpointing's wrapper is not in the names,
+    and under FSDP the shapes are the full ones."""
+    return [[list(ns), list(s)] for ns, s in _shared_params(model)]
+
+
+def _from_json(shared) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    return sorted((tuple(ns), tuple(s)) for ns, s in shared)
+
+
+def _check_fits(model, shared, arg: str) -> None:
+    want, have = dict(_flat(shared)), dict(_flat(_shared_params(model)))
+    if want != have:
+        diff = sorted(want.keys() ^ have.keys()) or sorted(n for n in want if want[n] != have[n])
+        n = diff[0]
+        raise ValueError(f"{arg}: the checkpoint's parameters do not fit the model built from its configuration "
+                         f"({len(diff)} differ, first: {n}: checkpoint {want.get(n, 'absent')}, model "
+                         f"{have.get(n, 'absent')})")
+
+
+def _check_rebuildable(model) -> None:
+    """An empty-built model gets its parameters from a checkpoint and RoPE's buffers computed again: any other
+    buffer that no state dict holds could not be made again."""
+    saved = set(model.state_dict())
+    lost = [n for n, _ in model.named_buffers() if n not in saved and not n.startswith("lm.model.rotary_emb.")]
+    if lost:
+        raise ValueError(f"the model has buffers that no checkpoint holds ({', '.join(lost[:3])}): it can only be "
+                         "built from its weights")
+
+
+def _agree(error, payload) -> list:
+    """Collective: every rank's `payload`; every rank raises the error a rank met (this rank's own first, else
+    the lowest failed rank's, rebuilt from its type name and message), so that no rank waits in a later
+    collective for one that is gone."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        if error is not None:
+            raise error
+        return [payload]
+    told = [None] * world
+    dist.all_gather_object(told, ((type(error).__name__, str(error)) if error is not None else None, payload))
+    if error is not None:
+        raise error
+    failed = next(((r, f) for r, (f, _) in enumerate(told) if f is not None), None)
+    if failed is not None:
+        r, (name, msg) = failed
+        cls = getattr(builtins, name, None)
+        raise (cls(msg) if isinstance(cls, type) and issubclass(cls, Exception) else
+               RuntimeError(f"rank {r} could not build the model: {name}: {msg}"))
+    return [p for _, p in told]
+
+
 def _shared_params(model) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
-    """Every parameter once: the names it has (more than one when tied) and its shape."""
+    """Every parameter once: the names it has (more than one when tied; without activation checkpointing's
+    wrapper) and its shape."""
     names = {}
     for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), ([], tuple(p.shape)))[0].append(n)
+        names.setdefault(id(p), ([], tuple(p.shape)))[0].append(n.replace(_CKPT_WRAPPED, ""))
     return sorted((tuple(ns), shape) for ns, shape in names.values())
 
 
@@ -211,11 +306,11 @@ def _flat(groups) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _share_like(model, groups) -> None:
-    """Make the meta `model`'s parameters (the same names and shapes) shared as `groups` says
-    (`_shared_params` of rank 0's model)."""
-    for names, _ in groups:          # one fresh meta parameter per group of rank 0's
+    """Make `model`'s parameters (unwrapped, the same names and shapes) shared as `groups` says (`_shared_params`
+    of another model, or `shared_params` from a checkpoint); their values are not kept."""
+    for names, _ in groups:          # one fresh parameter (on the model's device, not initialised) per group
         first = model.get_parameter(names[0])
-        p = nn.Parameter(torch.empty_like(first, device="meta"), requires_grad=first.requires_grad)
+        p = nn.Parameter(torch.empty_like(first), requires_grad=first.requires_grad)
         for n in names:
             owner, _, attr = n.rpartition(".")
             setattr(model.get_submodule(owner), attr, p)
@@ -291,13 +386,15 @@ def save_checkpoint(path, model, opt, sched, step: int, rng: dict, config: dict)
         shutil.rmtree(tmp)
     if world > 1:
         dist.barrier()
+    shared = shared_params(model)            # the same on every rank: rank 0 writes it
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), "step": step, _rng_key(rank): rng}
     # returns on rank 0 after every rank's files are written; without a process group: one process
     with _dcp_quiet():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if rank == 0:
-        (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": world, "config": config}, indent=1))
+        (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": world, "config": config,
+                                                 "shared_params": shared}, indent=1))
         if path.exists():                    # re-running into the same folder: replace the old one
             old = path.with_name(path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

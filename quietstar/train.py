@@ -324,7 +324,8 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, generator, cfg: Co
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "rng": rng_state(generator), "config": dataclasses.asdict(cfg), "world": world}, tmp)
+                "step": step, "rng": rng_state(generator), "config": dataclasses.asdict(cfg), "world": world,
+                "shared_params": parallel.shared_params(model)}, tmp)
     os.replace(tmp, path)
 
 
@@ -586,9 +587,32 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                  + (f" (all there are; --eval-rows asked for {tc.eval_rows})" if n_eval < tc.eval_rows else "")
                  if eval_rows is not None else ""))
 
-    # model: fp32 master weights (a resumed run builds it as the run did, so that its tied or untied embeddings
-    # and hence the optimizer's parameters are the same, then loads the checkpoint over it)
-    def quietstar_model(weights: bool = True):    # weights=False: the architecture (FSDP's ranks > 0, on meta)
+    # the checkpoint to resume: a --parallel fsdp folder (its small metadata file; the shards are read below), or a
+    # .pt file of one process or DDP
+    resumed, sharded = None, False
+    if tc.resume:
+        sharded = Path(tc.resume).is_dir()             # a --parallel fsdp checkpoint folder (any world size)
+        if tc.parallel == "fsdp" and not sharded:
+            raise ValueError(f"--resume {tc.resume}: --parallel fsdp resumes from a checkpoint folder (written with "
+                             "--parallel fsdp), not a single-file checkpoint of --parallel ddp")
+        resumed = parallel.read_meta(tc.resume) if sharded else load_checkpoint(tc.resume, map_location=device)
+        old_rows = resumed["config"]["train"]["batch_size"] * (resumed["world_size"] if sharded else
+                                                               resumed.get("world", 1))
+        if tc.batch_size * world != old_rows:
+            raise ValueError(f"--batch-size {tc.batch_size} x {world} rank(s) = {tc.batch_size * world} rows per "
+                             f"micro-batch, but the run in --resume {tc.resume} used {old_rows}: a resumed run "
+                             "keeps its batch (give --batch-size so that batch-size x ranks stays the same)")
+        if resumed["step"] >= tc.steps:
+            raise ValueError(f"--steps {tc.steps}: --resume {tc.resume} is already at step {resumed['step']}, so "
+                             f"there is nothing to train; give --steps larger than {resumed['step']}")
+    # how the saved model's parameters were shared (tied embeddings or not); None in checkpoints written before
+    # it was stored: those runs build the model from its weights, as a fresh run does
+    shared = resumed.get("shared_params") if resumed is not None else None
+
+    # model: fp32 master weights. A fresh run reads the base model's weights; a resumed run builds the same
+    # architecture empty (its embeddings shared as the saved model's were, so that the optimizer's parameters
+    # are the same) and the checkpoint fills it: no weight file is read (Mistral-7B: 14 GB per start).
+    def quietstar_model(weights: bool = True):    # weights=False: the architecture (built on meta)
         lm = build_decoder(cfg.model, dtype=torch.float32, weights=weights)
         if lm.config.vocab_size < len(tok):        # every rank checks what it can before any collective
             raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}"
@@ -602,12 +626,18 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                 print(f"--model {cfg.model.name}: a Quiet-STaR export; its markers and mixing head are loaded too")
         return model
 
+    def architecture():
+        return quietstar_model(weights=False)
+
     backends = Backends(tc.attention, tc.lm_head)
-    if tc.parallel == "fsdp":       # only rank 0 reads the weights; the other ranks receive their shards
-        model = parallel.shard_from_rank0(quietstar_model, lambda: quietstar_model(weights=False), device,
-                                          tc.activation_checkpointing).train()
+    if tc.parallel == "fsdp" and shared is not None:
+        model = parallel.shard_empty(architecture, device, shared, tc.activation_checkpointing,
+                                     arg=f"--resume {tc.resume}").train()
+    elif tc.parallel == "fsdp":     # only rank 0 reads the weights; the other ranks receive their shards
+        model = parallel.shard_from_rank0(quietstar_model, architecture, device, tc.activation_checkpointing).train()
     else:
-        model = quietstar_model().to(device).train()
+        model = (parallel.empty_model(architecture, device, shared) if shared is not None else
+                 quietstar_model().to(device)).train()
         if tc.activation_checkpointing:
             parallel.apply_activation_checkpointing(model)
     lm, fwd = model.lm, model
@@ -624,16 +654,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         sampler = GraphedSampler(model, backends, generator)
     start = 0
     if tc.resume:
-        sharded = Path(tc.resume).is_dir()             # a --parallel fsdp checkpoint folder (any world size)
-        if tc.parallel == "fsdp" and not sharded:
-            raise ValueError(f"--resume {tc.resume}: --parallel fsdp resumes from a checkpoint folder (written with "
-                             "--parallel fsdp), not a single-file checkpoint of --parallel ddp")
-        ck = parallel.read_meta(tc.resume) if sharded else load_checkpoint(tc.resume, map_location=device)
-        old_rows = ck["config"]["train"]["batch_size"] * (ck["world_size"] if sharded else ck.get("world", 1))
-        if tc.batch_size * world != old_rows:
-            raise ValueError(f"--batch-size {tc.batch_size} x {world} rank(s) = {tc.batch_size * world} rows per "
-                             f"micro-batch, but the run in --resume {tc.resume} used {old_rows}: a resumed run "
-                             "keeps its batch (give --batch-size so that batch-size x ranks stays the same)")
+        ck, resumed = resumed, None
         if sharded:
             start, rng = parallel.load_checkpoint(tc.resume, model, opt, sched, rng_state(generator))
             if rng is not None:                        # a rank the saving run did not have keeps its fresh seed
@@ -641,9 +662,6 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         else:
             start = restore_checkpoint(ck, tc.resume, model, opt, sched, generator)
         del ck
-        if start >= tc.steps:
-            raise ValueError(f"--steps {tc.steps}: --resume {tc.resume} is already at step {start}, so there is "
-                             f"nothing to train; give --steps larger than {start}")
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         prepare_out_dir(out, continuing, tc.overwrite, start)

@@ -284,22 +284,13 @@ def test_parquet_data_and_max_documents(tmp_path):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_the_converter_reads_no_base_weights(tmp_path, tied):
+def test_the_converter_reads_no_base_weights(tmp_path, tied, base_folder):
     """A run's checkpoint converts without the base model's weight files (a 7B folder's ~14 GB are not read
     again: the architecture is built empty and the checkpoint fills it), tied embeddings stay tied, and
     RoPE's computed buffers are right: the export equals the trained model, logits included."""
-    from quietstar import ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
-    from quietstar.assets import mistral_tokenizer
+    from quietstar import QuietStarModel
     from quietstar.parallel import main as convert
-    torch.manual_seed(0)
-    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
-                     tie_word_embeddings=tied)
-    base = QuietStarModel(build_decoder(mc), ThoughtConfig(M=2, K=2, P=2), marker_init_id=5)
-    folder = tmp_path / "base"
-    gc = base.lm.generation_config
-    gc.do_sample, gc.temperature, gc.eos_token_id = True, 0.6, [2, 7]
-    base.lm.save_pretrained(folder)
-    mistral_tokenizer().save_pretrained(folder)
+    folder = base_folder(tied)
     out = tmp_path / "run"
     res = train(config_from_args(["--model", str(folder), "--M", "2", "--K", "2", "--P", "2", "--seq-len", "16",
                                   "--batch-size", "1", "--steps", "1", "--out-dir", str(out)]), progress=False)

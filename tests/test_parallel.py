@@ -247,6 +247,36 @@ def test_sharded_checkpoint_resumes_on_other_world_sizes(runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, "config-only"], ids=["untied", "config-tied-weights-untied"])
+def test_sharded_resume_reads_no_base_weights(tmp_path, base_folder, tied):
+    """A --parallel fsdp run resumed on 2 ranks from 1 rank's checkpoint, after the base model's weight files are
+    deleted: every rank builds the architecture empty (its embeddings untied, as the saved model's were, also
+    where the config says tied) and the checkpoint's shards fill it. It ends where the uninterrupted run ends.
+    (Tied embeddings: test_sharded_checkpoint_resumes_on_other_world_sizes.)"""
+    folder = base_folder(tied)
+    common = ["--model", str(folder)] + TINY[TINY.index("--M"):] + ["--grad-accum", "2"]
+    _launch(["-m", "quietstar.train"], common + ["--batch-size", "2", "--ckpt-every", "1", "--out-dir",
+                                                 str(tmp_path / "a")], 1)
+    meta = json.loads((tmp_path / "a" / "step000001" / parallel.META_FILE).read_text())
+    assert all(len(names) == 1 for names, _ in meta["shared_params"])     # untied: one name per parameter
+    for f in folder.glob("*.safetensors"):
+        f.unlink()                                            # the base weights are gone
+    _launch(["-m", "quietstar.train"], ["--resume", str(tmp_path / "a" / "step000001"), "--batch-size", "1",
+                                        "--out-dir", str(tmp_path / "b")], 2)
+    _assert_same(_export_weights(tmp_path / "b" / "export"), _export_weights(tmp_path / "a" / "export"))
+    if tied is False:      # the folder now describes another model: refused in one line, nothing trained
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+        r = subprocess.run([sys.executable, "-m", "quietstar.train", "--resume", str(tmp_path / "a" / "step000001"),
+                            "--out-dir", str(tmp_path / "c")], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and not (tmp_path / "c").exists(), r.stderr[-3000:]
+        assert (f"--resume {tmp_path / 'a' / 'step000001'}: the checkpoint's parameters do not fit the model built "
+                "from its configuration (3 differ, first: lm.model.layers.0.mlp.down_proj.weight: checkpoint "
+                "(32, 64), model (32, 96))") in r.stderr, r.stderr
+
+
+@pytest.mark.slow
 def test_converter_writes_the_runs_export(runs, tmp_path):
     from quietstar.model import QuietStarModel
     _launch(["-m", "quietstar.parallel"], [str(runs["two"] / "final"), str(tmp_path / "exp")], nproc=1)

@@ -25,11 +25,20 @@ def test_loss_falls(tmp_path):
     assert all(torch.isfinite(torch.tensor(lm)))
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "without-shared-params"])
+def test_resume_is_bit_identical(tmp_path, legacy):
+    """A resumed run ends where the uninterrupted one does; also from a checkpoint written before checkpoints
+    stored how parameters are shared (such a run builds the model from its weights, as a fresh run does)."""
     common = TINY + ["--steps", "4", "--ckpt-every", "2", "--lr", "3e-3"]
     full = train(config_from_args(common + ["--out-dir", str(tmp_path / "a")]), progress=False)
     ck = tmp_path / "a" / "step000002.pt"
-    assert ck.exists()
+    saved = torch.load(ck, weights_only=False)
+    assert [sorted(ns) for ns, _ in saved["shared_params"] if len(ns) > 1] == [["lm.lm_head.weight",
+                                                                                 "lm.model.embed_tokens.weight"]]
+    if legacy:
+        del saved["shared_params"]
+        ck = tmp_path / "legacy.pt"
+        torch.save(saved, ck)
     resumed = train(config_from_args(common + ["--out-dir", str(tmp_path / "b"), "--resume", str(ck)]),
                     progress=False)
     a = read_metrics(full["metrics"])
@@ -42,6 +51,32 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # and a run resumed from a different checkpoint state would differ: the comparison can fail
     assert a[1]["loss"] != a[3]["loss"]
+
+
+@pytest.mark.parametrize("tied", [False, True, "config-only"], ids=["untied", "tied", "config-tied-weights-untied"])
+def test_resume_reads_no_base_weights(tmp_path, tied, base_folder):
+    """--resume builds the model empty and the checkpoint fills it: the base model's weight files (Mistral-7B:
+    ~14 GB) are not read again, the embeddings come back tied or untied as they were (so the optimizer has
+    the same parameters; a config that says tied over two trained tensors trained untied, and resumes so),
+    and RoPE's computed buffers are right: the resumed run ends bit-identical to the uninterrupted one."""
+    folder = base_folder(tied)
+    common = ["--model", str(folder), "--M", "2", "--K", "2", "--P", "2", "--seq-len", "16", "--batch-size", "1",
+              "--steps", "3", "--ckpt-every", "1", "--lr", "3e-3", "--attention", "split", "--lm-head", "reference"]
+    full = train(config_from_args(common + ["--out-dir", str(tmp_path / "a")]), progress=False)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()                                            # the base weights are gone
+    resumed = train(config_from_args(["--resume", str(tmp_path / "a" / "step000001.pt"),
+                                      "--out-dir", str(tmp_path / "b")]), progress=False)
+    a, b = read_metrics(full["metrics"]), read_metrics(resumed["metrics"])
+    assert [r["step"] for r in b] == [2, 3]
+    assert [r["loss"] for r in a[1:]] == [r["loss"] for r in b]
+    sa, sb = full["model"].state_dict(), resumed["model"].state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for lm in (full["model"].lm, resumed["model"].lm):
+        assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == (tied is True)
+    # a fresh run does need them: the files are really gone
+    with pytest.raises(Exception):
+        train(config_from_args(common + ["--out-dir", str(tmp_path / "c")]), progress=False)
 
 
 def test_cli_defaults_and_errors():
@@ -84,19 +119,29 @@ def test_cuda_graphs_train_the_same_run(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_quietstar_train_cli(tmp_path):
-    """`quietstar-train` on CUDA with its GPU defaults (Triton attention and LM head, bf16 autocast)."""
+    """`quietstar-train` on CUDA with its GPU defaults (Triton attention and LM head, bf16 autocast), and
+    `--resume` there (the model built empty on the meta device, RoPE's buffers computed and moved to CUDA)."""
     import subprocess
     import sys
     args = TINY[:-4]
     args[args.index("--model-head-dim") + 1] = "16"
     r = subprocess.run([sys.executable, "-m", "quietstar.train", *args, "--steps", "3", "--lr", "3e-3",
-                        "--device", "cuda", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                        "--ckpt-every", "2", "--device", "cuda", "--out-dir", str(tmp_path / "a")],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = read_metrics(tmp_path / "metrics.jsonl")
+    m = read_metrics(tmp_path / "a" / "metrics.jsonl")
     steps = [x for x in m if "loss" in x and "step" in x]
     assert [x["step"] for x in steps] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in steps)
-    assert (tmp_path / "final.pt").exists()
+    assert (tmp_path / "a" / "final.pt").exists()
+    r = subprocess.run([sys.executable, "-m", "quietstar.train", "--resume", str(tmp_path / "a" / "step000002.pt"),
+                        "--out-dir", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [x for x in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in x and "step" in x]
+    # step 3's loss comes from the forward alone: the same weights and thoughts give it again (a tolerance,
+    # as cuBLAS may pick other kernels in another process)
+    assert [x["step"] for x in resumed] == [3] and abs(resumed[0]["loss"] - steps[2]["loss"]) <= 1e-4 * abs(
+        steps[2]["loss"]), (resumed, steps)
     cfg = config_from_args(args + ["--device", "cuda"])
     assert (cfg.train.attention, cfg.train.lm_head) == ("triton", "triton")
 
