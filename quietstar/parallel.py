@@ -221,7 +221,7 @@ def shard_empty(build_empty, device: torch.device, shared, activation_checkpoint
     return model
 
 
-def empty_model(build_empty, device: torch.device, shared, arg: str = "--resume"):
+def empty_model(build_empty, device: torch.device, shared):
     """The unsharded model of `build_empty()`'s architecture on `device`, allocated but not initialised, its
     parameters shared as `shared` says and RoPE's buffers computed: for a state dict loaded next (a
     resumed run of one process or DDP). Nobody reads the model's weight files. Names or shapes that
@@ -238,7 +238,7 @@ def empty_model(build_empty, device: torch.device, shared, arg: str = "--resume"
     return model
 
 
-def shared_params(model) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+def shared_params(model) -> list[list[list]]:
     """What a checkpoint stores of how `model`'s parameters are shared (`_shared_params`, JSON-ready), so that
     a resumed run can build the same model empty; activation checkpointing's wrapper is not in the names,
     and under FSDP the shapes are the full ones."""
