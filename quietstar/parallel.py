@@ -9,9 +9,9 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   (parameters all-gathered in bf16), fp32 master weights, optimizer state and gradient reduction.
   Reduce-scatter averages over ranks, as DDP does, so the loss is divided by the global counts / world
   (`denominators` in quietstar/train.py): the update is the one of the whole global batch.
-- `shard_from_rank0`: how `quietstar-train --parallel fsdp` builds its model. Only rank 0 reads the
-  weights (the full fp32 model in its host memory); the other ranks build the architecture on the meta
-  device. `fully_shard` moves one module at a time to rank 0's GPU and keeps its shard; the other ranks
+- `shard_from_rank0`: how a fresh `quietstar-train --parallel fsdp` run builds its model. Only rank 0
+  reads the weights (the full fp32 model in its host memory); the other ranks build the architecture on
+  the meta device. `fully_shard` moves one module at a time to rank 0's GPU and keeps its shard; the other ranks
   allocate theirs, and rank 0 broadcasts its state dict and buffers, each rank keeping its shard. One
   host copy of the model per job instead of one per rank (benchmarks/bench_fsdp_load.py).
 - `shard_empty` / `empty_model`: how a resumed run builds its model (sharded or not). Nobody reads the
@@ -163,16 +163,14 @@ def shard_from_rank0(build, build_empty, device: torch.device, activation_checkp
         if activation_checkpointing:
             apply_activation_checkpointing(model)
         return apply_fsdp(model, device, mixed_precision)
-    model, error = None, None
-    try:
+    def build_here():
         if rank == 0:
             model = build()
         else:
             with torch.device("meta"):
                 model = build_empty()
-    except Exception as e:           # raised below, on every rank, after they have all heard of it
-        error = e
-    told = _agree(error, _shared_params(model) if model is not None else None)
+        return model, _shared_params(model)
+    model, told = _built_on_every_rank(build_here)
     if any(_flat(g) != _flat(told[0]) for g in told[1:]):     # every rank decides alike
         raise ValueError("rank 0's model has other parameters than the architecture the other ranks built "
                          "from its config (names or shapes differ): cannot shard it from rank 0")
@@ -203,15 +201,13 @@ def shard_empty(build_empty, device: torch.device, shared, activation_checkpoint
     from .model import remake_rope
     ensure_process_group(device)
     shared = _from_json(shared)
-    model, error = None, None
-    try:
+    def build_here():
         with torch.device("meta"):
             model = build_empty()
-        _check_rebuildable(model)
+        _check_rebuildable(model, arg)
         _check_fits(model, shared, arg)
-    except Exception as e:           # raised on every rank, after they have all heard of it
-        error = e
-    _agree(error, None)
+        return model, None
+    model, _ = _built_on_every_rank(build_here)
     _share_like(model, shared)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -221,7 +217,7 @@ def shard_empty(build_empty, device: torch.device, shared, activation_checkpoint
     return model
 
 
-def empty_model(build_empty, device: torch.device, shared):
+def empty_model(build_empty, device: torch.device, shared, arg: str = "--resume"):
     """The unsharded model of `build_empty()`'s architecture on `device`, allocated but not initialised, its
     parameters shared as `shared` says and RoPE's buffers computed: for a state dict loaded next (a
     resumed run of one process or DDP). Nobody reads the model's weight files. Names or shapes that
@@ -230,7 +226,7 @@ def empty_model(build_empty, device: torch.device, shared):
     shared = _from_json(shared)
     with torch.device("meta"):
         model = build_empty()
-    _check_rebuildable(model)
+    _check_rebuildable(model, arg)
     model.to_empty(device=device)        # unties shared parameters (each gets its own memory): tied again below
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     _share_like(model, [g for g in shared if all(n in names for n in g[0])])
@@ -259,36 +255,42 @@ def _check_fits(model, shared, arg: str) -> None:
                          f"{have.get(n, 'absent')})")
 
 
-def _check_rebuildable(model) -> None:
+def _check_rebuildable(model, arg: str) -> None:
     """An empty-built model gets its parameters from a checkpoint and RoPE's buffers computed again: any other
-    buffer that no state dict holds could not be made again."""
+    buffer that no state dict holds could not be made again (none in a Mistral-style decoder)."""
     saved = set(model.state_dict())
     lost = [n for n, _ in model.named_buffers() if n not in saved and not n.startswith("lm.model.rotary_emb.")]
     if lost:
-        raise ValueError(f"the model has buffers that no checkpoint holds ({', '.join(lost[:3])}): it can only be "
-                         "built from its weights")
+        raise ValueError(f"{arg}: the model has buffers that no checkpoint holds ({', '.join(lost[:3])}), which a "
+                         "resumed run cannot compute again")
 
 
-def _agree(error, payload) -> list:
-    """Collective: every rank's `payload`; every rank raises the error a rank met (this rank's own first, else
-    the lowest failed rank's, rebuilt from its type name and message), so that no rank waits in a later
-    collective for one that is gone."""
+def _built_on_every_rank(build_here):
+    """Collective: `build_here()` -> (model, payload) on every rank, then (this rank's model, every rank's
+    payload). Every rank raises the error a rank met: its own (re-raised as it was), else the lowest failed
+    rank's (rebuilt from its type name and message), so that no rank waits in a later collective for one
+    that is gone. The own error is re-raised from inside its `except` block, which frees it on the way
+    out: an error kept in a variable of a frame in its own traceback makes a reference cycle that keeps
+    every frame's objects alive until the interpreter's teardown, where collecting them aborted ranks
+    ("terminate called without an active exception": 8 of 20 two-rank runs on CPU, 0 of 14 since)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
-        if error is not None:
-            raise error
-        return [payload]
     told = [None] * world
-    dist.all_gather_object(told, ((type(error).__name__, str(error)) if error is not None else None, payload))
-    if error is not None:
-        raise error
+    try:
+        model, payload = build_here()
+    except Exception as e:
+        if world > 1:
+            dist.all_gather_object(told, ((type(e).__name__, str(e)), None))
+        raise
+    if world == 1:
+        return model, [payload]
+    dist.all_gather_object(told, (None, payload))
     failed = next(((r, f) for r, (f, _) in enumerate(told) if f is not None), None)
     if failed is not None:
         r, (name, msg) = failed
         cls = getattr(builtins, name, None)
         raise (cls(msg) if isinstance(cls, type) and issubclass(cls, Exception) else
                RuntimeError(f"rank {r} could not build the model: {name}: {msg}"))
-    return [p for _, p in told]
+    return model, [p for _, p in told]
 
 
 def _shared_params(model) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:

@@ -318,14 +318,25 @@ def set_rng_state(s: dict, generator: torch.Generator) -> None:
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "rng", "config")
 
 
-def save_checkpoint(path: Path, model, opt, sched, step: int, generator, cfg: Config, world: int = 1) -> None:
+def rank_rng_states(generator: torch.Generator, world: int) -> list[dict]:
+    """Collective under DDP: every rank's `rng_state`, in rank order (for rank 0's checkpoint)."""
+    s = rng_state(generator)
+    if world == 1:
+        return [s]
+    import torch.distributed as dist
+    states = [None] * world
+    dist.all_gather_object(states, s)
+    return states
+
+
+def save_checkpoint(path: Path, model, opt, sched, step: int, rngs: list[dict], cfg: Config) -> None:
     """Atomic: written to PATH.tmp, then renamed (a kill mid-write leaves the previous file; the stale .tmp
-    is removed by the next run in this folder)."""
+    is removed by the next run in this folder). `rngs`: every rank's RNG state (`rank_rng_states`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "rng": rng_state(generator), "config": dataclasses.asdict(cfg), "world": world,
-                "shared_params": parallel.shared_params(model)}, tmp)
+                "step": step, "rng": rngs[0], "rng_ranks": rngs, "config": dataclasses.asdict(cfg),
+                "world": len(rngs), "shared_params": parallel.shared_params(model)}, tmp)
     os.replace(tmp, path)
 
 
@@ -346,9 +357,11 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False, arg: str = "--
     return ck
 
 
-def restore_checkpoint(ck: dict, path: str, model, opt, sched, generator) -> int:
-    """Load `ck` into the run's objects; returns its step. A checkpoint of another model size or layout
-    is refused in one line (the first mismatching tensor named)."""
+def restore_checkpoint(ck: dict, path: str, model, opt, sched, generator, rank: int = 0) -> int:
+    """Load `ck` into the run's objects; returns its step. Rank r gets back rank r's RNG state; a rank the
+    saving run did not have keeps its fresh seed (checkpoints written before every rank's state was stored
+    give every rank rank 0's). A checkpoint of another model size or layout is refused in one line (the
+    first mismatching tensor named)."""
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
@@ -359,7 +372,9 @@ def restore_checkpoint(ck: dict, path: str, model, opt, sched, generator) -> int
     try:
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"], generator)
+        rngs = ck.get("rng_ranks", None)
+        if rngs is None or rank < len(rngs):
+            set_rng_state(ck["rng"] if rngs is None else rngs[rank], generator)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise ValueError(f"--resume {path}: the optimizer / scheduler / RNG state does not fit this run: {e}") from e
     return int(ck["step"])
@@ -636,8 +651,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     elif tc.parallel == "fsdp":     # only rank 0 reads the weights; the other ranks receive their shards
         model = parallel.shard_from_rank0(quietstar_model, architecture, device, tc.activation_checkpointing).train()
     else:
-        model = (parallel.empty_model(architecture, device, shared) if shared is not None else
-                 quietstar_model().to(device)).train()
+        model = (quietstar_model().to(device) if shared is None else
+                 parallel.empty_model(architecture, device, shared, arg=f"--resume {tc.resume}")).train()
         if tc.activation_checkpointing:
             parallel.apply_activation_checkpointing(model)
     lm, fwd = model.lm, model
@@ -660,7 +675,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
             if rng is not None:                        # a rank the saving run did not have keeps its fresh seed
                 set_rng_state(rng, generator)
         else:
-            start = restore_checkpoint(ck, tc.resume, model, opt, sched, generator)
+            start = restore_checkpoint(ck, tc.resume, model, opt, sched, generator, rank)
         del ck
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
@@ -722,6 +737,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         if peak:
             rec["mfu"] = flops_per_rank_step / dt / peak
         last = rec
+        checkpoint = tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps
+        rngs = rank_rng_states(generator, world) if checkpoint and tc.parallel == "ddp" else None   # collective
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -729,10 +746,10 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                     f.write(json.dumps({"thoughts": {"step": step + 1, "samples": samples}}) + "\n")
             if (step + 1) % tc.log_every == 0:
                 tqdm.write(log_line(rec))
-            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps and tc.parallel == "ddp":
-                save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, generator, cfg, world)
+            if rngs is not None:
+                save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, rngs, cfg)
                 prune_checkpoints(out, tc.keep_last)
-        if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps and tc.parallel == "fsdp":
+        if checkpoint and tc.parallel == "fsdp":
             parallel.save_checkpoint(out / f"step{step + 1:06d}", model, opt, sched, step + 1, rng_state(generator),
                                      dataclasses.asdict(cfg))
             if rank == 0:
@@ -749,10 +766,12 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         parallel.export_full(model, export, dataclasses.asdict(cfg), tokenizer=tok)
         if rank == 0:
             print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
-    elif rank == 0:
-        save_checkpoint(ckpt, model, opt, sched, tc.steps, generator, cfg, world)
-        model.save_pretrained(export, tokenizer=tok)    # a Hugging Face folder + the Quiet-STaR extras
-        print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
+    else:
+        rngs = rank_rng_states(generator, world)         # collective
+        if rank == 0:
+            save_checkpoint(ckpt, model, opt, sched, tc.steps, rngs, cfg)
+            model.save_pretrained(export, tokenizer=tok)    # a Hugging Face folder + the Quiet-STaR extras
+            print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
     if world > 1:      # rank 0 writes the export alone: the ranks leave together (no teardown while one works)
         import torch.distributed as dist
         dist.barrier()

@@ -64,3 +64,18 @@ def test_checkpoint_of_two_ranks_resumes_on_one(two_ranks, tmp_path):
     # and the checkpoint matters: resuming from step 1 is not the same as stopping there
     ck1 = torch.load(out / "step000001.pt", weights_only=False)["model"]
     assert max((ck1[k] - two["model"][k]).abs().max().item() for k in ck1) > 1e-4
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_ranks_resumes_on_two_bit_for_bit(tmp_path):
+    """With sampled thoughts (tau 1: each rank's draws matter), every rank's RNG state is in the checkpoint
+    and comes back to that rank, so a 2-rank run resumed on 2 ranks ends exactly where the uninterrupted
+    one ends."""
+    sampled = ["--batch-size", "1", "--tau-sample", "1"]
+    full = run(sampled + ["--ckpt-every", "1"], tmp_path / "full", nproc=2)
+    ck = torch.load(tmp_path / "full" / "step000001.pt", weights_only=False)
+    assert len(ck["rng_ranks"]) == 2 and not torch.equal(ck["rng_ranks"][0]["sampler"], ck["rng_ranks"][1]["sampler"])
+    resumed = run(sampled + ["--resume", str(tmp_path / "full" / "step000001.pt")], tmp_path / "resumed", nproc=2)
+    assert resumed["step"] == full["step"] == 2
+    for k in full["model"]:
+        assert torch.equal(resumed["model"][k], full["model"][k]), k

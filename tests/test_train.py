@@ -75,7 +75,7 @@ def test_resume_reads_no_base_weights(tmp_path, tied, base_folder):
     for lm in (full["model"].lm, resumed["model"].lm):
         assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == (tied is True)
     # a fresh run does need them: the files are really gone
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="no file named model.safetensors"):
         train(config_from_args(common + ["--out-dir", str(tmp_path / "c")]), progress=False)
 
 
