@@ -11,9 +11,9 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   (`denominators` in quietstar/train.py): the update is the one of the whole global batch.
 - `shard_from_rank0`: how a fresh `quietstar-train --parallel fsdp` run builds its model. Only rank 0
   reads the weights (the full fp32 model in its host memory); the other ranks build the architecture on
-  the meta device. `fully_shard` moves one module at a time to rank 0's GPU and keeps its shard; the other ranks
-  allocate theirs, and rank 0 broadcasts its state dict and buffers, each rank keeping its shard. One
-  host copy of the model per job instead of one per rank (benchmarks/bench_fsdp_load.py).
+  the meta device. `fully_shard` moves one module at a time to rank 0's GPU and keeps its shard; the
+  other ranks allocate theirs, and rank 0 broadcasts its state dict and buffers, each rank keeping its
+  shard. One host copy of the model per job instead of one per rank (benchmarks/bench_fsdp_load.py).
 - `shard_empty` / `empty_model`: how a resumed run builds its model (sharded or not). Nobody reads the
   weights: every rank builds the architecture on the meta device, shares its parameters as the
   checkpoint records (`shared_params`: tied embeddings or not), allocates them (its shards) and computes
@@ -163,6 +163,7 @@ def shard_from_rank0(build, build_empty, device: torch.device, activation_checkp
         if activation_checkpointing:
             apply_activation_checkpointing(model)
         return apply_fsdp(model, device, mixed_precision)
+
     def build_here():
         if rank == 0:
             model = build()
@@ -201,6 +202,7 @@ def shard_empty(build_empty, device: torch.device, shared, activation_checkpoint
     from .model import remake_rope
     ensure_process_group(device)
     shared = _from_json(shared)
+
     def build_here():
         with torch.device("meta"):
             model = build_empty()
@@ -229,7 +231,7 @@ def empty_model(build_empty, device: torch.device, shared, arg: str = "--resume"
     _check_rebuildable(model, arg)
     model.to_empty(device=device)        # unties shared parameters (each gets its own memory): tied again below
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    _share_like(model, [g for g in shared if all(n in names for n in g[0])])
+    _share_like(model, [g for g in shared if len(g[0]) > 1 and all(n in names for n in g[0])])
     remake_rope(model.lm, device)
     return model
 

@@ -372,7 +372,7 @@ def restore_checkpoint(ck: dict, path: str, model, opt, sched, generator, rank: 
     try:
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        rngs = ck.get("rng_ranks", None)
+        rngs = ck.get("rng_ranks")
         if rngs is None or rank < len(rngs):
             set_rng_state(ck["rng"] if rngs is None else rngs[rank], generator)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
