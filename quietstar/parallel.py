@@ -267,6 +267,18 @@ def _check_rebuildable(model, arg: str) -> None:
                          "resumed run cannot compute again")
 
 
+def build_on_every_rank(build):
+    """`build()` on every rank (one process, or DDP, where each rank holds the whole model), then agree
+    before any other collective: an error a rank met is raised on every rank (see `_built_on_every_rank`),
+    so that a rank that cannot build (a node without the `--model` folder) ends every rank in one line
+    instead of leaving the others in DDP's constructor until `torchrun` stops them. Returns the model."""
+
+    def build_here():
+        return build(), None
+    model, _ = _built_on_every_rank(build_here)
+    return model
+
+
 def _built_on_every_rank(build_here):
     """Collective: `build_here()` -> (model, payload) on every rank, then (this rank's model, every rank's
     payload). Every rank raises the error a rank met: its own (re-raised as it was), else the lowest failed

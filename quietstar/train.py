@@ -650,11 +650,15 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                                      arg=f"--resume {tc.resume}").train()
     elif tc.parallel == "fsdp":     # only rank 0 reads the weights; the other ranks receive their shards
         model = parallel.shard_from_rank0(quietstar_model, architecture, device, tc.activation_checkpointing).train()
-    else:
-        model = (quietstar_model().to(device) if shared is None else
-                 parallel.empty_model(architecture, device, shared, arg=f"--resume {tc.resume}")).train()
-        if tc.activation_checkpointing:
-            parallel.apply_activation_checkpointing(model)
+    else:                           # one process, or DDP: every rank builds the whole model
+
+        def build():
+            model = (quietstar_model().to(device) if shared is None else
+                     parallel.empty_model(architecture, device, shared, arg=f"--resume {tc.resume}")).train()
+            if tc.activation_checkpointing:
+                parallel.apply_activation_checkpointing(model)
+            return model
+        model = parallel.build_on_every_rank(build)
     lm, fwd = model.lm, model
     if world > 1 and tc.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -79,3 +79,38 @@ def test_checkpoint_of_two_ranks_resumes_on_two_bit_for_bit(tmp_path):
     assert resumed["step"] == full["step"] == 2
     for k in full["model"]:
         assert torch.equal(resumed["model"][k], full["model"][k]), k
+
+
+WORKER = """import os, sys
+import quietstar.train as T
+real = T.build_decoder
+def build_decoder(*a, **k):     # this rank cannot read the model (e.g. a node without the --model folder)
+    if os.environ["RANK"] == os.environ["FAIL_RANK"]:
+        raise ValueError("--model: rank " + os.environ["RANK"] + " cannot read the weights")
+    return real(*a, **k)
+T.build_decoder = build_decoder
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_a_rank_that_cannot_build_ends_every_rank_in_one_line(fail_rank, tmp_path):
+    """DDP: every rank builds the whole model. One rank's build error reaches the other before DDP's
+    constructor, where it would wait for the failed rank until torchrun stopped it: every rank prints the
+    one-line error. (torchrun checks its workers every --monitor-interval seconds and stops the others once
+    one has exited: 5 s (default 0.1) gives the other rank time to print, and before the fix it was still
+    waiting in DDP's constructor then.)"""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FAIL_RANK=str(fail_rank))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--monitor-interval", "5", str(worker)]
+    r = subprocess.run(cmd + TINY + ["--batch-size", "1", "--out-dir", str(tmp_path / "out")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    line = f"quietstar-train: error: --model: rank {fail_rank} cannot read the weights"
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]         # both ranks, not only the one that failed
+    assert "/quietstar/" not in r.stderr, r.stderr[-3000:]      # no rank's traceback (torchrun's own is there)
+    assert not (tmp_path / "out" / "final.pt").exists()
