@@ -8,6 +8,7 @@ default differs on purpose its docstring says why (the `--model tiny` preset, TI
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def check_model_name(name: str) -> None:
                          "model folder; nothing is downloaded)")
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {name}: the folder has no config.json (expected a Hugging Face model folder)")
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:      # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"--model {name}: its config.json cannot be read (not JSON: {e})") from e
 
 
 @dataclass
@@ -209,11 +214,13 @@ class TrainConfig:
     thought of position t see only t's own document, and talk targets in a later document are not scored."""
 
     def __post_init__(self):
-        for f in ("steps", "batch_size", "grad_accum", "seq_len"):
+        for f in ("steps", "batch_size", "grad_accum"):
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f} must be >= 1, got {getattr(self, f)}")
         if self.seq_len < 2:
             raise ValueError(f"TrainConfig.seq_len must be >= 2, got {self.seq_len}")
+        if not 0 <= self.seed < 2**62:      # the samplers' generators are seeded with seed + 1 + rank (64 bits)
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**62), got {self.seed}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"TrainConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         if self.lm_head not in LM_HEAD_BACKENDS:
@@ -233,6 +240,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.log_every < 1:
             raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
+        if self.thoughts_every and not self.thoughts:
+            raise ValueError(f"--thoughts-every {self.thoughts_every}: --no-thoughts samples no thoughts to show")
         if (self.eval_every or self.eval_data) and self.eval_rows == 0:
             raise ValueError("--eval-every / --eval-data need --eval-rows R (the number of held-out rows to score)")
         from .parallel import check_options

@@ -112,6 +112,8 @@ def _iter_parquet(path: Path) -> Iterator[str]:
 
 
 def _iter_file(p: Path) -> Iterator[str]:
+    if p.is_dir():
+        raise ValueError(f"document file {p} is a folder: name its files (e.g. {p}/*.parquet)")
     if not p.is_file():
         raise FileNotFoundError(f"document file {p} does not exist (spec: 'default', 'math', or paths to .txt, "
                                 ".jsonl[.gz] or .parquet files)")
@@ -121,7 +123,12 @@ def _iter_file(p: Path) -> Iterator[str]:
         elif p.suffix == ".parquet":
             yield from _iter_parquet(p)
         else:
-            yield p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8")
+            nul = text.find("\0")     # valid UTF-8 but not text: zeros, or UTF-16 without its byte-order mark
+            if nul >= 0:
+                raise ValueError(f"document file {p} is not text (a NUL byte at character {nul}; "
+                                 "UTF-16 text? save it as UTF-8); give text, JSON-lines or Parquet files")
+            yield text
     except UnicodeDecodeError as e:
         raise ValueError(f"document file {p} is not UTF-8 text (byte {e.start}: {e.reason}); "
                          "give text, JSON-lines or Parquet files") from e

@@ -50,7 +50,10 @@ def check_decoder(lm) -> None:
 def _folder_config(name: str):
     """The config.json of a local model folder (never a Hub id), refused unless Mistral or Llama."""
     from transformers import AutoConfig
-    hf_cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as e:      # e.g. a config.json that is not JSON, or without model_type
+        raise ValueError(f"--model {name}: its config.json cannot be read ({' '.join(str(e).split())[:300]})") from e
     if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"--model {name}: expected a Mistral- or Llama-architecture folder, "
                          f"got model_type={hf_cfg.model_type!r}")
@@ -90,7 +93,11 @@ def build_decoder(cfg: ModelConfig, dtype=torch.float32, weights: bool = True):
         lm = load_smollm2(dtype=dtype)
     else:
         _folder_config(cfg.name)
-        lm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype, local_files_only=True)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype, local_files_only=True)
+        except OSError as e:                # no weight files, or unreadable ones
+            raise ValueError(f"--model {cfg.name}: its weights cannot be read "
+                             f"({' '.join(str(e).split())[:300]})") from e
     check_decoder(lm)
     lm.config._attn_implementation = attention.register()
     return lm

@@ -247,6 +247,12 @@ def _from_json(shared) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     return sorted((tuple(ns), tuple(s)) for ns, s in shared)
 
 
+def check_fits(model, shared, arg: str = "--resume") -> None:
+    """Refuse, naming `arg` and the first difference, a checkpoint whose parameters (`shared`: its stored
+    `shared_params`) differ in names or shapes from `model`'s (e.g. its architecture built on meta)."""
+    _check_fits(model, _from_json(shared), arg)
+
+
 def _check_fits(model, shared, arg: str) -> None:
     want, have = dict(_flat(shared)), dict(_flat(_shared_params(model)))
     if want != have:
@@ -267,16 +273,17 @@ def _check_rebuildable(model, arg: str) -> None:
                          "resumed run cannot compute again")
 
 
-def build_on_every_rank(build):
-    """`build()` on every rank (one process, or DDP, where each rank holds the whole model), then agree
+def agreed(fn):
+    """`fn()` on every rank (the checks of a run, or the whole model of one process or DDP), then agree
     before any other collective: an error a rank met is raised on every rank (see `_built_on_every_rank`),
-    so that a rank that cannot build (a node without the `--model` folder) ends every rank in one line
-    instead of leaving the others in DDP's constructor until `torchrun` stops them. Returns the model."""
+    so that a rank that fails alone (a node without the `--model` folder) ends every rank in one line
+    instead of leaving the others in a later collective (DDP's constructor) until `torchrun` stops them.
+    Returns `fn()`'s result. One process: `fn()`."""
 
-    def build_here():
-        return build(), None
-    model, _ = _built_on_every_rank(build_here)
-    return model
+    def run_here():
+        return fn(), None
+    result, _ = _built_on_every_rank(run_here)
+    return result
 
 
 def _built_on_every_rank(build_here):
@@ -303,7 +310,7 @@ def _built_on_every_rank(build_here):
         r, (name, msg) = failed
         cls = getattr(builtins, name, None)
         raise (cls(msg) if isinstance(cls, type) and issubclass(cls, Exception) else
-               RuntimeError(f"rank {r} could not build the model: {name}: {msg}"))
+               RuntimeError(f"rank {r}: {name}: {msg}"))
     return model, [p for _, p in told]
 
 
@@ -391,8 +398,9 @@ def _rng_key(rank: int) -> str:
     return f"rng_rank{rank}"
 
 
-def save_checkpoint(path, model, opt, sched, step: int, rng: dict, config: dict) -> Path:
-    """Collective: write a DCP checkpoint folder `path` from every rank (see the module docstring)."""
+def save_checkpoint(path, model, opt, sched, step: int, rng: dict, config: dict, base: dict | None = None) -> Path:
+    """Collective: write a DCP checkpoint folder `path` from every rank (see the module docstring); `base`: the
+    base model's fingerprint (train.base_fingerprint), kept in the metadata file."""
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     path = Path(path)
@@ -410,7 +418,7 @@ def save_checkpoint(path, model, opt, sched, step: int, rng: dict, config: dict)
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if rank == 0:
         (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": world, "config": config,
-                                                 "shared_params": shared}, indent=1))
+                                                 "shared_params": shared, "base": base}, indent=1))
         if path.exists():                    # re-running into the same folder: replace the old one
             old = path.with_name(path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -26,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data, parallel
-from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, SCHEDULES, TINY_PRESET, Config, LossConfig,
-                     ModelConfig, ThoughtConfig, TrainConfig)
+from .config import (ATTENTION_BACKENDS, LM_HEAD_BACKENDS, MODEL_PRESETS, SCHEDULES, TINY_PRESET, Config,
+                     LossConfig, ModelConfig, ThoughtConfig, TrainConfig)
 from .flops import peak_bf16_flops, step_flops
 from .model import QuietStarModel, build_decoder
 from .thoughts import ADDITIVE_METRICS, Backends, check_batch, target_counts
@@ -155,6 +156,9 @@ def _resumed_config(given: dict) -> dict:
                 continue
             f = names[k]
             old = kw.get(k, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            if sec == "model" and k == "name" and v not in MODEL_PRESETS and old not in MODEL_PRESETS:
+                kw[k] = v       # the base model's folder moved: checked against the checkpoint's fingerprint
+                continue
             if v != old:
                 conflicts.append(f"{_flag(sec, k)} {_default_text(v)} (the checkpoint's run has {_default_text(old)})")
         kws[sec] = kw
@@ -206,8 +210,14 @@ def config_from_args(argv=None) -> Config:
             raise ValueError(f"--cuda-graphs needs --lm-head triton and --attention in {GRAPH_ATTENTION}, got "
                              f"--lm-head {train.lm_head} --attention {train.attention}")
     try:
-        return Config(model=ModelConfig(**kws["model"]), thought=ThoughtConfig(**kws["thought"]),
-                      loss=LossConfig(**kws["loss"]), train=train)
+        model = ModelConfig(**kws["model"])
+    except ValueError as e:
+        moved = train.resume and "name" not in given["model"] and "folder not found" in str(e)
+        raise ValueError(f"{e} (the base model of --resume {train.resume}: if it moved, give --model with its "
+                         "new folder)" if moved else cli_names(str(e))) from e
+    try:
+        return Config(model=model, thought=ThoughtConfig(**kws["thought"]), loss=LossConfig(**kws["loss"]),
+                      train=train)
     except ValueError as e:
         raise ValueError(cli_names(str(e))) from e
 
@@ -244,12 +254,54 @@ def load_tokenizer(model_cfg: ModelConfig):
         # which needs tiktoken (not installed: mistral-common is installed data-only)
         from .model import load_export_tokenizer
         return load_export_tokenizer(model_cfg.name)
+    files = ("tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
+    if not any((Path(model_cfg.name) / f).exists() for f in files):
+        raise ValueError(f"--model {model_cfg.name}: the folder has no tokenizer (tokenizer.json, or one of "
+                         f"{', '.join(files)})")
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(model_cfg.name, local_files_only=True)
     except ImportError as e:
         raise ValueError(f"--model {model_cfg.name}: its tokenizer needs a package that is not installed ({e}); "
                          "a tokenizer.json in the folder is read without it") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {model_cfg.name}: its tokenizer cannot be read "
+                         f"({' '.join(str(e).split())[:300]})") from e
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_fingerprint(model_cfg: ModelConfig, tok) -> dict:
+    """What a resumed run given another `--model` folder (the base model moved) must find unchanged: the
+    tokenizer's vocabulary and, for a folder, its config.json without bookkeeping keys (16 hex digits of
+    sha256 each). Stored in checkpoints."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    out = {"tokenizer": _digest(vocab)}
+    cfg = Path(model_cfg.name) / "config.json"
+    if model_cfg.name not in MODEL_PRESETS and cfg.is_file():
+        keep = {k: v for k, v in json.loads(cfg.read_text()).items()
+                if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+        out["config"] = _digest(keep)
+    return out
+
+
+def check_moved_base(resumed: dict, model_cfg: ModelConfig, base: dict, path: str) -> None:
+    """A resumed run whose `--model` folder is not the one its checkpoint names (the base model moved) is
+    accepted only where the checkpoint's fingerprint matches the new folder's (`base_fingerprint`)."""
+    old = resumed["config"]["model"]["name"]
+    if old == model_cfg.name:
+        return
+    saved = resumed.get("base")
+    if saved is None:
+        raise ValueError(f"--model {model_cfg.name}: --resume {path} was written before checkpoints recorded their "
+                         f"base model's fingerprint, so this folder cannot be checked against its run's ({old}); "
+                         f"put the base model back at {old}")
+    for what in ("tokenizer", "config"):
+        if saved.get(what) != base.get(what):
+            raise ValueError(f"--model {model_cfg.name}: its {'config.json' if what == 'config' else what} is not "
+                             f"the one of the run in --resume {path} (whose base model was {old})")
 
 
 def document_separator(tok) -> int:
@@ -329,14 +381,16 @@ def rank_rng_states(generator: torch.Generator, world: int) -> list[dict]:
     return states
 
 
-def save_checkpoint(path: Path, model, opt, sched, step: int, rngs: list[dict], cfg: Config) -> None:
+def save_checkpoint(path: Path, model, opt, sched, step: int, rngs: list[dict], cfg: Config,
+                    base: dict | None = None) -> None:
     """Atomic: written to PATH.tmp, then renamed (a kill mid-write leaves the previous file; the stale .tmp
-    is removed by the next run in this folder). `rngs`: every rank's RNG state (`rank_rng_states`)."""
+    is removed by the next run in this folder). `rngs`: every rank's RNG state (`rank_rng_states`); `base`:
+    the base model's fingerprint (`base_fingerprint`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "step": step, "rng": rngs[0], "rng_ranks": rngs, "config": dataclasses.asdict(cfg),
-                "world": len(rngs), "shared_params": parallel.shared_params(model)}, tmp)
+                "world": len(rngs), "shared_params": parallel.shared_params(model), "base": base}, tmp)
     os.replace(tmp, path)
 
 
@@ -410,6 +464,11 @@ def run_files(out: Path) -> list[Path]:
 def check_out_dir(out: Path, resume: str, overwrite: bool) -> bool:
     """Refuse a folder that already holds a run, unless --overwrite or --resume continues the run in it.
     Returns whether this run continues the one in `out`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out-dir {out}: a file is there, not a folder")
+    above = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())   # the folder that will hold it
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"--out-dir {out}: cannot be created ({above} is not a writable folder)")
     here = bool(resume) and Path(resume).resolve().parent == out.resolve()
     existing = run_files(out)
     if existing and not here and not overwrite:
@@ -567,6 +626,29 @@ def thought_samples(tok, ids: torch.Tensor, valid_next: torch.Tensor, extras, K:
     return out
 
 
+def read_resume(tc, world: int, device) -> tuple[dict | None, bool]:
+    """The checkpoint that `--resume` names, checked against this run: (its metadata or whole .pt dict, whether
+    it is a --parallel fsdp folder); (None, False) without --resume. A folder's small metadata file is read
+    here, its shards once the model is built; a .pt file (one process or DDP) is read whole."""
+    if not tc.resume:
+        return None, False
+    sharded = Path(tc.resume).is_dir()             # a --parallel fsdp checkpoint folder (any world size)
+    if tc.parallel == "fsdp" and not sharded:
+        raise ValueError(f"--resume {tc.resume}: --parallel fsdp resumes from a checkpoint folder (written with "
+                         "--parallel fsdp), not a single-file checkpoint of --parallel ddp")
+    resumed = parallel.read_meta(tc.resume) if sharded else load_checkpoint(tc.resume, map_location=device)
+    old_rows = resumed["config"]["train"]["batch_size"] * (resumed["world_size"] if sharded else
+                                                           resumed.get("world", 1))
+    if tc.batch_size * world != old_rows:
+        raise ValueError(f"--batch-size {tc.batch_size} x {world} rank(s) = {tc.batch_size * world} rows per "
+                         f"micro-batch, but the run in --resume {tc.resume} used {old_rows}: a resumed run "
+                         "keeps its batch (give --batch-size so that batch-size x ranks stays the same)")
+    if resumed["step"] >= tc.steps:
+        raise ValueError(f"--steps {tc.steps}: --resume {tc.resume} is already at step {resumed['step']}, so "
+                         f"there is nothing to train; give --steps larger than {resumed['step']}")
+    return resumed, sharded
+
+
 def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, device=None) -> dict:
     """Run `cfg`; with world > 1 (a started process group) as data-parallel rank `rank` (DDP)."""
     tc = cfg.train
@@ -574,62 +656,14 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     torch.manual_seed(tc.seed)
     # nothing is written until everything is loaded and checked: bad input leaves nothing behind
     out = Path(tc.out_dir)
-    continuing = check_out_dir(out, tc.resume, tc.overwrite)
-    if world > 1:                   # every rank has looked at the folder before rank 0 writes into it
-        import torch.distributed as dist
-        dist.barrier()
-
-    # data
-    tok = load_tokenizer(cfg.model)
-    packed = load_rows(tc.data, tok, tc.seq_len, with_doc_start=tc.document_mask,    # (rows, valid[, doc_start])
-                       max_documents=tc.max_documents)
-    rows, valid = packed[:2]
-    if rows.shape[0] < tc.batch_size * world:
-        raise ValueError(f"--data gives {rows.shape[0]} rows of T={tc.seq_len} tokens; need at least "
-                         f"batch_size*world_size={tc.batch_size * world}")
-    eval_rows = None
-    if tc.eval_rows > 0:
-        if not tc.eval_data and not (len(tc.data) == 1 and tc.data[0] in BUILTIN_DATA):
-            raise ValueError("--eval-rows: file --data has no held-out part (the training rows would be scored); "
-                             "name held-out text files with --eval-data FILES")
-        eval_rows = list(load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout",
-                                   with_doc_start=tc.document_mask, max_rows=tc.eval_rows))
-    if rank == 0 and progress:
-        n_eval = 0 if eval_rows is None else eval_rows[0].shape[0]
-        print(f"data: {rows.shape[0]} rows of T={tc.seq_len} tokens ({' '.join(tc.data)}"
-              + (f", the first {tc.max_documents} documents" if tc.max_documents else "") + ")"
-              + (f"; held-out: {n_eval} row{'s' * (n_eval != 1)}"
-                 + (f" (all there are; --eval-rows asked for {tc.eval_rows})" if n_eval < tc.eval_rows else "")
-                 if eval_rows is not None else ""))
-
-    # the checkpoint to resume: a --parallel fsdp folder (its small metadata file; the shards are read below), or a
-    # .pt file of one process or DDP
-    resumed, sharded = None, False
-    if tc.resume:
-        sharded = Path(tc.resume).is_dir()             # a --parallel fsdp checkpoint folder (any world size)
-        if tc.parallel == "fsdp" and not sharded:
-            raise ValueError(f"--resume {tc.resume}: --parallel fsdp resumes from a checkpoint folder (written with "
-                             "--parallel fsdp), not a single-file checkpoint of --parallel ddp")
-        resumed = parallel.read_meta(tc.resume) if sharded else load_checkpoint(tc.resume, map_location=device)
-        old_rows = resumed["config"]["train"]["batch_size"] * (resumed["world_size"] if sharded else
-                                                               resumed.get("world", 1))
-        if tc.batch_size * world != old_rows:
-            raise ValueError(f"--batch-size {tc.batch_size} x {world} rank(s) = {tc.batch_size * world} rows per "
-                             f"micro-batch, but the run in --resume {tc.resume} used {old_rows}: a resumed run "
-                             "keeps its batch (give --batch-size so that batch-size x ranks stays the same)")
-        if resumed["step"] >= tc.steps:
-            raise ValueError(f"--steps {tc.steps}: --resume {tc.resume} is already at step {resumed['step']}, so "
-                             f"there is nothing to train; give --steps larger than {resumed['step']}")
-    # how the saved model's parameters were shared (tied embeddings or not); None in checkpoints written before
-    # it was stored: those runs build the model from its weights, as a fresh run does
-    shared = resumed.get("shared_params") if resumed is not None else None
+    tok = None
 
     # model: fp32 master weights. A fresh run reads the base model's weights; a resumed run builds the same
     # architecture empty (its embeddings shared as the saved model's were, so that the optimizer's parameters
     # are the same) and the checkpoint fills it: no weight file is read (Mistral-7B: 14 GB per start).
     def quietstar_model(weights: bool = True):    # weights=False: the architecture (built on meta)
         lm = build_decoder(cfg.model, dtype=torch.float32, weights=weights)
-        if lm.config.vocab_size < len(tok):        # every rank checks what it can before any collective
+        if lm.config.vocab_size < len(tok):
             raise ValueError(f"the tokenizer has {len(tok)} ids but the model's vocab_size is {lm.config.vocab_size}"
                              + (" (--model-vocab-size)" if cfg.model.name == "tiny" else ""))
         model = QuietStarModel(lm, cfg.thought, marker_init_id=marker_init_id(tok, cfg.thought.marker_init_text)
@@ -643,6 +677,53 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
 
     def architecture():
         return quietstar_model(weights=False)
+
+    def checks():
+        """What can be refused before the corpus is tokenized: the run folder, the checkpoint to resume, the
+        tokenizer, and the model's own checks (vocabulary, banned ids, lengths) on its architecture on meta."""
+        nonlocal tok
+        continuing = check_out_dir(out, tc.resume, tc.overwrite)
+        resumed, sharded = read_resume(tc, world, device)
+        if tc.eval_rows > 0 and not tc.eval_data and not (len(tc.data) == 1 and tc.data[0] in BUILTIN_DATA):
+            raise ValueError("--eval-rows: file --data has no held-out part (the training rows would be scored); "
+                             "name held-out text files with --eval-data FILES")
+        tok = load_tokenizer(cfg.model)
+        base = base_fingerprint(cfg.model, tok)
+        if resumed is not None:
+            check_moved_base(resumed, cfg.model, base, tc.resume)
+        with torch.device("meta"):
+            arch = architecture()
+        if resumed is not None and resumed.get("shared_params") is not None:
+            parallel.check_fits(arch, resumed["shared_params"], f"--resume {tc.resume}")
+        marker_init_id(tok, cfg.thought.marker_init_text)
+        return continuing, resumed, sharded, base
+
+    def load_data():
+        packed = load_rows(tc.data, tok, tc.seq_len, with_doc_start=tc.document_mask,   # (rows, valid[, doc_start])
+                           max_documents=tc.max_documents)
+        if packed[0].shape[0] < tc.batch_size * world:
+            raise ValueError(f"--data gives {packed[0].shape[0]} rows of T={tc.seq_len} tokens; need at least "
+                             f"batch_size*world_size={tc.batch_size * world}")
+        eval_rows = None if tc.eval_rows == 0 else list(
+            load_rows(tc.eval_data or tc.data, tok, tc.seq_len, split="heldout", with_doc_start=tc.document_mask,
+                      max_rows=tc.eval_rows))
+        return packed, eval_rows
+
+    # each on every rank and agreed, so that a rank that fails alone ends every rank in one line; the first is
+    # also the barrier after which rank 0 may write into the folder that every rank has looked at
+    continuing, resumed, sharded, base = parallel.agreed(checks)
+    packed, eval_rows = parallel.agreed(load_data)
+    rows, valid = packed[:2]
+    if rank == 0 and progress:
+        n_eval = 0 if eval_rows is None else eval_rows[0].shape[0]
+        print(f"data: {rows.shape[0]} rows of T={tc.seq_len} tokens ({' '.join(tc.data)}"
+              + (f", the first {tc.max_documents} documents" if tc.max_documents else "") + ")"
+              + (f"; held-out: {n_eval} row{'s' * (n_eval != 1)}"
+                 + (f" (all there are; --eval-rows asked for {tc.eval_rows})" if n_eval < tc.eval_rows else "")
+                 if eval_rows is not None else ""))
+    # how the saved model's parameters were shared (tied embeddings or not); None in checkpoints written before
+    # it was stored: those runs build the model from its weights, as a fresh run does
+    shared = resumed.get("shared_params") if resumed is not None else None
 
     backends = Backends(tc.attention, tc.lm_head)
     if tc.parallel == "fsdp" and shared is not None:
@@ -658,7 +739,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
             if tc.activation_checkpointing:
                 parallel.apply_activation_checkpointing(model)
             return model
-        model = parallel.build_on_every_rank(build)
+        model = parallel.agreed(build)
     lm, fwd = model.lm, model
     if world > 1 and tc.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -751,11 +832,11 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
             if (step + 1) % tc.log_every == 0:
                 tqdm.write(log_line(rec))
             if rngs is not None:
-                save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, rngs, cfg)
+                save_checkpoint(out / f"step{step + 1:06d}.pt", model, opt, sched, step + 1, rngs, cfg, base)
                 prune_checkpoints(out, tc.keep_last)
         if checkpoint and tc.parallel == "fsdp":
             parallel.save_checkpoint(out / f"step{step + 1:06d}", model, opt, sched, step + 1, rng_state(generator),
-                                     dataclasses.asdict(cfg))
+                                     dataclasses.asdict(cfg), base)
             if rank == 0:
                 prune_checkpoints(out, tc.keep_last)
         if eval_rows is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
@@ -766,14 +847,14 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
     export = out / "export"
     if tc.parallel == "fsdp":   # collective: every rank writes its shards, rank 0 gathers the export
         ckpt = parallel.save_checkpoint(out / "final", model, opt, sched, tc.steps, rng_state(generator),
-                                        dataclasses.asdict(cfg))
+                                        dataclasses.asdict(cfg), base)
         parallel.export_full(model, export, dataclasses.asdict(cfg), tokenizer=tok)
         if rank == 0:
             print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
     else:
         rngs = rank_rng_states(generator, world)         # collective
         if rank == 0:
-            save_checkpoint(ckpt, model, opt, sched, tc.steps, rngs, cfg)
+            save_checkpoint(ckpt, model, opt, sched, tc.steps, rngs, cfg, base)
             model.save_pretrained(export, tokenizer=tok)    # a Hugging Face folder + the Quiet-STaR extras
             print(f"checkpoint: {ckpt}\nexport:     {export}\nmetrics:    {metrics_path}")
     if world > 1:      # rank 0 writes the export alone: the ranks leave together (no teardown while one works)

@@ -22,9 +22,11 @@ RUN = TINY + ["--lr", "3e-3"]
 def fail(argv, capsys, *needles):
     """main(argv) must exit 2 with one stderr line holding every needle, and no traceback."""
     rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
     assert rc == 2, err
     assert len(err) == 1 and err[0].startswith("quietstar-train: error: "), err
+    assert "data: " not in out, out            # refused before the corpus was tokenized
     for n in needles:
         assert n in err[0], (n, err[0])
     return err[0]
@@ -61,6 +63,23 @@ def test_bad_input_is_one_line_naming_the_argument(capsys, tmp_path, run4):
     fail(base + ["--model", "/bin/ls"], capsys, "--model /bin/ls: a file; give the folder that holds it (/bin)")
     fail(base + ["--data", "/bin/ls"], capsys, "--data /bin/ls", "UTF-8")
     fail(base + ["--data", str(tmp_path / "nope.txt")], capsys, "--data", "does not exist")
+    fail(base + ["--data", str(tmp_path)], capsys, f"--data {tmp_path}", "is a folder")
+    zeros = tmp_path / "zeros.txt"
+    zeros.write_bytes(b"\0" * 5000)
+    fail(base + ["--data", str(zeros)], capsys, f"--data {zeros}", "is not text (a NUL byte")
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes(("plain ASCII text. " * 100).encode("utf-16-le"))     # no byte-order mark
+    fail(base + ["--data", str(utf16)], capsys, f"--data {utf16}", "UTF-16")
+    fail(base + ["--seq-len", "0"], capsys, "--seq-len must be >= 2, got 0")
+    fail(base + ["--seed", "-1"], capsys, "--seed must be in [0, 2**62), got -1")
+    fail(base + ["--seed", str(2**64)], capsys, "--seed must be in [0, 2**62)")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fail(RUN + ["--out-dir", str(afile)], capsys, f"--out-dir {afile}: a file is there, not a folder")
+    fail(RUN + ["--out-dir", str(afile / "sub")], capsys, f"--out-dir {afile / 'sub'}: cannot be created",
+         f"({afile} is not a writable folder)")
+    fail(base + ["--no-thoughts", "--thoughts-every", "1"], capsys, "--thoughts-every 1: --no-thoughts")
+    fail(base + ["--marker-init-text", ""], capsys, "--marker-init-text", "tokenizes to nothing")
     fail(base + ["--P", "1"], capsys, "--P 1")
     fail(base + ["--betas", "0.9"], capsys, "--betas")
     # a config field's check names the flag that sets it, not the field
@@ -84,12 +103,19 @@ def test_bad_input_is_one_line_naming_the_argument(capsys, tmp_path, run4):
     fail(base + ["--resume", str(tmp_path / "other.pt")], capsys, "--resume", "not a quietstar-train checkpoint")
     fail(["--resume", str(ck), "--model-hidden-size", "64", "--out-dir", str(out)], capsys,
          "--model-hidden-size 64 (the checkpoint's run has 32)")
+    fail(["--resume", str(ck), "--steps", "3", "--out-dir", str(out)], capsys, "--steps 3: --resume",
+         "already at step 3")
+    fail(["--resume", str(ck), "--batch-size", "3", "--out-dir", str(out)], capsys, "--batch-size 3 x 1 rank(s)")
     big = torch.load(ck, weights_only=False)
     big["config"]["model"]["hidden_size"] = 64          # a checkpoint whose weights are of another size
     torch.save(big, tmp_path / "big.pt")
     msg = fail(["--resume", str(tmp_path / "big.pt"), "--out-dir", str(out)], capsys, "--resume", "do not fit",
-               "size mismatch")
+               "checkpoint (32000, 32), model (32000, 64)")
     assert len(msg) < 500
+    del big["shared_params"]            # written before they were stored: found when the state dict is loaded
+    torch.save(big, tmp_path / "big_old.pt")
+    with pytest.raises(ValueError, match="do not fit .*size mismatch"):
+        train(config_from_args(["--resume", str(tmp_path / "big_old.pt"), "--out-dir", str(out)]), progress=False)
     assert not out.exists()                                  # nothing half-written
 
 
@@ -116,6 +142,18 @@ def test_a_local_model_folder_trains_with_its_own_tokenizer(tmp_path, tiny_expor
         (plain / f).write_bytes((exp / f).read_bytes())
     with pytest.raises((ValueError, OSError), match="plain"):
         load_tokenizer(ModelConfig(name=str(plain)))
+    # no tokenizer file at all; a config.json that is not JSON: one line naming --model, before any data
+    (plain / "tokenizer_config.json").unlink()
+    capsys.readouterr()
+    args = ["--M", "2", "--K", "2", "--P", "2", "--seq-len", "16", "--steps", "1", "--out-dir", str(tmp_path / "o2")]
+    fail(["--model", str(plain)] + args, capsys, f"--model {plain}: the folder has no tokenizer")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("model.safetensors", "tokenizer.json"):
+        (broken / f).write_bytes((exp / f).read_bytes())
+    (broken / "config.json").write_text('{"model_type": "mistral",')
+    fail(["--model", str(broken)] + args, capsys, f"--model {broken}: its config.json cannot be read")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_the_command_line_exits_nonzero_without_traceback_and_debug_shows_it(tmp_path):

@@ -75,8 +75,56 @@ def test_resume_reads_no_base_weights(tmp_path, tied, base_folder):
     for lm in (full["model"].lm, resumed["model"].lm):
         assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == (tied is True)
     # a fresh run does need them: the files are really gone
-    with pytest.raises(OSError, match="no file named model.safetensors"):
+    with pytest.raises(ValueError, match="--model .*: its weights cannot be read .*no file named model.safetensors"):
         train(config_from_args(common + ["--out-dir", str(tmp_path / "c")]), progress=False)
+
+
+def test_resume_after_the_base_model_moved(tmp_path, base_folder):
+    """The base model's folder moved: --resume takes `--model NEW` (a flag that otherwise must not change) and
+    ends bit-identical to the uninterrupted run, once the new folder's tokenizer and config.json are the ones
+    the checkpoint's fingerprint names; another tokenizer or config, or a checkpoint without a fingerprint, is
+    refused naming --model."""
+    import shutil
+    folder = base_folder(False)
+    common = ["--model", str(folder), "--M", "2", "--K", "2", "--P", "2", "--seq-len", "16", "--batch-size", "1",
+              "--steps", "3", "--ckpt-every", "1", "--lr", "3e-3", "--attention", "split", "--lm-head", "reference"]
+    full = train(config_from_args(common + ["--out-dir", str(tmp_path / "a")]), progress=False)
+    ck = tmp_path / "a" / "step000001.pt"
+    moved = tmp_path / "moved"
+    shutil.move(folder, moved)
+    with pytest.raises(ValueError, match=f"--model {folder}: folder not found.*if it moved, give --model"):
+        config_from_args(["--resume", str(ck), "--out-dir", str(tmp_path / "b")])
+    resumed = train(config_from_args(["--resume", str(ck), "--model", str(moved), "--out-dir", str(tmp_path / "b")]),
+                    progress=False)
+    a, b = read_metrics(full["metrics"]), read_metrics(resumed["metrics"])
+    assert [r["step"] for r in b] == [2, 3] and [r["loss"] for r in a[1:]] == [r["loss"] for r in b]
+    # a folder that is not the same base model
+    other = tmp_path / "other"
+    shutil.copytree(moved, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+    with pytest.raises(ValueError, match=f"--model {other}: its config.json is not the one of the run in --resume"):
+        train(config_from_args(["--resume", str(ck), "--model", str(other), "--out-dir", str(tmp_path / "c")]),
+              progress=False)
+    (other / "config.json").write_text(json.dumps(cfg))
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first = next(iter(vocab))
+    vocab["x" + first] = vocab.pop(first)                   # one token's string changed
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match=f"--model {other}: its tokenizer is not the one of the run in --resume"):
+        train(config_from_args(["--resume", str(ck), "--model", str(other), "--out-dir", str(tmp_path / "c")]),
+              progress=False)
+    # a checkpoint written before the fingerprint was stored cannot be checked: refused
+    old = torch.load(ck, weights_only=False)
+    del old["base"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=f"--model {moved}: .*before checkpoints recorded .*put the base model back"):
+        train(config_from_args(["--resume", str(tmp_path / "old.pt"), "--model", str(moved),
+                                "--out-dir", str(tmp_path / "c")]), progress=False)
+    # a preset never stands in for a folder (nor the other way round)
+    with pytest.raises(ValueError, match="--model 'smollm2-135m-random' \\(the checkpoint's run has"):
+        config_from_args(["--resume", str(ck), "--model", "smollm2-135m-random"])
 
 
 def test_cli_defaults_and_errors():
@@ -191,6 +239,8 @@ def test_no_thoughts_control_is_the_plain_lm_loss(tmp_path):
     assert all(e["heldout_nll_base"] > 0 and e["heldout_targets"] > 0 for e in evals)
     with pytest.raises(ValueError, match="--no-thoughts"):
         config_from_args(["--no-thoughts", "--cuda-graphs"])
+    with pytest.raises(ValueError, match="--thoughts-every 2: --no-thoughts samples no thoughts"):
+        config_from_args(["--no-thoughts", "--thoughts-every", "2"])
 
 
 def test_no_thoughts_control_masks_documents_like_the_base_pass():
