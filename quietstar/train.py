@@ -398,7 +398,8 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False, arg: str = "--
     """A checkpoint written by save_checkpoint, or a one-line ValueError naming `arg`."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{arg} {path}: file not found")
+        raise ValueError(f"{arg} {path}: no such checkpoint (neither a .pt file nor a --parallel fsdp checkpoint "
+                         "folder is there)")
     try:
         ck = torch.load(p, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:      # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file

@@ -94,7 +94,7 @@ def test_bad_input_is_one_line_naming_the_argument(capsys, tmp_path, run4):
     text.write_text("some training text. " * 200)
     fail(base + ["--data", str(text), "--eval-rows", "1"], capsys, "--eval-rows", "--eval-data")
     # --resume: missing, truncated, not a checkpoint, another model size
-    fail(base + ["--resume", str(tmp_path / "missing.pt")], capsys, "--resume", "file not found")
+    fail(base + ["--resume", str(tmp_path / "missing.pt")], capsys, "--resume", "no such checkpoint")
     ck = run4[0] / "step000003.pt"
     cut = tmp_path / "cut.pt"
     cut.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
