@@ -37,6 +37,7 @@ def heldout_losses(model, rows: torch.Tensor, valid: torch.Tensor, backends: Bac
 # quietstar-eval: held-out text NLL / bits per byte with and without thoughts, hard tokens
 # ----------------------------------------------------------------------------------------------
 HARD_FRACTION = 0.10
+TASKS = ("heldout", "gsm8k", "csqa")
 
 
 def document_rows(docs_token_ids, T: int, sep_id: int, pad_id: int | None = None):
@@ -255,21 +256,22 @@ def build_eval_parser():
     p.add_argument("--batch-size", type=int, default=4, help="rows scored at once")
     p.add_argument("--no-thoughts", action="store_true", help="the base prediction only (no thought sampled)")
     p.add_argument("--save-hard-mask", default=None, help="heldout: store the hardest 10%% of targets by base NLL")
-    p.add_argument("--hard-mask", default=None, help="heldout: score exactly the targets stored by --save-hard-mask")
+    p.add_argument("--hard-mask", default=None, help="heldout: score exactly the targets stored by --save-hard-mask (for the same --data, --limit "
+                        "and --seq-len: checked)")
     p.add_argument("--gsm8k-em", type=int, default=0,
                    help="gsm8k: also greedy-generate solutions (with thoughts) for this many problems and report "
                         "exact match (slow: M + 3 decode steps per token)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation length")
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--seed", type=int, default=0, help="of the sampled thoughts")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cpu or auto")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p
 
 
 def load_hard_mask(path) -> dict:
-    """What --save-hard-mask stored ({"mask": (rows, T) bool, "seq_len": T, ...}), or a ValueError naming
-    --hard-mask."""
+    """What --save-hard-mask stored ({"mask": (rows, T) bool, "seq_len": T, "data", "limit", "tokens_sha256",
+    ...}), or a ValueError naming --hard-mask."""
     from pathlib import Path
     if not Path(path).is_file():
         raise ValueError(f"--hard-mask {path}: no such file (write one with --save-hard-mask)")
@@ -284,6 +286,42 @@ def load_hard_mask(path) -> dict:
     return saved
 
 
+def _data_key(data: str) -> str:
+    """--data as a mask file records it: default / math, or the file's absolute path."""
+    from pathlib import Path
+    return data if data in ("default", "math") else str(Path(data).resolve())
+
+
+def check_hard_mask(saved: dict, args, n_docs: int) -> None:
+    """Refuse (a ValueError naming --hard-mask) a saved mask whose rows are not this run's: another --data,
+    --seq-len or number of documents (--limit). A file without some of these records is checked on the rest;
+    the scored tokens themselves are compared later (`check_mask_tokens`), once they are tokenized."""
+    here = {"--data": _data_key(args.data), "--seq-len": args.seq_len, "documents": n_docs}
+    there = {"--data": _data_key(saved["data"]) if isinstance(saved.get("data"), str) else None,
+             "--seq-len": saved["seq_len"], "documents": saved["mask"].shape[0]}
+    diff = [f"{k} {there[k]} (this run: {here[k]})" for k in here if there[k] is not None and there[k] != here[k]]
+    if saved["mask"].shape[1] != args.seq_len == saved["seq_len"]:
+        diff.append(f"its mask has {saved['mask'].shape[1]} positions")
+    if diff:
+        raise ValueError(f"--hard-mask {args.hard_mask}: saved for {tuple(saved['mask'].shape)} rows x positions "
+                         f"(T={saved['seq_len']}), this run has {(n_docs, args.seq_len)}: {'; '.join(diff)}; use the "
+                         "same --data, --limit and --seq-len")
+
+
+def check_mask_tokens(saved: dict, rows: torch.Tensor, valid: torch.Tensor, path) -> None:
+    """Refuse a saved mask whose rows held other tokens (the file behind --data changed, or another tokenizer),
+    where the file records them (`tokens_sha256`)."""
+    if saved.get("tokens_sha256") not in (None, tokens_fingerprint(rows, valid)):
+        raise ValueError(f"--hard-mask {path}: saved for other tokens than this run's rows (the --data file "
+                         "changed since, or the model's tokenizer differs): save a new mask with --save-hard-mask")
+
+
+def tokens_fingerprint(rows: torch.Tensor, valid: torch.Tensor) -> str:
+    """A SHA-256 of the held-out rows' token ids and scored targets: what a saved mask's positions refer to."""
+    import hashlib
+    return hashlib.sha256(rows.to(torch.int64).numpy().tobytes() + valid.numpy().tobytes()).hexdigest()
+
+
 def _heldout_documents(args) -> list[str]:
     """The held-out documents of --data (the first --limit); a bad file fails here, before the model loads."""
     from . import data as qdata
@@ -294,20 +332,31 @@ def _heldout_documents(args) -> list[str]:
         raise ValueError(f"--data {args.data}: {e}") from e
 
 
-def _heldout(args, docs, saved, model, tok, sep_id, backends, gen, device, autocast) -> dict:
+def _heldout_rows(args, docs, saved, tok, sep_id):
+    """The held-out rows (input_ids, valid_next) and their bytes; a ValueError for --data with no target, or a
+    --hard-mask saved for other tokens."""
     from . import data as qdata
     toks = qdata.tokenize_documents(docs, tok)
     rows, valid = document_rows(toks, args.seq_len, sep_id)
+    if not bool(valid.any()):
+        raise ValueError(f"--data {args.data}: its documents have no tokens to score")
+    if saved is not None:
+        check_mask_tokens(saved, rows, valid, args.hard_mask)
     n_bytes = sum(len(tok.decode(t[: args.seq_len - 1]).encode("utf-8")) for t in toks)
+    return rows, valid, n_bytes
+
+
+def _heldout(args, docs, prepared, saved, model, backends, gen, device, autocast) -> dict:
+    rows, valid, n_bytes = prepared
     base, mixed = token_nll(model, rows, valid, backends, args.batch_size, not args.no_thoughts, gen, device,
                             autocast, progress=True, desc="held-out rows")
     hard = None
-    if saved is not None:                  # --hard-mask, read and checked before the model loaded
+    if saved is not None:                  # --hard-mask, checked before the rows were scored
         hard = saved["mask"] & valid
     elif args.save_hard_mask:
         hard = hard_mask(base, valid)
-        torch.save({"mask": hard, "seq_len": args.seq_len, "data": args.data, "limit": args.limit,
-                    "chosen_by": args.model}, args.save_hard_mask)
+        torch.save({"mask": hard, "seq_len": args.seq_len, "data": _data_key(args.data), "limit": args.limit,
+                    "tokens_sha256": tokens_fingerprint(rows, valid), "chosen_by": args.model}, args.save_hard_mask)
     res = {"documents": len(docs), "bytes": n_bytes, "without_thoughts": summarize(base, valid, n_bytes)}
     if mixed is not None:
         res["with_thoughts"] = summarize(mixed, valid, n_bytes)
@@ -317,6 +366,29 @@ def _heldout(args, docs, saved, model, tok, sep_id, backends, gen, device, autoc
         if mixed is not None:
             res["hard_tokens"]["with_thoughts"] = summarize(mixed, hard, None)
     return res
+
+
+def _check_output_paths(args) -> None:
+    """--out must be (or become) a folder, --save-hard-mask a file in an existing folder: refused now rather
+    than after the scoring."""
+    import os
+    from pathlib import Path
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder (eval.json and eval.md go into the folder)")
+    where = out if out.exists() else next(p for p in out.absolute().parents if p.exists())   # mkdir's start
+    if not where.is_dir():
+        raise ValueError(f"--out {out}: cannot create the folder, {where} is a file")
+    if not os.access(where, os.W_OK):
+        raise ValueError(f"--out {out}: {where} is not writable")
+    if args.save_hard_mask:
+        mask = Path(args.save_hard_mask)
+        if mask.is_dir():
+            raise ValueError(f"--save-hard-mask {mask}: a folder (give a file name, e.g. {mask / 'hard.pt'})")
+        if not mask.absolute().parent.is_dir():
+            raise ValueError(f"--save-hard-mask {mask}: no such folder {mask.absolute().parent}")
+        if not os.access(mask.absolute().parent, os.W_OK):
+            raise ValueError(f"--save-hard-mask {mask}: the folder {mask.absolute().parent} is not writable")
 
 
 def _nll_table(r: dict) -> list[str]:
@@ -380,18 +452,20 @@ def _eval_main(argv) -> int:
 
     from . import assets
     from .model import QuietStarModel, load_export_tokenizer
-    from .train import document_separator, resolve_device
+    from .generate import cli_device
+    from .train import document_separator
     args = build_eval_parser().parse_args(argv)
+    device = cli_device(args.device)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (or left out: everything), got {args.limit}")
     for flag, v, least in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 2),
                            ("--max-new-tokens", args.max_new_tokens, 1), ("--gsm8k-em", args.gsm8k_em, 0)):
         if v < least:
             raise ValueError(f"{flag} must be >= {least}, got {v}")
-    tasks = [t for t in args.tasks.split(",") if t]
-    bad = [t for t in tasks if t not in ("heldout", "gsm8k", "csqa")]
-    if bad:
-        raise ValueError(f"--tasks: unknown {bad}; choose from heldout, gsm8k, csqa")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"--tasks: {'unknown %s' % bad if bad else 'none given'}; choose from {', '.join(TASKS)}")
     if args.gsm8k_em and "gsm8k" not in tasks:
         raise ValueError(f"--gsm8k-em generates GSM8K solutions: add gsm8k to --tasks (got {args.tasks})")
     if (args.hard_mask or args.save_hard_mask) and "heldout" not in tasks:
@@ -399,25 +473,33 @@ def _eval_main(argv) -> int:
                          f"(got {args.tasks})")
     if args.hard_mask and args.save_hard_mask:
         raise ValueError("--hard-mask scores a saved mask, --save-hard-mask saves a new one: give one of them")
+    _check_output_paths(args)
     # read before the model loads: a bad --hard-mask or --data fails now, not after minutes of loading and scoring
     saved_mask = load_hard_mask(args.hard_mask) if args.hard_mask else None
     docs = _heldout_documents(args) if "heldout" in tasks else None
-    if saved_mask is not None and (tuple(saved_mask["mask"].shape) != (len(docs), args.seq_len)
-                                   or saved_mask["seq_len"] != args.seq_len):      # one row per document
-        raise ValueError(f"--hard-mask {args.hard_mask}: saved for {tuple(saved_mask['mask'].shape)} rows x positions "
-                         f"(T={saved_mask['seq_len']}), this run has {(len(docs), args.seq_len)}: use the same "
-                         "--data, --limit and --seq-len")
-    device = resolve_device(args.device)
+    if docs is not None and not docs:
+        raise ValueError(f"--data {args.data}: no documents (the file is empty, or every document is blank)")
+    if saved_mask is not None:
+        check_hard_mask(saved_mask, args, len(docs))
+    # the tokenizer before the model where the export has one (where not, the model's loading or the tokenizer's
+    # after it says what is wrong): the held-out rows are tokenized and checked (no target, a --hard-mask of other
+    # tokens) before the model loads
+    if args.model == "smollm2-135m":
+        tok = assets.smollm2_tokenizer()
+    else:
+        tok = load_export_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").is_file() else None
+    heldout_rows = None
+    if tok is not None and docs is not None:
+        heldout_rows = _heldout_rows(args, docs, saved_mask, tok, document_separator(tok))
     if args.model == "smollm2-135m":
         from .config import ModelConfig, ThoughtConfig
         from .model import build_decoder
         from .train import marker_init_id
-        tok = assets.smollm2_tokenizer()
         model = QuietStarModel(build_decoder(ModelConfig(name="smollm2-135m")), ThoughtConfig(),
                                marker_init_id=marker_init_id(tok, ThoughtConfig().marker_init_text))
     else:
         model = QuietStarModel.from_pretrained(args.model)
-        tok = load_export_tokenizer(args.model)
+        tok = tok or load_export_tokenizer(args.model)
     model = model.to(device).eval()
     sep_id = document_separator(tok)
     cuda = device.type == "cuda"
@@ -430,7 +512,7 @@ def _eval_main(argv) -> int:
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
     t_scoring = time.perf_counter()
     if "heldout" in tasks:
-        res["heldout"] = _heldout(args, docs, saved_mask, model, tok, sep_id, backends, gen, device, autocast)
+        res["heldout"] = _heldout(args, docs, heldout_rows, saved_mask, model, backends, gen, device, autocast)
     if "gsm8k" in tasks:
         probs = assets.gsm8k_test()[: args.limit]
         res["gsm8k"] = gsm8k_nll(model, tok, sep_id, probs, backends, args.batch_size, thoughts, gen, device,

@@ -262,11 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-thoughts", action="store_true", help="plain decoding (the base model), for comparison")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     p.add_argument("--seed", type=int, default=0, help="of the sampled thoughts (and tokens, with --temperature)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cpu or auto")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
                    help="the weights' dtype. auto: bfloat16 on CUDA (half float32's memory, and half the weight "
                         "traffic that a decode step is bound by), float32 elsewhere")
     return p
+
+
+def cli_device(name: str) -> torch.device:
+    """`--device` of quietstar-generate and quietstar-eval as quietstar-train takes it: auto, cpu or cuda
+    (a ValueError naming --device otherwise, or for cuda without a CUDA GPU)."""
+    from .train import resolve_device
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return resolve_device(name)
 
 
 def main(argv=None) -> int:
@@ -279,8 +288,8 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     from pathlib import Path
 
-    from .train import resolve_device
     args = build_parser().parse_args(argv)
+    device = cli_device(args.device)
     for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--thoughts", args.thoughts)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
@@ -288,18 +297,23 @@ def _main(argv) -> int:
         raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.no_thoughts and (args.show_thoughts or args.thoughts != 1):
         raise ValueError("--no-thoughts decodes without thoughts: drop --show-thoughts / --thoughts")
+    if "" in args.stop:
+        raise ValueError("--stop: an empty stop string matches before any token (give a non-empty one)")
     prompts = list(args.prompt)
     if args.prompts_file:
         if not Path(args.prompts_file).is_file():
             raise ValueError(f"--prompts-file {args.prompts_file}: no such file")
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
+                from_file = [line.rstrip("\n") for line in f if line.strip()]
         except UnicodeDecodeError as e:
             raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        if not from_file:
+            raise ValueError(f"--prompts-file {args.prompts_file}: no prompts (every line is empty or blank; "
+                             "one prompt per line)")
+        prompts += from_file
     if not prompts:
         raise ValueError("give --prompt TEXT or --prompts-file FILE (one prompt per line)")
-    device = resolve_device(args.device)
     model = QuietStarModel.from_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device).eval()
     tok = load_export_tokenizer(args.model)
     tok.padding_side = "left"
@@ -313,7 +327,10 @@ def _main(argv) -> int:
         kw = dict(do_sample=args.temperature > 0, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
         if args.temperature > 0:
             kw["temperature"] = args.temperature
-        new = model.lm.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+        # transformers samples from torch's global RNG: seeded by --seed here, the caller's state restored after
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            new = model.lm.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
         thoughts = None
     else:
         new, thoughts, _ = generate_with_thoughts(model, ids, mask, args.max_new_tokens, args.temperature,

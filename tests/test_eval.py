@@ -170,6 +170,37 @@ def test_cli_hard_mask_round_trip(tmp_path):
     assert bad.returncode != 0 and "(T=16), this run has (4, 12)" in bad.stderr and "held-out rows" not in bad.stderr
 
 
+def test_hard_mask_of_other_text_is_refused(tmp_path, capsys, tiny_export):
+    """A --hard-mask is refused before any row is scored when this run's rows are not the ones it was saved for:
+    another --data file with as many documents, or the same --data path whose text changed since (the mask
+    file's fingerprint of the scored token ids). A mask file without these records is checked on the rest."""
+    from quietstar.evaluate import eval_main
+    exp = tiny_export(P=1)
+    docs, other = tmp_path / "docs.jsonl", tmp_path / "other.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"Problem {i}: compute {i} + {i * 3} = {i * 4}."}) for i in range(3)))
+    other.write_text("\n".join(json.dumps({"text": f"Other text {i}, not the same at all."}) for i in range(3)))
+    common = [str(exp), "--limit", "3", "--seq-len", "16", "--no-thoughts", "--device", "cpu"]
+    assert eval_main(common + ["--data", str(docs), "--save-hard-mask", str(tmp_path / "hard.pt"),
+                               "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+
+    def refused(data, needle):
+        rc = eval_main(common + ["--data", str(data), "--hard-mask", str(tmp_path / "hard.pt"), "--out",
+                                 str(tmp_path / "b")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-eval: error: --hard-mask "), err
+        assert needle in err[0], err            # one line: refused before the rows' progress bar
+        assert not (tmp_path / "b").exists()
+    refused(other, f"--data {docs} (this run: {other})")
+    docs.write_text(docs.read_text().replace("compute", "add"))       # the same path, other text
+    refused(docs, "saved for other tokens than this run's rows")
+    old = torch.load(tmp_path / "hard.pt")
+    assert set(old) >= {"data", "limit", "seq_len", "tokens_sha256"} and old["data"] == str(docs)
+    torch.save({"mask": old["mask"], "seq_len": 16}, tmp_path / "old.pt")      # as older versions saved it
+    assert eval_main(common + ["--data", str(docs), "--hard-mask", str(tmp_path / "old.pt"), "--out",
+                               str(tmp_path / "c")]) == 0
+
+
 class _Tok:
     """Characters as token ids (ord % 97), enough for the row layouts."""
     def __call__(self, text, add_special_tokens=False):
@@ -242,6 +273,8 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, tiny_export):
     shutil.copytree(exp, tmp_path / "run" / "export")              # a quietstar-train run folder's layout
     (tmp_path / "text.pt").write_text("not a mask")
     torch.save({"mask": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
     cases = [([str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such folder"),
              ([str(tmp_path / "run")], f"its export is {tmp_path / 'run' / 'export'}"),   # the run folder given
              ([str(exp), "--tasks", "heldout,mmlu"], "--tasks: unknown ['mmlu']"),
@@ -253,14 +286,28 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, tiny_export):
              ([str(exp), "--hard-mask", str(tmp_path / "text.pt")], "not a mask saved by --save-hard-mask"),
              ([str(exp), "--hard-mask", str(tmp_path / "other.pt")], "not a mask saved by --save-hard-mask"),
              ([str(exp), "--hard-mask", str(tmp_path / "other.pt"), "--save-hard-mask", str(tmp_path / "h.pt")],
-              "give one of them")]
+              "give one of them"),
+             ([str(exp), "--data", str(tmp_path / "empty.txt")], f"--data {tmp_path / 'empty.txt'}: no documents"),
+             ([str(exp), "--data", str(tmp_path / "blank.jsonl")], "no documents"),
+             ([str(exp), "--tasks", ""], "--tasks: none given; choose from heldout, gsm8k, csqa"),
+             ([str(exp), "--device", "gpu"], "--device must be auto, cpu or cuda, got 'gpu'"),
+             ([str(exp), "--limit", "1", "--seq-len", "8", "--save-hard-mask", str(tmp_path / "nodir" / "h.pt")],
+              f"--save-hard-mask {tmp_path / 'nodir' / 'h.pt'}: no such folder"),
+             ([str(exp), "--limit", "1", "--seq-len", "8", "--save-hard-mask", str(tmp_path)],
+              f"--save-hard-mask {tmp_path}: a folder"),
+             ([str(exp), "--limit", "1", "--seq-len", "8", "--out", str(tmp_path / "text.pt")],
+              f"--out {tmp_path / 'text.pt'}: a file, not a folder"),
+             ([str(exp), "--limit", "1", "--seq-len", "8", "--out", str(tmp_path / "text.pt" / "o")],
+              f"--out {tmp_path / 'text.pt' / 'o'}: cannot create the folder")]
     if not torch.cuda.is_available():
         cases.append(([str(exp), "--device", "cuda"], "--device cuda was asked for but no CUDA GPU"))
     for argv, needle in cases:
-        rc = eval_main(argv + (["--device", "cpu"] if "--device" not in argv else []) + ["--out", str(tmp_path / "o")])
+        rc = eval_main(argv + (["--device", "cpu"] if "--device" not in argv else [])
+                       + (["--out", str(tmp_path / "o")] if "--out" not in argv else []))
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("quietstar-eval: error: ") and needle in err[0], err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "nodir").exists()
+    assert (tmp_path / "text.pt").read_text() == "not a mask"
 
 
 def test_gsm8k_exact_match_decodes_under_the_autocast(tiny_export):

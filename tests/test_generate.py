@@ -157,11 +157,18 @@ def test_cli_bad_options_are_one_line(tmp_path, capsys, tiny_export):
     exp = tiny_export(P=1)
     capsys.readouterr()
     (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n\t\n")
     cases = [(["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
              (["--prompt", "x", "--thoughts", "0"], "--thoughts must be >= 1"),
              (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
              (["--prompt", "x", "--no-thoughts", "--show-thoughts"], "--no-thoughts decodes without thoughts"),
              (["--prompts-file", str(tmp_path / "none.txt")], "--prompts-file"),
+             (["--prompts-file", str(tmp_path / "empty.txt")], f"--prompts-file {tmp_path / 'empty.txt'}: no prompts"),
+             (["--prompt", "x", "--prompts-file", str(tmp_path / "blank.txt")],
+              f"--prompts-file {tmp_path / 'blank.txt'}: no prompts"),
+             (["--prompt", "x", "--stop", "ok", "--stop", ""], "--stop: an empty stop string"),
+             (["--prompt", "x", "--device", "gpu"], "--device must be auto, cpu or cuda, got 'gpu'"),
              ([], "give --prompt TEXT or --prompts-file FILE"),
              (["--prompt", "x", "--dtype", "int8"], None)]             # argparse's own message, exit 2
     if not torch.cuda.is_available():
@@ -182,6 +189,26 @@ def test_cli_bad_options_are_one_line(tmp_path, capsys, tiny_export):
         from quietstar.generate import generate_with_thoughts
         generate_with_thoughts(QuietStarModel.from_pretrained(exp), torch.ones(1, 2, dtype=torch.long),
                                max_new_tokens=0)
+
+
+def test_no_thoughts_sampling_follows_the_seed(tiny_export, capsys):
+    """quietstar-generate --no-thoughts --temperature T (transformers' sampler, which draws from torch's global
+    RNG): the same --seed gives the same text, another seed other text (random weights: nearly uniform over
+    32,000 tokens); the caller's global RNG is not reseeded by --seed (its state after does not depend on it)."""
+    from quietstar.generate import main
+    exp = tiny_export(P=1)
+    capsys.readouterr()
+
+    def text(seed):
+        assert main([str(exp), "--prompt", "1 + 1 =", "--no-thoughts", "--temperature", "1", "--seed", str(seed),
+                     "--max-new-tokens", "6", "--device", "cpu"]) == 0
+        return capsys.readouterr().out
+    after = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(123)
+        after.append((text(seed), torch.rand(3)))
+    assert after[0][0] == after[1][0] and after[2][0] != after[0][0]
+    assert torch.equal(after[0][1], after[2][1])     # fork_rng: the caller's RNG state, whatever --seed was
 
 
 def test_bf16_weights_decode_like_fp32(tiny_export):
