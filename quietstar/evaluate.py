@@ -256,7 +256,8 @@ def build_eval_parser():
     p.add_argument("--batch-size", type=int, default=4, help="rows scored at once")
     p.add_argument("--no-thoughts", action="store_true", help="the base prediction only (no thought sampled)")
     p.add_argument("--save-hard-mask", default=None, help="heldout: store the hardest 10%% of targets by base NLL")
-    p.add_argument("--hard-mask", default=None, help="heldout: score exactly the targets stored by --save-hard-mask (for the same --data, --limit "
+    p.add_argument("--hard-mask", default=None,
+                   help="heldout: score exactly the targets stored by --save-hard-mask (for the same --data, --limit "
                         "and --seq-len: checked)")
     p.add_argument("--gsm8k-em", type=int, default=0,
                    help="gsm8k: also greedy-generate solutions (with thoughts) for this many problems and report "
