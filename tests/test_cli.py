@@ -342,3 +342,78 @@ def test_plot_metrics_takes_math_text_and_no_thought_runs(run4, tmp_path):
     (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
     plot.main([str(tmp_path / "plain.jsonl"), str(tmp_path / "plain.png")])
     assert (tmp_path / "plain.png").stat().st_size > 10_000
+
+
+def _plot_fails(plot, argv, capsys, *needles):
+    """plot_metrics.main(argv) must return 2 with one stderr line holding every needle, and write no image."""
+    rc = plot.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("plot_metrics.py: error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    assert not Path(argv[1]).is_file(), argv[1]
+
+
+def test_plot_metrics_bad_input_is_one_line_naming_the_argument(run4, tmp_path, capsys):
+    """A missing file, a folder that is not a run's, non-UTF-8 bytes, eval.json, a bad line in the middle, no step
+    records, an image in a folder that does not exist: one line naming the argument, exit status 2, no image."""
+    plot = load_benchmark("plot_metrics")
+    lines = (run4[0] / "metrics.jsonl").read_text().splitlines()
+    png = str(tmp_path / "p.png")
+    _plot_fails(plot, [str(tmp_path / "missing.jsonl"), png], capsys, f"metrics {tmp_path / 'missing.jsonl'}",
+                "no such file")
+    _plot_fails(plot, [str(tmp_path), png], capsys, f"metrics {tmp_path}: a folder without metrics.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes(lines[0].encode() + b"\n\xe9t\xe9\n")
+    _plot_fails(plot, [str(tmp_path / "latin1.jsonl"), png], capsys, "latin1.jsonl: not UTF-8 text")
+    (tmp_path / "eval.json").write_text(json.dumps({"heldout": {"nll": 1.0}, "meta": {"step": 4}}, indent=1))
+    _plot_fails(plot, [str(tmp_path / "eval.json"), png], capsys, "eval.json: one JSON document, not",
+                "metrics.jsonl")
+    (tmp_path / "mid.jsonl").write_text("\n".join([lines[0], lines[1][:20]] + lines[2:]) + "\n")
+    _plot_fails(plot, [str(tmp_path / "mid.jsonl"), png], capsys, "mid.jsonl line 2: not a JSON object")
+    (tmp_path / "nostep.jsonl").write_text(json.dumps({"eval": {"step": 0, "heldout_nll_base": 1.0}}) + "\n")
+    _plot_fails(plot, [str(tmp_path / "nostep.jsonl"), png], capsys, "nostep.jsonl: holds no step records")
+    nodir = tmp_path / "nodir" / "p.png"
+    _plot_fails(plot, [str(run4[0] / "metrics.jsonl"), str(nodir)], capsys, f"png {nodir}",
+                f"folder {nodir.parent} does not exist")
+    assert not nodir.parent.exists()
+    _plot_fails(plot, [str(run4[0] / "metrics.jsonl"), str(tmp_path)], capsys, f"png {tmp_path}: a folder")
+    # from the command line: the same one line and exit status 2, no traceback
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_metrics.py"), str(tmp_path / "eval.json"),
+                        png], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("plot_metrics.py: error: metrics "), r.stderr
+
+
+def test_plot_metrics_takes_a_run_folder_and_a_cut_off_last_line(run4, tmp_path, capsys):
+    """A run folder reads its metrics.jsonl; the last line of a run killed while writing it is skipped with a
+    note on stderr (as quietstar-train --resume drops it), the records before it are plotted."""
+    plot = load_benchmark("plot_metrics")
+    out, m = run4
+    assert plot.main([str(out), str(tmp_path / "run.png")]) == 0
+    assert (tmp_path / "run.png").stat().st_size > 10_000
+    assert plot.read(out) == plot.read(out / "metrics.jsonl")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    last_step = max(i for i, line in enumerate(lines) if '"loss"' in line)
+    cut = lines[:last_step] + [lines[last_step][: len(lines[last_step]) // 2]]      # no newline: killed mid-write
+    (tmp_path / "cut.jsonl").write_text("\n".join(cut))
+    capsys.readouterr()
+    assert plot.main([str(tmp_path / "cut.jsonl"), str(tmp_path / "cut.png")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"plot_metrics.py: note: {tmp_path / 'cut.jsonl'} line {len(cut)}, the last, is not JSON (cut off "
+                   "by a killed run?): skipped"], err
+    assert (tmp_path / "cut.png").stat().st_size > 10_000
+    steps = plot.read(tmp_path / "cut.jsonl")[0]
+    assert steps == [r for r in m if "loss" in r][:-1]
+
+
+def test_plot_metrics_help_describes_every_argument():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_metrics.py"), "--help"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plot = load_benchmark("plot_metrics")
+    help_text = " ".join(r.stdout.split())
+    for needle in ("metrics a run's metrics.jsonl", "or the run folder OUT_DIR itself", "png the image to write",
+                   "--title TITLE a title above the panels"):
+        assert needle in help_text, (needle, help_text)
+    assert plot.PROG in r.stdout
