@@ -162,6 +162,87 @@ def test_a_pt_checkpoint_converts_to_an_export(run4, tmp_path, capsys):
     assert len(err) == 1 and f"export {tmp_path / 'afile'}: a file is there" in err[0], err
 
 
+def _convert_fails(argv, capsys, *needles):
+    """python -m quietstar.parallel's main(argv) must return 2 with one stderr line holding every needle."""
+    from quietstar.parallel import main as convert
+    rc = convert(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("python -m quietstar.parallel: error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+
+
+def test_the_converter_replaces_an_export_only_with_overwrite(run4, tmp_path, capsys, monkeypatch):
+    """A folder holding an export is refused before any loading unless --overwrite, which replaces it whole (no
+    file of the earlier export is left); a folder holding anything else is refused even with --overwrite; an
+    empty one is written into."""
+    from quietstar import QuietStarModel, parallel
+    ck2, ck3, exp = run4[0] / "step000002.pt", run4[0] / "step000003.pt", tmp_path / "exp"
+    assert parallel.main([str(ck3), str(exp)]) == 0
+    capsys.readouterr()
+    exp.chmod(0o750)
+    (exp / "notes.txt").write_text("kept?")
+    before = {p.name: p.stat().st_mtime_ns for p in exp.iterdir()}
+    real_load = parallel.load_plain
+    monkeypatch.setattr(parallel, "load_plain", lambda *a: pytest.fail("loaded before checking the destination"))
+    _convert_fails([str(ck2), str(exp)], capsys, f"export {exp} already holds an export", "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in exp.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        _convert_fails([str(ck2), str(other)] + extra, capsys, f"export {other} is not empty (mine.txt)",
+                       "holds no Quiet-STaR export")
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+    monkeypatch.setattr(parallel, "load_plain", real_load)
+    capsys.readouterr()
+    assert parallel.main([str(ck2), str(exp), "--overwrite", "--no-tokenizer"]) == 0
+    assert capsys.readouterr().out.strip() == str(exp)
+    assert not (exp / "notes.txt").exists() and not (exp / "tokenizer.json").exists()
+    assert (exp.stat().st_mode & 0o777) == 0o750 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    saved = torch.load(ck2, weights_only=False)["model"]
+    got = QuietStarModel.from_pretrained(exp).state_dict()
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert parallel.main([str(ck2), str(empty)]) == 0 and QuietStarModel.is_export(empty)
+
+
+def test_the_converter_takes_a_moved_base_model(tmp_path, base_folder, capsys):
+    """The base-model folder a run recorded has moved: the converter says to give --model, and --model PATH reads
+    the config and tokenizer there (the export equals the checkpoint); a model of another architecture, or a
+    --model that is no model folder, is refused in one line naming --model, nothing written."""
+    from quietstar import ModelConfig, QuietStarModel, build_decoder
+    from quietstar.model import load_export_tokenizer
+    from quietstar.parallel import main as convert
+    folder = base_folder(False)
+    run = tmp_path / "run"
+    train(config_from_args(["--model", str(folder), "--M", "2", "--K", "2", "--P", "2", "--seq-len", "16",
+                            "--batch-size", "1", "--steps", "1", "--out-dir", str(run)]), progress=False)
+    moved = folder.rename(tmp_path / "base_moved")
+    ck, exp = run / "final.pt", tmp_path / "exp"
+    capsys.readouterr()
+    _convert_fails([str(ck), str(exp)], capsys, f"checkpoint {ck}: the run's base model folder {folder} is not there",
+                   "--model PATH")
+    _convert_fails([str(ck), str(exp), "--model", str(tmp_path / "nowhere")], capsys,
+                   f"--model {tmp_path / 'nowhere'}: folder not found")
+    other = tmp_path / "wider"             # a Mistral folder of another size: its parameters do not fit
+    build_decoder(ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                              intermediate_size=96)).save_pretrained(other)
+    capsys.readouterr()
+    _convert_fails([str(ck), str(exp), "--model", str(other)], capsys, f"--model {other}: the checkpoint's parameters "
+                   "do not fit", "checkpoint (32, 64), model (32, 96)")
+    assert not exp.exists()
+    assert convert([str(ck), str(exp), "--model", str(moved)]) == 0
+    saved = torch.load(ck, weights_only=False)["model"]
+    got = QuietStarModel.from_pretrained(exp)
+    sd = got.state_dict()
+    assert sd.keys() == saved.keys() and all(torch.equal(sd[k], saved[k]) for k in saved)
+    assert got.lm.generation_config.temperature == 0.6                  # the moved folder's generation config
+    assert load_export_tokenizer(exp)("x + 1")["input_ids"]
+
+
 # ---------------------------------------------------------------------------------------------- run folders
 def test_a_second_run_into_a_used_folder_is_refused_unless_overwrite(capsys, run4, tmp_path):
     out, _ = run4
