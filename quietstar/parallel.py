@@ -34,7 +34,8 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   checkpoint whole, and a half-written one is never under a checkpoint's name. On another world size,
   the ranks the saving run had get their thought-sampling RNG back, new ranks start from their own seed.
 - `export_checkpoint` / `load_plain`: a checkpoint (DCP folder or .pt file) -> the `QuietStarModel.save_pretrained` folder
-  (`python -m quietstar.parallel CKPT EXPORT_DIR`).
+  (`python -m quietstar.parallel CKPT EXPORT_DIR`; `--model PATH` where the run's base-model folder has moved,
+  `--overwrite` to replace an earlier export).
 
 Limits: one data-parallel mesh dimension (no tensor/pipeline parallelism, no HSDP); FSDP with CUDA graphs
 is refused (the graphed sampler would capture buffers FSDP frees between calls).

@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = TINY + ["--lr", "3e-3"]
 
 
-def fail(argv, capsys, *needles):
-    """main(argv) must exit 2 with one stderr line holding every needle, and no traceback."""
-    rc = main(argv)
+def fail(argv, capsys, *needles, cli=None, prog="quietstar-train"):
+    """`cli(argv)` (default: quietstar-train's main) must exit 2 with one stderr line, `PROG: error: ...`, holding
+    every needle, and no traceback."""
+    rc = (cli or main)(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("quietstar-train: error: "), err
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
     for n in needles:
         assert n in err[0], (n, err[0])
     return err[0]
@@ -163,14 +164,8 @@ def test_a_pt_checkpoint_converts_to_an_export(run4, tmp_path, capsys):
 
 
 def _convert_fails(argv, capsys, *needles):
-    """python -m quietstar.parallel's main(argv) must return 2 with one stderr line holding every needle."""
     from quietstar.parallel import main as convert
-    rc = convert(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("python -m quietstar.parallel: error: "), err
-    for n in needles:
-        assert n in err[0], (n, err[0])
+    fail(argv, capsys, *needles, cli=convert, prog="python -m quietstar.parallel")
 
 
 def test_the_converter_replaces_an_export_only_with_overwrite(run4, tmp_path, capsys, monkeypatch):
@@ -427,12 +422,7 @@ def test_plot_metrics_takes_math_text_and_no_thought_runs(run4, tmp_path):
 
 def _plot_fails(plot, argv, capsys, *needles):
     """plot_metrics.main(argv) must return 2 with one stderr line holding every needle, and write no image."""
-    rc = plot.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("plot_metrics.py: error: "), err
-    for n in needles:
-        assert n in err[0], (n, err[0])
+    fail(argv, capsys, *needles, cli=plot.main, prog="plot_metrics.py")
     assert not Path(argv[1]).is_file(), argv[1]
 
 
