@@ -208,7 +208,7 @@ def shard_empty(build_empty, device: torch.device, shared, activation_checkpoint
         with torch.device("meta"):
             model = build_empty()
         _check_rebuildable(model, arg)
-        _check_fits(model, _from_json(shared), arg)
+        _check_fits(model, shared, arg)
         return model, None
     model, _ = _built_on_every_rank(build_here)
     _share_like(model, shared)
