@@ -34,7 +34,8 @@ All of it is PyTorch's own machinery, as torchtitan uses it:
   checkpoint whole, and a half-written one is never under a checkpoint's name. On another world size,
   the ranks the saving run had get their thought-sampling RNG back, new ranks start from their own seed.
 - `export_checkpoint` / `load_plain`: a checkpoint (DCP folder or .pt file) -> the `QuietStarModel.save_pretrained` folder
-  (`python -m quietstar.parallel CKPT EXPORT_DIR`).
+  (`python -m quietstar.parallel CKPT EXPORT_DIR`; `--model PATH` where the run's base-model folder has moved,
+  `--overwrite` to replace an earlier export).
 
 Limits: one data-parallel mesh dimension (no tensor/pipeline parallelism, no HSDP); FSDP with CUDA graphs
 is refused (the graphed sampler would capture buffers FSDP frees between calls).
@@ -497,27 +498,93 @@ def export_full(model, export_dir, config: dict, tokenizer=None) -> Path | None:
     return plain_model(config, sd).save_pretrained(export_dir, tokenizer=tokenizer)
 
 
-def load_plain(ckpt) -> tuple:
+def load_plain(ckpt, base_model: str | None = None) -> tuple:
     """(an unsharded fp32 QuietStarModel on the CPU with a checkpoint's weights, the run's configuration), in one
     process without a process group: from a DCP folder of any world size (--parallel fsdp), or a .pt file
-    (single process or DDP)."""
+    (single process or DDP). The architecture comes from the base model's config.json (its weights are not read):
+    the folder the run recorded, or `base_model` (the converter's --model: where that folder is now), which the
+    returned configuration then names. A model whose parameters' names or shapes differ from the checkpoint's is
+    refused."""
     if Path(ckpt).is_file():
         from .train import load_checkpoint
         ck = load_checkpoint(ckpt, mmap=True, arg="checkpoint")
-        return plain_model(ck["config"], ck["model"]), ck["config"]
-    from torch.distributed import checkpoint as dcp
-    meta = read_meta(ckpt, arg="checkpoint")
-    model = plain_model(meta["config"])
-    state = {"model": model.state_dict()}
-    with _dcp_quiet():
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    return fill(model, state["model"]), meta["config"]
+        config, state, shared = ck["config"], ck["model"], ck.get("shared_params")
+    else:
+        meta = read_meta(ckpt, arg="checkpoint")
+        config, state, shared = meta["config"], None, meta.get("shared_params")
+    config = _with_base_model(config, ckpt, base_model)
+    arg = f"--model {base_model}" if base_model is not None else f"checkpoint {ckpt}"
+    model = plain_model(config)
+    if shared is not None:                   # checkpoints written before it was stored: load_state_dict checks
+        _check_fits(model, _from_json(shared), arg)
+    if state is None:
+        from torch.distributed import checkpoint as dcp
+        state = {"model": model.state_dict()}
+        with _dcp_quiet():
+            dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+        state = state["model"]
+    try:
+        return fill(model, state), config
+    except RuntimeError as e:                # size mismatch / missing / unexpected keys
+        raise ValueError(f"{arg}: the checkpoint's weights do not fit the model built from its configuration "
+                         f"({str(e).strip().splitlines()[-1].strip()})") from e
 
 
-def export_checkpoint(ckpt, export_dir, tokenizer=None) -> Path:
-    """A checkpoint (a DCP folder or a .pt file, see `load_plain`) -> the `QuietStarModel.save_pretrained`
-    folder."""
-    return load_plain(ckpt)[0].save_pretrained(export_dir, tokenizer=tokenizer)
+def _with_base_model(config: dict, ckpt, base_model: str | None) -> dict:
+    """The run's `config` with `base_model` (checked) as its base model when given; without it, the folder the run
+    recorded must still be there, else the error says to give the converter's --model."""
+    from .config import MODEL_PRESETS
+    if base_model is not None:                # ModelConfig checks it is a model folder, naming --model
+        return {**config, "model": {**config["model"], "name": base_model}}
+    name = config["model"]["name"]
+    if name not in MODEL_PRESETS and not (Path(name) / "config.json").is_file():
+        raise ValueError(f"checkpoint {ckpt}: the run's base model folder {name} "
+                         f"{'has no config.json' if Path(name).is_dir() else 'is not there (moved?)'}: give the "
+                         "folder where it is now with --model PATH (its config.json and tokenizer are read, not its "
+                         "weights)")
+    return config
+
+
+def export_checkpoint(ckpt, export_dir, tokenizer=None, base_model: str | None = None) -> Path:
+    """A checkpoint (a DCP folder or a .pt file, see `load_plain`; `base_model` replaces the base-model folder the
+    run recorded) -> the `QuietStarModel.save_pretrained` folder."""
+    return load_plain(ckpt, base_model)[0].save_pretrained(export_dir, tokenizer=tokenizer)
+
+
+def _check_export_dir(out: Path, overwrite: bool) -> None:
+    """The converter's destination: a new or empty folder, or (with --overwrite) one holding an earlier export,
+    which is replaced; anything else is refused before any loading."""
+    from .model import QuietStarModel
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export {out}: a file is there; the export is a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not held:
+        return
+    shown = f"{', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
+    if not QuietStarModel.is_export(out):
+        raise ValueError(f"export {out} is not empty ({shown}) and holds no Quiet-STaR export: give a new or empty "
+                         "folder (--overwrite replaces only an earlier export)")
+    if not overwrite:
+        raise ValueError(f"export {out} already holds an export ({shown}): give a new folder, or --overwrite to "
+                         "replace it")
+
+
+def _write_replacing(model, out: Path, tokenizer) -> Path:
+    """`model.save_pretrained(out)`; an earlier export in `out` is replaced whole (no file of it is left), and only
+    once the new one is written."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return model.save_pretrained(out, tokenizer=tokenizer)
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, tokenizer=tokenizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, out.stat().st_mode & 0o7777)     # mkdtemp's folder is private: keep the folder's permissions
+    shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
 
 
 def _main(argv) -> int:
@@ -527,7 +594,13 @@ def _main(argv) -> int:
                                              "quietstar.safetensors + quietstar.json)")
     ap.add_argument("checkpoint", help="a checkpoint folder written with --parallel fsdp (e.g. runs/x/step000100), "
                                        "or a .pt checkpoint of a single-process or DDP run (e.g. runs/x/step000100.pt)")
-    ap.add_argument("export", help="the folder to write")
+    ap.add_argument("export", help="the folder to write: a new or empty one (an earlier export only with --overwrite)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the earlier export in EXPORT (default: refuse a folder that is not empty)")
+    ap.add_argument("--model", metavar="PATH", default=None,
+                    help="the run's base model folder, where it is now if it has moved since training: its "
+                         "config.json and tokenizer are read (not its weights); a model whose parameters do not fit "
+                         "the checkpoint is refused (default: the folder the checkpoint records)")
     ap.add_argument("--no-tokenizer", action="store_true", help="do not save the run's tokenizer beside the model")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     args = ap.parse_args(argv)
@@ -540,15 +613,14 @@ def _main(argv) -> int:
         if pts:                             # a quietstar-train run folder: name what it holds, the last first
             raise ValueError(f"checkpoint {ck} is a run folder, not a checkpoint: give one of its checkpoints "
                              f"({', '.join(str(ck / n) for n in pts)})")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export {out}: a file is there; the export is a folder")
-    model, config = load_plain(args.checkpoint)
+    _check_export_dir(out, args.overwrite)
+    model, config = load_plain(args.checkpoint, args.model)
     tok = None
     if not args.no_tokenizer:                # the tokenizer the run trained with, as the run's own export has it
         from .config import ModelConfig
         from .train import load_tokenizer
         tok = load_tokenizer(ModelConfig(**config["model"]))
-    print(model.save_pretrained(args.export, tokenizer=tok))
+    print(_write_replacing(model, out, tok))
     return 0
 
 

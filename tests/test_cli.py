@@ -19,14 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = TINY + ["--lr", "3e-3"]
 
 
-def fail(argv, capsys, *needles):
-    """main(argv) must exit 2 with one stderr line holding every needle, and no traceback."""
-    rc = main(argv)
+def fail(argv, capsys, *needles, cli=None, prog="quietstar-train"):
+    """`cli(argv)` (default: quietstar-train's main) must exit 2 with one stderr line, `PROG: error: ...`, holding
+    every needle, no traceback, and (quietstar-train) nothing printed of the data: refused before the corpus
+    was tokenized."""
+    rc = (cli or main)(argv)
     out, err = capsys.readouterr()
     err = err.strip().splitlines()
     assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("quietstar-train: error: "), err
-    assert "data: " not in out, out            # refused before the corpus was tokenized
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    assert "data: " not in out, out
     for n in needles:
         assert n in err[0], (n, err[0])
     return err[0]
@@ -198,6 +200,81 @@ def test_a_pt_checkpoint_converts_to_an_export(run4, tmp_path, capsys):
     assert convert([str(ck), str(tmp_path / "afile")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"export {tmp_path / 'afile'}: a file is there" in err[0], err
+
+
+def _convert_fails(argv, capsys, *needles):
+    from quietstar.parallel import main as convert
+    fail(argv, capsys, *needles, cli=convert, prog="python -m quietstar.parallel")
+
+
+def test_the_converter_replaces_an_export_only_with_overwrite(run4, tmp_path, capsys, monkeypatch):
+    """A folder holding an export is refused before any loading unless --overwrite, which replaces it whole (no
+    file of the earlier export is left); a folder holding anything else is refused even with --overwrite; an
+    empty one is written into."""
+    from quietstar import QuietStarModel, parallel
+    ck2, ck3, exp = run4[0] / "step000002.pt", run4[0] / "step000003.pt", tmp_path / "exp"
+    assert parallel.main([str(ck3), str(exp)]) == 0
+    capsys.readouterr()
+    exp.chmod(0o750)
+    (exp / "notes.txt").write_text("kept?")
+    before = {p.name: p.stat().st_mtime_ns for p in exp.iterdir()}
+    real_load = parallel.load_plain
+    monkeypatch.setattr(parallel, "load_plain", lambda *a: pytest.fail("loaded before checking the destination"))
+    _convert_fails([str(ck2), str(exp)], capsys, f"export {exp} already holds an export", "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in exp.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        _convert_fails([str(ck2), str(other)] + extra, capsys, f"export {other} is not empty (mine.txt)",
+                       "holds no Quiet-STaR export")
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+    monkeypatch.setattr(parallel, "load_plain", real_load)
+    capsys.readouterr()
+    assert parallel.main([str(ck2), str(exp), "--overwrite", "--no-tokenizer"]) == 0
+    assert capsys.readouterr().out.strip() == str(exp)
+    assert not (exp / "notes.txt").exists() and not (exp / "tokenizer.json").exists()
+    assert (exp.stat().st_mode & 0o777) == 0o750 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    saved = torch.load(ck2, weights_only=False)["model"]
+    got = QuietStarModel.from_pretrained(exp).state_dict()
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert parallel.main([str(ck2), str(empty)]) == 0 and QuietStarModel.is_export(empty)
+
+
+def test_the_converter_takes_a_moved_base_model(tmp_path, base_folder, capsys):
+    """The base-model folder a run recorded has moved: the converter says to give --model, and --model PATH reads
+    the config and tokenizer there (the export equals the checkpoint); a model of another architecture, or a
+    --model that is no model folder, is refused in one line naming --model, nothing written."""
+    from quietstar import ModelConfig, QuietStarModel, build_decoder
+    from quietstar.model import load_export_tokenizer
+    from quietstar.parallel import main as convert
+    folder = base_folder(False)
+    run = tmp_path / "run"
+    train(config_from_args(["--model", str(folder), "--M", "2", "--K", "2", "--P", "2", "--seq-len", "16",
+                            "--batch-size", "1", "--steps", "1", "--out-dir", str(run)]), progress=False)
+    moved = folder.rename(tmp_path / "base_moved")
+    ck, exp = run / "final.pt", tmp_path / "exp"
+    capsys.readouterr()
+    _convert_fails([str(ck), str(exp)], capsys, f"checkpoint {ck}: the run's base model folder {folder} is not there",
+                   "--model PATH")
+    _convert_fails([str(ck), str(exp), "--model", str(tmp_path / "nowhere")], capsys,
+                   f"--model {tmp_path / 'nowhere'}: folder not found")
+    other = tmp_path / "wider"             # a Mistral folder of another size: its parameters do not fit
+    build_decoder(ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                              intermediate_size=96)).save_pretrained(other)
+    capsys.readouterr()
+    _convert_fails([str(ck), str(exp), "--model", str(other)], capsys, f"--model {other}: the checkpoint's parameters "
+                   "do not fit", "checkpoint (32, 64), model (32, 96)")
+    assert not exp.exists()
+    assert convert([str(ck), str(exp), "--model", str(moved)]) == 0
+    saved = torch.load(ck, weights_only=False)["model"]
+    got = QuietStarModel.from_pretrained(exp)
+    sd = got.state_dict()
+    assert sd.keys() == saved.keys() and all(torch.equal(sd[k], saved[k]) for k in saved)
+    assert got.lm.generation_config.temperature == 0.6                  # the moved folder's generation config
+    assert load_export_tokenizer(exp)("x + 1")["input_ids"]
 
 
 # ---------------------------------------------------------------------------------------------- run folders
@@ -380,3 +457,73 @@ def test_plot_metrics_takes_math_text_and_no_thought_runs(run4, tmp_path):
     (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
     plot.main([str(tmp_path / "plain.jsonl"), str(tmp_path / "plain.png")])
     assert (tmp_path / "plain.png").stat().st_size > 10_000
+
+
+def _plot_fails(plot, argv, capsys, *needles):
+    """plot_metrics.main(argv) must return 2 with one stderr line holding every needle, and write no image."""
+    fail(argv, capsys, *needles, cli=plot.main, prog="plot_metrics.py")
+    assert not Path(argv[1]).is_file(), argv[1]
+
+
+def test_plot_metrics_bad_input_is_one_line_naming_the_argument(run4, tmp_path, capsys):
+    """A missing file, a folder that is not a run's, non-UTF-8 bytes, eval.json, a bad line in the middle, no step
+    records, an image in a folder that does not exist: one line naming the argument, exit status 2, no image."""
+    plot = load_benchmark("plot_metrics")
+    lines = (run4[0] / "metrics.jsonl").read_text().splitlines()
+    png = str(tmp_path / "p.png")
+    _plot_fails(plot, [str(tmp_path / "missing.jsonl"), png], capsys, f"metrics {tmp_path / 'missing.jsonl'}",
+                "no such file")
+    _plot_fails(plot, [str(tmp_path), png], capsys, f"metrics {tmp_path}: a folder without metrics.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes(lines[0].encode() + b"\n\xe9t\xe9\n")
+    _plot_fails(plot, [str(tmp_path / "latin1.jsonl"), png], capsys, "latin1.jsonl: not UTF-8 text")
+    (tmp_path / "eval.json").write_text(json.dumps({"heldout": {"nll": 1.0}, "meta": {"step": 4}}, indent=1))
+    _plot_fails(plot, [str(tmp_path / "eval.json"), png], capsys, "eval.json: one JSON document, not",
+                "metrics.jsonl")
+    (tmp_path / "mid.jsonl").write_text("\n".join([lines[0], lines[1][:20]] + lines[2:]) + "\n")
+    _plot_fails(plot, [str(tmp_path / "mid.jsonl"), png], capsys, "mid.jsonl line 2: not a JSON object")
+    (tmp_path / "nostep.jsonl").write_text(json.dumps({"eval": {"step": 0, "heldout_nll_base": 1.0}}) + "\n")
+    _plot_fails(plot, [str(tmp_path / "nostep.jsonl"), png], capsys, "nostep.jsonl: holds no step records")
+    nodir = tmp_path / "nodir" / "p.png"
+    _plot_fails(plot, [str(run4[0] / "metrics.jsonl"), str(nodir)], capsys, f"png {nodir}",
+                f"folder {nodir.parent} does not exist")
+    assert not nodir.parent.exists()
+    _plot_fails(plot, [str(run4[0] / "metrics.jsonl"), str(tmp_path)], capsys, f"png {tmp_path}: a folder")
+    # from the command line: the same one line and exit status 2, no traceback
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_metrics.py"), str(tmp_path / "eval.json"),
+                        png], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("plot_metrics.py: error: metrics "), r.stderr
+
+
+def test_plot_metrics_takes_a_run_folder_and_a_cut_off_last_line(run4, tmp_path, capsys):
+    """A run folder reads its metrics.jsonl; the last line of a run killed while writing it is skipped with a
+    note on stderr (as quietstar-train --resume drops it), the records before it are plotted."""
+    plot = load_benchmark("plot_metrics")
+    out, m = run4
+    assert plot.main([str(out), str(tmp_path / "run.png")]) == 0
+    assert (tmp_path / "run.png").stat().st_size > 10_000
+    assert plot.read(out) == plot.read(out / "metrics.jsonl")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    last_step = max(i for i, line in enumerate(lines) if '"loss"' in line)
+    cut = lines[:last_step] + [lines[last_step][: len(lines[last_step]) // 2]]      # no newline: killed mid-write
+    (tmp_path / "cut.jsonl").write_text("\n".join(cut))
+    capsys.readouterr()
+    assert plot.main([str(tmp_path / "cut.jsonl"), str(tmp_path / "cut.png")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"plot_metrics.py: note: {tmp_path / 'cut.jsonl'} line {len(cut)}, the last, is not JSON (cut off "
+                   "by a killed run?): skipped"], err
+    assert (tmp_path / "cut.png").stat().st_size > 10_000
+    steps = plot.read(tmp_path / "cut.jsonl")[0]
+    assert steps == [r for r in m if "loss" in r][:-1]
+
+
+def test_plot_metrics_help_describes_every_argument():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_metrics.py"), "--help"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plot = load_benchmark("plot_metrics")
+    help_text = " ".join(r.stdout.split())
+    for needle in ("metrics a run's metrics.jsonl", "or the run folder OUT_DIR itself", "png the image to write",
+                   "--title TITLE a title above the panels"):
+        assert needle in help_text, (needle, help_text)
+    assert plot.PROG in r.stdout

@@ -286,11 +286,13 @@ def test_remake_rope_computes_the_buffers_on_the_cpu_and_moves_them():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, "config-only"], ids=["untied", "config-tied-weights-untied"])
-def test_sharded_resume_reads_no_base_weights(tmp_path, base_folder, tied):
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")     # the converter reads DCP in this process
+def test_sharded_resume_reads_no_base_weights(tmp_path, base_folder, tied, capsys):
     """A --parallel fsdp run resumed on 2 ranks from 1 rank's checkpoint, after the base model's weight files are
     deleted: every rank builds the architecture empty (its embeddings untied, as the saved model's were, also
     where the config says tied) and the checkpoint's shards fill it. It ends where the uninterrupted run ends.
-    (Tied embeddings: test_sharded_checkpoint_resumes_on_other_world_sizes.)"""
+    (Tied embeddings: test_sharded_checkpoint_resumes_on_other_world_sizes.) The converter refuses the changed
+    folder too, and converts with --model once the folder has moved."""
     folder = base_folder(tied)
     common = ["--model", str(folder)] + TINY[TINY.index("--M"):] + ["--grad-accum", "2"]
     _launch(["-m", "quietstar.train"], common + ["--batch-size", "2", "--ckpt-every", "1", "--out-dir",
@@ -317,6 +319,22 @@ def test_sharded_resume_reads_no_base_weights(tmp_path, base_folder, tied):
                "checkpoint (32, 64), model (32, 96))")
         assert 1 <= r.stderr.count(msg) == r.stderr.count("error:") <= 2, r.stderr[-3000:]
         assert "terminate called" not in r.stderr, r.stderr[-3000:]
+        final, exp = tmp_path / "a" / "final", tmp_path / "exp"
+
+        def convert_fails(argv, *needles):
+            capsys.readouterr()
+            assert parallel.main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and all(n in err[0] for n in needles) and not exp.exists(), (needles, err)
+        convert_fails([str(final), str(exp), "--model", str(folder)], f"--model {folder}: the checkpoint's parameters "
+                      "do not fit", "checkpoint (32, 64), model (32, 96)")
+        (folder / "config.json").write_text(json.dumps(cfg))
+        moved = folder.rename(folder.with_name("base_moved"))
+        convert_fails([str(final), str(exp)], f"checkpoint {final}: the run's base model folder {folder} is not there",
+                      "--model PATH")
+        assert parallel.main([str(final), str(exp), "--model", str(moved)]) == 0
+        _assert_same(_export_weights(exp), _export_weights(tmp_path / "a" / "export"))
+        assert (exp / "tokenizer.json").read_text() == (tmp_path / "a" / "export" / "tokenizer.json").read_text()
 
 
 @pytest.mark.slow
