@@ -508,15 +508,20 @@ def load_plain(ckpt, base_model: str | None = None) -> tuple:
     if Path(ckpt).is_file():
         from .train import load_checkpoint
         ck = load_checkpoint(ckpt, mmap=True, arg="checkpoint")
-        config, state, shared = ck["config"], ck["model"], ck.get("shared_params")
+        saved, state = ck, ck["model"]
     else:
-        meta = read_meta(ckpt, arg="checkpoint")
-        config, state, shared = meta["config"], None, meta.get("shared_params")
-    config = _with_base_model(config, ckpt, base_model)
+        saved, state = read_meta(ckpt, arg="checkpoint"), None
+    shared = saved.get("shared_params")
+    config = _with_base_model(saved["config"], ckpt, base_model)
     arg = f"--model {base_model}" if base_model is not None else f"checkpoint {ckpt}"
     model = plain_model(config)
     if shared is not None:                   # checkpoints written before it was stored: load_state_dict checks
         _check_fits(model, _from_json(shared), arg)
+    if base_model is not None:               # the same tokenizer and config.json, where the checkpoint records them
+        from .config import ModelConfig
+        from .train import base_fingerprint, check_moved_base, load_tokenizer
+        mc = ModelConfig(**config["model"])
+        check_moved_base(saved, mc, base_fingerprint(mc, load_tokenizer(mc)), f"checkpoint {ckpt}", legacy_ok=True)
     if state is None:
         from torch.distributed import checkpoint as dcp
         state = {"model": model.state_dict()}

@@ -287,21 +287,25 @@ def base_fingerprint(model_cfg: ModelConfig, tok) -> dict:
     return out
 
 
-def check_moved_base(resumed: dict, model_cfg: ModelConfig, base: dict, path: str) -> None:
-    """A resumed run whose `--model` folder is not the one its checkpoint names (the base model moved) is
-    accepted only where the checkpoint's fingerprint matches the new folder's (`base_fingerprint`)."""
-    old = resumed["config"]["model"]["name"]
+def check_moved_base(saved: dict, model_cfg: ModelConfig, base: dict, what: str, legacy_ok: bool = False) -> None:
+    """A checkpoint (`saved`: its dict or metadata, with "config" and "base") used with a `--model` folder that
+    is not the one it names (the base model moved) is accepted only where its fingerprint matches the new
+    folder's (`base`: `base_fingerprint`). `what` names the checkpoint in errors ("--resume PATH"). A
+    checkpoint without a fingerprint is refused, or with `legacy_ok` left to the caller's other checks."""
+    old = saved["config"]["model"]["name"]
     if old == model_cfg.name:
         return
-    saved = resumed.get("base")
-    if saved is None:
-        raise ValueError(f"--model {model_cfg.name}: --resume {path} was written before checkpoints recorded their "
-                         f"base model's fingerprint, so this folder cannot be checked against its run's ({old}); "
-                         f"put the base model back at {old}")
-    for what in ("tokenizer", "config"):
-        if saved.get(what) != base.get(what):
-            raise ValueError(f"--model {model_cfg.name}: its {'config.json' if what == 'config' else what} is not "
-                             f"the one of the run in --resume {path} (whose base model was {old})")
+    fingerprint = saved.get("base")
+    if fingerprint is None:
+        if legacy_ok:
+            return
+        raise ValueError(f"--model {model_cfg.name}: {what} was written before checkpoints recorded their base "
+                         f"model's fingerprint, so this folder cannot be checked against its run's ({old}); put the "
+                         f"base model back at {old}")
+    for key in ("tokenizer", "config"):
+        if fingerprint.get(key) != base.get(key):
+            raise ValueError(f"--model {model_cfg.name}: its {'config.json' if key == 'config' else key} is not "
+                             f"the one of the run in {what} (whose base model was {old})")
 
 
 def document_separator(tok) -> int:
@@ -691,7 +695,7 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         tok = load_tokenizer(cfg.model)
         base = base_fingerprint(cfg.model, tok)
         if resumed is not None:
-            check_moved_base(resumed, cfg.model, base, tc.resume)
+            check_moved_base(resumed, cfg.model, base, f"--resume {tc.resume}")
         with torch.device("meta"):
             arch = architecture()
         if resumed is not None and resumed.get("shared_params") is not None:

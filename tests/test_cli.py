@@ -267,6 +267,18 @@ def test_the_converter_takes_a_moved_base_model(tmp_path, base_folder, capsys):
     capsys.readouterr()
     _convert_fails([str(ck), str(exp), "--model", str(other)], capsys, f"--model {other}: the checkpoint's parameters "
                    "do not fit", "checkpoint (32, 64), model (32, 96)")
+    # the same shapes but another attention layout (2 heads of 16 for 4 of 8): the checkpoint's fingerprint of the
+    # base model's config.json tells them apart
+    import json
+    import shutil
+    relaid = tmp_path / "relaid"
+    shutil.copytree(moved, relaid)
+    cfg = json.loads((relaid / "config.json").read_text())
+    (relaid / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                    "head_dim": 16}))
+    capsys.readouterr()
+    _convert_fails([str(ck), str(exp), "--model", str(relaid)], capsys,
+                   f"--model {relaid}: its config.json is not the one of the run in checkpoint {ck}")
     assert not exp.exists()
     assert convert([str(ck), str(exp), "--model", str(moved)]) == 0
     saved = torch.load(ck, weights_only=False)["model"]
