@@ -890,8 +890,11 @@ def _main(argv) -> int:
     except ValueError as e:     # e.g. the model's checks of the thought config (ThoughtConfig.banned_ids)
         raise ValueError(cli_names(str(e))) from e
     finally:
+        import gc
+
         import torch.distributed as dist
         if dist.is_initialized():       # torchrun's group, or the 1-rank group of --parallel fsdp
+            gc.collect()                # FSDP/DDP objects in reference cycles hold the group: freed while it lives
             dist.destroy_process_group()
     return 0
 
