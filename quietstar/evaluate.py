@@ -374,14 +374,15 @@ def _check_output_paths(args) -> None:
     than after the scoring."""
     import os
     from pathlib import Path
+
+    from .train import folder_obstacle
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a folder (eval.json and eval.md go into the folder)")
-    where = out if out.exists() else next(p for p in out.absolute().parents if p.exists())   # mkdir's start
-    if not where.is_dir():
-        raise ValueError(f"--out {out}: cannot create the folder, {where} is a file")
-    if not os.access(where, os.W_OK):
-        raise ValueError(f"--out {out}: {where} is not writable")
+    blocked = folder_obstacle(out)
+    if blocked is not None:
+        raise ValueError(f"--out {out}: cannot create the folder, {blocked} is "
+                         f"{'a file' if blocked.is_file() else 'not writable'}")
     if args.save_hard_mask:
         mask = Path(args.save_hard_mask)
         if mask.is_dir():
@@ -453,10 +454,9 @@ def _eval_main(argv) -> int:
 
     from . import assets
     from .model import QuietStarModel, load_export_tokenizer
-    from .generate import cli_device
-    from .train import document_separator
+    from .train import document_separator, resolve_device
     args = build_eval_parser().parse_args(argv)
-    device = cli_device(args.device)
+    device = resolve_device(args.device)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (or left out: everything), got {args.limit}")
     for flag, v, least in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 2),

@@ -269,15 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli_device(name: str) -> torch.device:
-    """`--device` of quietstar-generate and quietstar-eval as quietstar-train takes it: auto, cpu or cuda
-    (a ValueError naming --device otherwise, or for cuda without a CUDA GPU)."""
-    from .train import resolve_device
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return resolve_device(name)
-
-
 def main(argv=None) -> int:
     """The CLI; bad input (a missing or mismatched export, ...) ends in one line, exit status 2 (`--debug`:
     the traceback)."""
@@ -289,7 +280,8 @@ def _main(argv) -> int:
     from pathlib import Path
 
     args = build_parser().parse_args(argv)
-    device = cli_device(args.device)
+    from .train import resolve_device
+    device = resolve_device(args.device)
     for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--thoughts", args.thoughts)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")

@@ -233,6 +233,10 @@ def cli_names(message: str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`--device` of every CLI: auto (CUDA where there is a GPU), cpu or cuda; a ValueError naming --device
+    otherwise, or for cuda without a CUDA GPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -466,14 +470,21 @@ def run_files(out: Path) -> list[Path]:
     return [p for p in names if p.exists()] + [p for _, p in step_checkpoints(out)]
 
 
+def folder_obstacle(path: Path) -> Path | None:
+    """What would stop `path.mkdir(parents=True, exist_ok=True)`: None, or the nearest existing path at or above
+    `path` when it is a file or a folder that cannot be written."""
+    above = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    return None if above.is_dir() and os.access(above, os.W_OK | os.X_OK) else above
+
+
 def check_out_dir(out: Path, resume: str, overwrite: bool) -> bool:
     """Refuse a folder that already holds a run, unless --overwrite or --resume continues the run in it.
     Returns whether this run continues the one in `out`."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out-dir {out}: a file is there, not a folder")
-    above = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())   # the folder that will hold it
-    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
-        raise ValueError(f"--out-dir {out}: cannot be created ({above} is not a writable folder)")
+    blocked = folder_obstacle(out)
+    if blocked is not None:
+        raise ValueError(f"--out-dir {out}: cannot be created ({blocked} is not a writable folder)")
     here = bool(resume) and Path(resume).resolve().parent == out.resolve()
     existing = run_files(out)
     if existing and not here and not overwrite:
