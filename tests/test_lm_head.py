@@ -193,6 +193,33 @@ def test_mixed_logprob_strided_inputs():
                   mixed_logprob_ref(ht, hb, w, W, t), torch.float32)
 
 
+@pytest.mark.parametrize("chunk_cols", [None, 576], ids=["one-chunk", "chunks-of-576"])
+def test_gpu_tiles_under_the_interpreter(poison, monkeypatch, chunk_cols):
+    """The tiles the GPU launches (_configs(False): 512- and 256-column tiles, 8- and 16-row blocks), run on
+    the CPU. The other CPU tests use the interpreter's small tiles; a bug that only a large tile's masked
+    tail shows (GPU run 2's -inf rows: a 512-column tile against 7936-column chunks) is caught here first.
+    37 rows leave a partial row block; V = 1403 leaves a partial column tile in every chunk (one chunk of
+    1403, or 576 + 576 + 251 columns: neither 512 nor 256 divides 576)."""
+    configs = K._configs
+    gpu = configs(False)
+    assert gpu != configs(True)
+    monkeypatch.setattr(K, "_configs", lambda interpret: gpu)
+    if chunk_cols is not None:
+        monkeypatch.setattr(K, "_MIN_VC", 48)
+        monkeypatch.setattr(K, "_CHUNK_BYTES", 37 * 600 * 4)
+    assert K._chunk_plan(37, 1403, 4) == (37, chunk_cols or 1403)
+    _check_mixed(mixed_logprob, 37, 40, 1403, torch.float32, "cpu", seed=21)
+    _check_token(token_logprob, 37, 40, 1403, torch.float32, "cpu", 22, 0.7, (0, 5, 511, 512, 1402))
+    # the noise is keyed by (row, column), not by tile: the GPU's tiles draw the interpreter tiles' tokens
+    gen = torch.Generator().manual_seed(23)
+    h, W = torch.randn(37, 40, generator=gen), torch.randn(1403, 40, generator=gen) * 0.1
+    seed = torch.tensor([987654321], dtype=torch.int64)
+    big = sample_thought_tokens(h, W, 0.9, (4, 700), seed=seed)
+    monkeypatch.setattr(K, "_configs", configs)
+    small = sample_thought_tokens(h, W, 0.9, (4, 700), seed=seed)
+    assert torch.equal(big, small)
+
+
 # ----------------------------------------------------------------------------------------------
 # token_logprob
 # ----------------------------------------------------------------------------------------------

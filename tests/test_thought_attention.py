@@ -265,6 +265,24 @@ def test_parallel_fp16_d128_tiles(num_sms, device, monkeypatch):
     _run_parallel_check(1, 4, 2, 200, 5, 128, torch.float16, device, seed=128 + num_sms % 7)
 
 
+@pytest.mark.parametrize("D", [48, 64])
+def test_parallel_fp16_long_T_forward_tile(D, device, monkeypatch):
+    """The forward tile the GPU takes at T >= 1024 with D <= 64 (128 rows, 64 keys, 8 warps), forced at a
+    short T so that the interpreter runs it (on the GPU, test_gpu_bf16_long_T_forward_tile runs it at
+    T = 1024): 150 positions x 5 steps leave a partial 128-row tile and a partial 64-key block."""
+    fwd = ta._fwd_config
+    long_T = fwd(D, torch.float16, 1024)
+    assert long_T["BLOCK_M"] == 128 and long_T != fwd(D, torch.float16, 150)
+    used = []
+
+    def forced(D_, dtype, T):
+        used.append(fwd(D_, dtype, max(T, 1024)))
+        return used[-1]
+    monkeypatch.setattr(ta, "_fwd_config", forced)
+    _run_parallel_check(1, 4, 2, 150, 5, D, torch.float16, device, seed=1024 + D)
+    assert used and all(c == long_T for c in used), used
+
+
 def test_autograd_function_matches_public(device):
     g = _gen(11)
     xs = _make_inputs(1, 2, 1, 6, 2, 32, g, device)
@@ -275,7 +293,7 @@ def test_autograd_function_matches_public(device):
 # step op
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("B,H,H_KV,T,L,D", [(2, 6, 2, 37, 5, 48), (1, 3, 3, 11, 4, 64)])
+@pytest.mark.parametrize("B,H,H_KV,T,L,D", [(2, 6, 2, 37, 5, 48), (1, 3, 3, 11, 4, 64), (1, 4, 2, 29, 3, 128)])
 def test_step_equals_parallel_slice(dtype, B, H, H_KV, T, L, D, device):
     """At every step the step kernel equals the parallel kernel's slice and the float64 reference,
     reading only chain indices 0..step of a cache whose later entries are NaN."""
