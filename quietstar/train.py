@@ -292,24 +292,27 @@ def base_fingerprint(model_cfg: ModelConfig, tok) -> dict:
 
 
 def check_moved_base(saved: dict, model_cfg: ModelConfig, base: dict, what: str, legacy_ok: bool = False) -> None:
-    """A checkpoint (`saved`: its dict or metadata, with "config" and "base") used with a `--model` folder that
-    is not the one it names (the base model moved) is accepted only where its fingerprint matches the new
-    folder's (`base`: `base_fingerprint`). `what` names the checkpoint in errors ("--resume PATH"). A
-    checkpoint without a fingerprint is refused, or with `legacy_ok` left to the caller's other checks."""
+    """A checkpoint (`saved`: its dict or metadata, with "config" and "base") is used only with a base model whose
+    tokenizer and config.json are its run's (`base`: `base_fingerprint` of `model_cfg`): in the folder it names,
+    whose files may have changed since, or in another `--model` folder (the base model moved). `what` names the
+    checkpoint in errors ("--resume PATH"). A checkpoint without a fingerprint is accepted in its own folder; in
+    another it is refused, or with `legacy_ok` left to the caller's other checks."""
     old = saved["config"]["model"]["name"]
-    if old == model_cfg.name:
-        return
     fingerprint = saved.get("base")
     if fingerprint is None:
-        if legacy_ok:
+        if legacy_ok or old == model_cfg.name:
             return
         raise ValueError(f"--model {model_cfg.name}: {what} was written before checkpoints recorded their base "
                          f"model's fingerprint, so this folder cannot be checked against its run's ({old}); put the "
                          f"base model back at {old}")
     for key in ("tokenizer", "config"):
         if fingerprint.get(key) != base.get(key):
-            raise ValueError(f"--model {model_cfg.name}: its {'config.json' if key == 'config' else key} is not "
-                             f"the one of the run in {what} (whose base model was {old})")
+            name = "config.json" if key == "config" else key
+            if old == model_cfg.name:
+                raise ValueError(f"--model {old}: its {name} changed since the run in {what} began (the checkpoint "
+                                 "records a fingerprint of the base model's tokenizer and config.json); restore it")
+            raise ValueError(f"--model {model_cfg.name}: its {name} is not the one of the run in {what} (whose base "
+                             f"model was {old})")
 
 
 def document_separator(tok) -> int:

@@ -125,6 +125,12 @@ def test_resume_after_the_base_model_moved(tmp_path, base_folder):
     # a preset never stands in for a folder (nor the other way round)
     with pytest.raises(ValueError, match="--model 'smollm2-135m-random' \\(the checkpoint's run has"):
         config_from_args(["--resume", str(ck), "--model", "smollm2-135m-random"])
+    # the folder the run names, changed in place since (files rewritten, not moved): refused, before any data
+    ck_moved = tmp_path / "b" / "final.pt"
+    shutil.copy(other / "tokenizer.json", moved / "tokenizer.json")
+    with pytest.raises(ValueError, match=f"--model {moved}: its tokenizer changed since the run in --resume"):
+        train(config_from_args(["--resume", str(ck_moved), "--out-dir", str(tmp_path / "d"), "--steps", "4"]),
+              progress=False)
 
 
 def test_cli_defaults_and_errors():
