@@ -180,7 +180,7 @@ def agreement(args, model, ids, vn, ds, loss_cfg, schedule, backends, autocast, 
 def child(args) -> dict:
     import torch
     from quietstar import Backends, LossConfig
-    from quietstar.thoughts import quietstar_forward, sample_thoughts
+    from quietstar.thoughts import lm_head_ops, quietstar_forward, sample_thoughts
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     model, ids, vn, ds, data = build(args, device, Path(args.tmp))
@@ -209,10 +209,9 @@ def child(args) -> dict:
         # the fastest cross-entropy this project has for the device: the fused kernel on CUDA (the fast path
         # uses it too; the GPU rows committed on 2026-11-26 were measured with the chunked PyTorch one, which
         # made the floor slower), the chunked PyTorch one on CPU
-        if cuda:
-            from kernels import token_logprob as floor_logprob
-        else:
-            from kernels.lm_head_chunked import token_logprob_chunked as floor_logprob
+        # on CUDA through the fast path's own wrapper: the autocast dtype in, as an nn.Linear LM head gets (called
+        # bare, the fp32 final-norm output and master weight made the floor's three LM-head GEMMs fp32)
+        floor_logprob = lm_head_ops("triton" if cuda else "chunked").token_logprob
         lm = model.lm
         n_rows = B * (1 + th.P * th.L)
         rows = ids.repeat(1 + th.P * th.L, 1)                         # (B*(1+P*L), T): the trained tokens

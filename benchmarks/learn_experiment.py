@@ -82,7 +82,11 @@ FALLBACKS = (("test_document_mask::test_gpu_graph", "cuda_graphs", False), ("tes
              ("test_document_mask::test_gpu_bf16_kernels", "document_mask", False),
              ("test_thought_attention::", "attention", "split"), ("test_lm_head::", "lm_head", "chunked"),
              # the evaluation's thought_predictions: the Triton step kernel at chain steps M and M + 1
-             ("test_eval::test_gpu_", "attention", "split"))
+             ("test_eval::test_gpu_", "attention", "split"),
+             # the whole Quiet-STaR loss on both Triton families against the reference: which one is wrong is not
+             # known, so neither is trusted
+             ("test_quietstar::test_gpu_fused_path", "attention", "split"),
+             ("test_quietstar::test_gpu_fused_path", "lm_head", "chunked"))
 
 
 def apply_fallbacks(args, gpu_tests: str) -> list[str]:

@@ -64,8 +64,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import (banned_ids_tensor, check_lm_head_inputs, check_mixed_logprob_inputs, check_temperature,
-                        check_triton_device)
+from .lm_head_chunked import mixed_logprob_chunked, token_logprob_chunked
+from .reference import (banned_id_list, banned_ids_tensor, check_ignore_index, check_lm_head_inputs,
+                        check_mixed_logprob_inputs, check_temperature, check_triton_device, refuse_double_backward)
 
 __all__ = [
     "mixed_logprob",
@@ -446,8 +447,7 @@ def _banned_on_device(banned_ids, V: int, device) -> torch.Tensor:
     if isinstance(banned_ids, torch.Tensor) and banned_ids.device.type != "cpu":
         ids = banned_ids_tensor(banned_ids, V, device)
     else:
-        key = (tuple(int(i) for i in (banned_ids.tolist() if isinstance(banned_ids, torch.Tensor)
-                                      else banned_ids)), V, str(device))
+        key = (banned_id_list(banned_ids), V, str(device))
         ids = _BANNED_CACHE.get(key)
         if ids is None:
             ids = banned_ids_tensor(list(key[0]), V, device)
@@ -527,6 +527,7 @@ class MixedLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp):
+        refuse_double_backward("mixed_logprob")
         h_talk, h_base, w, weight, target, lse = ctx.saved_tensors
         none = target.new_empty(0, dtype=torch.int64)
         dh_talk, dh_base, dw, dW = _lm_head_backward(
@@ -544,6 +545,7 @@ class TokenLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp):
+        refuse_double_backward("token_logprob")
         h, weight, target, banned, lse = ctx.saved_tensors
         dh, _, _, dW = _lm_head_backward(grad_logp, h, h, h, weight, target, banned, lse, ctx.inv_temp, 0,
                                          mix=False)
@@ -561,7 +563,9 @@ def mixed_logprob(h_talk, h_base, w, weight, target, ignore_index=-100):
     """
     N, d, V = check_mixed_logprob_inputs(h_talk, h_base, w, weight, target, ignore_index)
     _check_kernel_tensors(h_talk=h_talk, h_base=h_base, w=w, weight=weight)
-    return MixedLogprobFunction.apply(h_talk, h_base, w, weight, target, ignore_index)
+    if N == 0:      # no rows: the chunked path's empty result, with its (zero) gradients; no kernel launch
+        return mixed_logprob_chunked(h_talk, h_base, w, weight, target, ignore_index)
+    return MixedLogprobFunction.apply(h_talk, h_base, w, weight, target, check_ignore_index(ignore_index))
 
 
 def token_logprob(h, weight, target, temperature=1.0, banned_ids=()):
@@ -573,6 +577,8 @@ def token_logprob(h, weight, target, temperature=1.0, banned_ids=()):
     temperature = check_temperature(temperature)
     _check_kernel_tensors(h=h, weight=weight)
     banned = _banned_on_device(banned_ids, V, h.device)
+    if N == 0:
+        return token_logprob_chunked(h, weight, target, temperature, banned_ids)
     return TokenLogprobFunction.apply(h, weight, target, 1.0 / temperature, banned)
 
 
@@ -591,6 +597,10 @@ def sample_thought_tokens(h, weight, temperature=1.0, banned_ids=(), generator=N
     if seed is not None:
         _check_seed(seed, generator, h.device)
     banned = _banned_on_device(banned_ids, V, h.device)
+    if N == 0:      # nothing to draw; a generator still advances, as for any N
+        if seed is None:
+            _draw_seed(generator, h.device)
+        return torch.empty(0, device=h.device, dtype=torch.int64)
     return _sample(h, weight, banned, 1.0 / temperature, generator, seed)
 
 

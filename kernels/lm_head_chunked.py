@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import banned_ids_tensor, check_lm_head_inputs, check_mixed_logprob_inputs, check_temperature
+from .reference import (banned_ids_tensor, check_ignore_index, check_lm_head_inputs, check_mixed_logprob_inputs,
+                        check_temperature, refuse_double_backward)
 
 __all__ = ["mixed_logprob_chunked", "token_logprob_chunked", "sample_thought_tokens_chunked"]
 
@@ -79,6 +80,7 @@ class _ChunkedLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_double_backward("the chunked LM head")
         h, h2, w, weight, safe, valid, banned, lse = ctx.saved_tensors
         inv_temp, chunk = ctx.inv_temp, ctx.chunk
         N = h.shape[0]
@@ -115,7 +117,7 @@ def mixed_logprob_chunked(h_talk, h_base, w, weight, target, ignore_index=-100, 
     """mixed_logprob_ref(h_talk, h_base, w, weight, target, ignore_index) computed chunk x V at a time."""
     N, d, V = check_mixed_logprob_inputs(h_talk, h_base, w, weight, target, ignore_index)
     none = torch.empty(0, dtype=torch.int64, device=h_talk.device)
-    return _ChunkedLogprobFunction.apply(h_talk, h_base, w, weight, target, none, 1.0, ignore_index,
+    return _ChunkedLogprobFunction.apply(h_talk, h_base, w, weight, target, none, 1.0, check_ignore_index(ignore_index),
                                          _chunk_rows(N, V, chunk_size))
 
 

@@ -16,8 +16,10 @@ document per row (today's masks, exactly).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
+from collections.abc import Iterable
 from typing import Sequence
 
 import torch
@@ -105,9 +107,9 @@ def triton_interpreting() -> bool:
 def check_triton_device(name: str, x: torch.Tensor, kernels: str, cpu_alternative: str) -> None:
     """A Triton kernel's input must be a CUDA tensor, or a CPU one in the interpreter; anything else would
     fail inside Triton with "0 active drivers"."""
-    if x.device.type != "cuda" and not triton_interpreting():
-        raise ValueError(f"{name} is on {x.device}; the Triton {kernels} kernels need CUDA tensors (or "
-                         f"TRITON_INTERPRET=1, slow): on CPU use {cpu_alternative}")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and triton_interpreting()):
+        raise ValueError(f"{name} is on {x.device}; the Triton {kernels} kernels need CUDA tensors (or CPU ones "
+                         f"under TRITON_INTERPRET=1, slow): on CPU use {cpu_alternative}")
 
 
 def check_doc_start(doc_start, B: int, T: int, device, values: bool = True):
@@ -228,6 +230,8 @@ def check_lm_head_inputs(h, weight, target=None, *, h_name="h"):
         raise ValueError(f"weight must be (V, d={h.shape[1]}), got shape {tuple(weight.shape)}")
     if weight.device != h.device:
         raise ValueError(f"weight is on {weight.device} but {h_name} is on {h.device}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have V >= 1 rows and d >= 1 columns, got shape {tuple(weight.shape)}")
     if target is not None:
         if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"target must be an int64 or int32 tensor, got "
@@ -251,23 +255,64 @@ def check_mixed_logprob_inputs(h_talk, h_base, w, weight, target, ignore_index):
         raise ValueError(f"w must be (N={N},), got shape {tuple(w.shape)}")
     if w.device != h_talk.device:
         raise ValueError(f"w is on {w.device} but h_talk is on {h_talk.device}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     return N, d, V
 
 
+def refuse_double_backward(op: str) -> None:
+    """First thing in a custom backward that is not itself differentiable: under create_graph=True (grad mode is
+    on in the backward) the gradients it returns would be cut off from the graph, so a second derivative (a
+    gradient penalty, a Hessian-vector product) would silently be zero. Refused instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported: its backward is not "
+                           "differentiable")
+
+
 def check_temperature(temperature) -> float:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+    """A positive real number (Python or NumPy scalar) as a float; a tensor is refused (reading it would sync)."""
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError(f"temperature must be a number, not a tensor (pass float(t)); got a {temperature.dtype} "
+                        f"tensor of shape {tuple(temperature.shape)}")
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     return float(temperature)
 
 
+def check_ignore_index(ignore_index) -> int:
+    """An integer (Python or NumPy; not bool) as an int."""
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
+def banned_id_list(banned_ids) -> tuple[int, ...]:
+    """Host-side banned ids (a sequence of ints, or a 1-D integer CPU tensor) as a sorted tuple without duplicates.
+
+    A string, a single int, floats, bools (a bool tensor is a mask, not ids) and nested sequences are refused,
+    naming banned_ids, rather than read as something else ("12" as ids 1 and 2, [1.7] as 1, a mask as 0/1)."""
+    if isinstance(banned_ids, torch.Tensor):
+        if banned_ids.dtype == torch.bool or banned_ids.is_floating_point() or banned_ids.is_complex():
+            raise TypeError(f"banned_ids must hold integer ids, got a {banned_ids.dtype} tensor (for a mask over "
+                            "the vocabulary pass mask.nonzero()[:, 0])")
+        if banned_ids.dim() != 1:
+            raise ValueError(f"banned_ids must be a flat sequence of ids, got shape {tuple(banned_ids.shape)}")
+        return tuple(sorted(set(banned_ids.tolist())))
+    if isinstance(banned_ids, (str, bytes)) or not isinstance(banned_ids, Iterable):
+        raise TypeError(f"banned_ids must be a sequence of int ids (e.g. (0, 5)), got {banned_ids!r}")
+    ids = list(banned_ids)
+    for i in ids:
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+            raise TypeError(f"banned_ids must hold int ids, got {i!r} ({type(i).__name__}) in {ids!r}")
+    return tuple(sorted({int(i) for i in ids}))
+
+
 def banned_ids_tensor(banned_ids: Sequence[int] | torch.Tensor, V: int, device) -> torch.Tensor:
-    """The banned ids as an int64 tensor on ``device``, checked to lie in [0, V)."""
-    ids = torch.as_tensor(list(banned_ids) if not isinstance(banned_ids, torch.Tensor) else banned_ids,
-                          dtype=torch.int64)
-    if ids.dim() != 1:
-        raise ValueError(f"banned_ids must be a flat sequence of ids, got shape {tuple(ids.shape)}")
+    """The banned ids as an int64 tensor on ``device``, without duplicates, checked to lie in [0, V) and to leave
+    at least one id (a tensor on a GPU is read back for the checks: one sync)."""
+    if isinstance(banned_ids, torch.Tensor) and banned_ids.device.type != "cpu":
+        ids = torch.as_tensor(banned_id_list(banned_ids.cpu()), dtype=torch.int64)
+    else:
+        ids = torch.as_tensor(banned_id_list(banned_ids), dtype=torch.int64)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise ValueError(f"banned_ids must lie in [0, V={V}), got {ids.tolist()}")
     if ids.numel() >= V:

@@ -64,7 +64,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_doc_start, check_thought_attention_inputs, check_triton_device
+from .reference import (check_doc_start, check_thought_attention_inputs, check_triton_device,
+                        refuse_double_backward)
 
 __all__ = [
     "thought_attention",
@@ -873,6 +874,8 @@ def thought_attention_step_launch(q, k_base, v_base, k_chain, v_chain, step, sca
     B, H, H_KV, T, L_max, D = check_thought_attention_inputs(q, k_base, v_base, k_chain, v_chain, step=step)
     check_triton_device("q", q, "thought-attention", _ON_CPU)
     _check_head_dim(D)
+    if T < 1 or B < 1:
+        raise ValueError(f"q must have B >= 1 and T >= 1, got shape {tuple(q.shape)}")
     if q.dtype == torch.float64:
         raise TypeError("q is float64; the Triton kernels take float32, float16 or bfloat16")
     scale = _check_scale(scale, D)
@@ -913,6 +916,7 @@ class ThoughtAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        refuse_double_backward("thought_attention")
         q, k_base, v_base, k_chain, v_chain, o, lse, *docs = ctx.saved_tensors
         grads = thought_attention_bwd(do, q, k_base, v_base, k_chain, v_chain, o, lse, ctx.scale,
                                       docs[0] if docs else None)

@@ -372,10 +372,12 @@ def rng_state(generator: torch.Generator) -> dict:
 
 
 def set_rng_state(s: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(s["torch"])
-    generator.set_state(s["sampler"])
+    """Restore `rng_state`'s states; they may come back from torch.load on the run's device (a CUDA --resume
+    loads there), but torch takes RNG states as CPU byte tensors only."""
+    torch.set_rng_state(s["torch"].cpu())
+    generator.set_state(s["sampler"].cpu())
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "rng", "config")

@@ -83,6 +83,10 @@ def test_failed_gpu_tests_fall_back_to_plain_paths():
     line = ("GPU tests: 2 failed;- FAILED test_document_mask::test_gpu_bf16_kernels_with_documents[1-4-2-64-5-64]: "
             "a;- FAILED test_train::test_cuda_graphs_train_the_same_run: b")
     assert lx.apply_fallbacks(args, line) == ["cuda_graphs=False", "document_mask=False"]
+    # the end-to-end comparison of the fused path (both Triton families at once) replaces both
+    args = lx.build_parser().parse_args([])
+    assert lx.apply_fallbacks(args, "GPU tests: 1 failed;- FAILED test_quietstar::test_gpu_fused_path_matches_reference"
+                                    "[autocast]: x") == ["attention=split", "lm_head=chunked"]
     # a failure of a memory bound (tests/test_kernel_memory.py) replaces no kernel family
     args = lx.build_parser().parse_args([])
     assert lx.apply_fallbacks(args, "GPU tests: 1 failed;- FAILED test_kernel_memory::test_lm_head_backward_peak"

@@ -370,6 +370,14 @@ def _bad_cases():
         ("banned_ids", lambda f: f["token"](h, W, t, 1.0, (-1,))),
         ("banned_ids", lambda f: f["sample"](h, W, 1.0, tuple(range(11)))),
         ("h", lambda f: f["sample"](h.long(), W)),
+        # read as something else before: "12" as ids 1 and 2, [1.7] as 1, a bool mask as ids 0 and 1
+        ("banned_ids", lambda f: f["token"](h, W, t, 1.0, "12")),
+        ("banned_ids", lambda f: f["sample"](h, W, 1.0, [1.7])),
+        ("banned_ids", lambda f: f["sample"](h, W, 1.0, torch.tensor([False, True]))),
+        ("banned_ids", lambda f: f["sample"](h, W, 1.0, 5)),
+        ("temperature", lambda f: f["sample"](h, W, torch.tensor(0.5))),
+        ("weight", lambda f: f["token"](h, torch.randn(0, 8), t[:0] * 0)),
+        ("weight", lambda f: f["mixed"](h, h, w, torch.randn(0, 8), t)),
     ]
 
 
@@ -384,12 +392,70 @@ def test_bad_input_names_the_argument(impl, case):
         call(fns)
 
 
+@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+def test_banned_ids_numpy_scalars_and_duplicates(impl):
+    """Banned ids may repeat (one ban each) and be NumPy ints; NumPy temperatures and ignore indices are numbers."""
+    import numpy as np
+    fns = {"triton": (token_logprob, sample_thought_tokens, mixed_logprob),
+           "chunked": (token_logprob_chunked, sample_thought_tokens_chunked, mixed_logprob_chunked),
+           "reference": (token_logprob_ref, sample_thought_tokens_ref, mixed_logprob_ref)}[impl]
+    token, sample, mixed = fns
+    gen = torch.Generator().manual_seed(9)
+    h, W = torch.randn(6, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    t = torch.tensor([0, 0, 0, 0, 0, 0])
+    want = token_logprob_ref(h, W, t, 0.5, (1, 2, 3))          # id 0 is the only one left: log p = 0
+    got = token(h, W, t, np.float32(0.5), (3, np.int64(1), 1, 2, 2, 3))
+    torch.testing.assert_close(got, want)
+    assert (got.abs() < 1e-6).all()
+    assert (sample(h, W, np.float64(2.0), [1, 1, 2, 3, 3, 3], torch.Generator().manual_seed(0)) == 0).all()
+    w = torch.rand(6, generator=gen)
+    t2 = torch.tensor([1, -7, 2, 3, -7, 0])
+    torch.testing.assert_close(mixed(h, h, w, W, t2, np.int64(-7)), mixed_logprob_ref(h, h, w, W, t2, -7))
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+def test_empty_batch(impl):
+    """N = 0 rows: empty results, zero gradients for the weight, no kernel launch (it used to divide by zero)."""
+    fns = {"triton": (token_logprob, sample_thought_tokens, mixed_logprob),
+           "chunked": (token_logprob_chunked, sample_thought_tokens_chunked, mixed_logprob_chunked),
+           "reference": (token_logprob_ref, sample_thought_tokens_ref, mixed_logprob_ref)}[impl]
+    token, sample, mixed = fns
+    h, W = torch.randn(0, 8), torch.randn(11, 8, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.int64)
+    lp = token(h, W, t, 1.0, (3,))
+    assert lp.shape == (0,) and lp.dtype == torch.float32
+    lp.sum().backward()
+    assert W.grad is not None and torch.equal(W.grad, torch.zeros_like(W))
+    assert sample(h, W.detach(), 1.0, (3,)).shape == (0,)
+    assert mixed(h, h, torch.zeros(0), W, t).shape == (0,)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_double_backward_is_refused_not_silently_zero(impl):
+    """The backward is not differentiable: create_graph=True must say so, not return gradients cut off from
+    the graph (a gradient penalty would silently add nothing)."""
+    token, mixed = {"triton": (token_logprob, mixed_logprob), "chunked": (token_logprob_chunked,
+                                                                          mixed_logprob_chunked)}[impl]
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(5, 8, generator=gen, requires_grad=True)
+    W = torch.randn(11, 8, generator=gen, requires_grad=True)
+    t = torch.randint(0, 11, (5,), generator=gen)
+    for out in (token(h, W, t), mixed(h, h, torch.rand(5, generator=gen), W, t)):
+        with pytest.raises(RuntimeError, match="double backward \\(create_graph=True\\) is not supported"):
+            torch.autograd.grad(out.sum(), h, create_graph=True)
+
+
 def test_triton_rejects_float64_and_too_many_banned():
     h, W, t = torch.randn(3, 8, dtype=torch.float64), torch.randn(300, 8), torch.zeros(3, dtype=torch.int64)
     with pytest.raises(TypeError, match="h"):
         token_logprob(h, W.double(), t)
     with pytest.raises(ValueError, match="banned_ids"):
         sample_thought_tokens(h.float(), W, 1.0, tuple(range(K._MAX_BANNED + 1)))
+    # duplicates are one ban each: 2 x _MAX_BANNED entries naming _MAX_BANNED ids are taken
+    assert sample_thought_tokens(h.float(), W, 1.0, 2 * tuple(range(K._MAX_BANNED))).min() >= K._MAX_BANNED
+    # meta tensors have no data: refused by name (it was a copy error inside Triton's interpreter)
+    with pytest.raises(ValueError, match="^h is on meta"):
+        token_logprob(h.float().to("meta"), W.to("meta"), t.to("meta"))
 
 
 # ----------------------------------------------------------------------------------------------

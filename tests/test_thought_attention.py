@@ -382,6 +382,27 @@ def test_bad_inputs_step(device):
         thought_attention_step(q40[:, :, :, 0], kb40, vb40, kc40, vc40, 0)
     with pytest.raises(ValueError, match="out must be"):
         thought_attention_step_launch(q_step, kb, vb, kc, vc, 0, out=torch.empty(1, 4, 5, 16))
+    # no rows or no positions: refused as by thought_attention (it used to return an empty output)
+    with pytest.raises(ValueError, match="B >= 1 and T >= 1"):
+        thought_attention_step(q_step[:0], kb[:0], vb[:0], kc[:0], vc[:0], 0)
+    with pytest.raises(ValueError, match="B >= 1 and T >= 1"):
+        thought_attention_step(q_step[:, :, :0], kb[:, :, :0], vb[:, :, :0], kc[:, :, :0], vc[:, :, :0], 0)
+
+
+def test_double_backward_and_meta_tensors_are_refused(device):
+    """create_graph=True would give first derivatives cut off from the graph (a gradient penalty silently zero):
+    refused in the backward. Meta tensors (no data) are refused by name, not by a copy error inside Triton."""
+    xs = [x.requires_grad_() for x in _good(device)]
+    o = thought_attention(*xs)
+    with pytest.raises(RuntimeError, match="thought_attention: double backward"):
+        torch.autograd.grad(o.square().sum(), xs[0], create_graph=True)
+    g = torch.autograd.grad(thought_attention(*xs).square().sum(), xs[0])[0]      # the plain backward still runs
+    assert torch.isfinite(g).all()
+    meta = [x.detach().to("meta") for x in _good(device)]
+    with pytest.raises(ValueError, match="^q is on meta"):
+        thought_attention(*meta)
+    with pytest.raises(ValueError, match="^q is on meta"):
+        thought_attention_step(meta[0][:, :, :, 0], *meta[1:], 0)
 
 
 def test_h100_compile_cases_follow_the_launchers():
