@@ -235,8 +235,15 @@ def render_table(res: dict) -> str:
              f"Evaluation: {m['sizes']['heldout_documents']} held-out MATH documents ({m['sizes']['heldout_targets']} "
              f"targets; hard = the 10% with the highest NLL under the starting model), "
              f"{m['sizes']['gsm8k_problems']} GSM8K problems, {m['sizes']['csqa_questions']} CommonsenseQA questions. "
-             "Before = the starting model (w = 0, so with thoughts = without). Differences: after - before, "
-             "95% bootstrap interval over documents / problems / questions (2000 paired resamples).", ""]
+             "Before = the starting model (w = 0, so with thoughts = without). With thoughts = the mean over the "
+             f"P={m['P']} sampled thoughts of -log p_mix (the NLL of one sampled thought, not -log of their mean "
+             "probability). Differences: after - before, 95% bootstrap interval over documents / problems / questions "
+             "(2000 paired resamples): it covers which units were evaluated, not training noise (one training run per "
+             "arm, one seed), so an interval that excludes 0 is not by itself a replicable effect. GSM8K's gold "
+             "solutions are scored as the data set has them, calculator annotations (<<48/2=24>>) and the final "
+             "'#### N' line included. A few held-out MATH documents are near-copies of training ones (the MATH test "
+             "set repeats templated problems; the held-out part is every 10th document of each subject), which "
+             "lowers every arm's after alike (all arms train on the same rows).", ""]
     before = res.get("before", {}).get("eval")
     if before is None:
         return "\n".join(lines + ["(no phase finished yet)", ""])

@@ -60,7 +60,10 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
               generator: torch.Generator | None = None, device=None, autocast=None, progress: bool = False,
               desc: str = "rows", doc_start: torch.Tensor | None = None, leave: bool = True):
     """Per-target NLL (R, T) of the base prediction and (with `thoughts`) of the k = 1 mixed prediction after a
-    sampled thought, averaged over the P thoughts; 0 where not scored. The model's train/eval mode is
+    sampled thought, averaged over the P thoughts (the mean of -log p_mix over the P thoughts: the expected NLL of
+    one sampled thought, not -log of their mean probability); 0 where not scored. The base prediction is computed
+    the same way with and without `thoughts` (the base pass's attention and the LM-head op of `backends`), so a
+    model scored either way, a control and a Quiet-STaR model, get the same numerics. The model's train/eval mode is
     restored on return. `doc_start` (R, T): packed rows' documents, each position attending within its own.
     `progress`: a tqdm bar over the batches, erased when done unless `leave`."""
     was_training = model.training
@@ -82,15 +85,10 @@ def token_nll(model, rows, valid, backends: Backends, batch_size: int, thoughts:
         with ctx:
             if thoughts:               # the k = 1 prediction only, on the sampler's cache (not the training loss)
                 ex = thought_predictions(model, ids, vn, backends, generator, doc_start=ds)
-                lp_base, lp_mix = ex.lp_base, ex.lp_mix.mean(1)                  # (B, T)
-            elif ds is not None:      # the control's own forward: causal within documents, as it trained
+                lp_base, lp_mix = ex.lp_base, ex.lp_mix.mean(1)                  # (B, T): mean of log p over P
+            else:   # the base pass as thought_predictions computes it (attention, LM-head op): the same numbers
                 _, _, ex = plain_lm_forward(model, ids, vn, backends, doc_start=ds)
                 lp_base, lp_mix = ex.lp_base, None
-            else:
-                h = model.lm.model(input_ids=ids).last_hidden_state
-                lp = torch.log_softmax((h @ model.lm_head_weight.T).float(), dim=-1)
-                tgt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
-                lp_base, lp_mix = lp.gather(-1, tgt[..., None])[..., 0], None
         m = vn.float()
         base[i:i + batch_size, :last] = (-lp_base.float() * m).cpu()
         if thoughts:
@@ -234,12 +232,16 @@ def commonsense_qa_rows(questions, tok, sep_id):
 
 def choice_correct(nll: torch.Tensor, questions) -> tuple[torch.Tensor, torch.Tensor]:
     """Per question (bool): is the choice with the highest answer log-likelihood the labelled one, by the sum
-    over its tokens and by the sum per character. `nll` is token_nll's (R, T) over commonsense_qa_rows."""
+    over its tokens and by the sum per character. `nll` is token_nll's (R, T) over commonsense_qa_rows. A choice
+    whose text is the labelled one's counts as it (24 of CommonsenseQA's 1,221 validation questions list an answer
+    twice: the two copies score the same without thoughts, and argmax would take the first)."""
     n_choice = len(questions[0]["choices"])
     chars = torch.tensor([len(c) for q in questions for c in q["choices"]], dtype=torch.float64).view(-1, n_choice)
-    label = torch.tensor([q["label"] for q in questions])
     ll = -nll.double().sum(1).view(-1, n_choice)
-    return ll.argmax(1) == label, (ll / chars).argmax(1) == label
+
+    def right(pred: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([q["choices"][int(p)] == q["choices"][q["label"]] for q, p in zip(questions, pred)])
+    return right(ll.argmax(1)), right((ll / chars).argmax(1))
 
 
 def build_eval_parser():

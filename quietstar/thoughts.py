@@ -410,11 +410,11 @@ def plain_lm_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next:
     extras) like quietstar_forward."""
     valid_next = check_batch(input_ids, valid_next, doc_start)
     B, T = input_ids.shape
-    if doc_start is None:
-        h = model.lm.model(input_ids=input_ids).last_hidden_state
-    else:                                            # causal within documents, as the Quiet-STaR base pass
-        pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        h = model.hidden(model.embed(input_ids), pos, Layout("causal", backends.attention, docs=_documents(doc_start)))
+    # the Quiet-STaR base pass's computation (its attention, causal within documents with doc_start, and LM-head
+    # op), so that a control and a Quiet-STaR model are scored with the same numerics (quietstar/evaluate.py)
+    pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+    docs = None if doc_start is None else _documents(doc_start)
+    h = model.hidden(model.embed(input_ids), pos, Layout("causal", backends.attention, docs=docs))
     lp_base = base_logprobs(model, input_ids, valid_next, h, lm_head_ops(backends.lm_head))
     den = denominators if denominators is not None else {"n_base": valid_next.sum().float()}
     nll = -lp_base.sum() / den["n_base"].clamp_min(1)
