@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,21 @@ def thought_logits(model: QuietStarModel, h: torch.Tensor, banned: torch.Tensor)
     """W h / tau_sample in fp32 with the banned ids (a device tensor) at -inf: what a thought token is drawn from."""
     z = (h @ model.lm_head_weight.T).float() / model.thought.tau_sample
     return z.index_fill_(1, banned, float("-inf")) if banned.numel() else z
+
+
+def check_token_ids(name: str, ids, shape: tuple, shape_text: str, device, V: int, sync: bool = True) -> None:
+    """Refuse anything but an int64/int32 tensor `name` of `shape` on `device` holding ids in [0, V). The ids are
+    read on the CPU; on a GPU only with `sync` (a host sync: not once per generated token)."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 tensor of token ids, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {shape_text}, got shape {tuple(ids.shape)}")
+    if ids.device != torch.device(device):
+        raise ValueError(f"{name} is on {ids.device} but the decoder is on {device}")
+    if (sync or ids.device.type == "cpu") and ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
+        bad = ids[(ids < 0) | (ids >= V)]
+        raise ValueError(f"{name} must hold token ids in [0, V={V}), got {bad[:4].tolist()}")
 
 
 class ThinkingDecoder:
@@ -98,8 +114,9 @@ class ThinkingDecoder:
         """One thought for every row (sampled; or its argmax tokens with `greedy_thought`; or `thought` (B, M)
         forced) and the mixed next-token log-probs."""
         B, M = self.h_base.shape[0], self.model.thought.M
-        if thought is not None and tuple(thought.shape) != (B, M):
-            raise ValueError(f"thought must be (B={B}, M={M}), got {tuple(thought.shape)}")
+        if thought is not None:
+            check_token_ids("thought", thought, (B, M), f"(B={B}, M={M})", self.h_base.device,
+                            self.model.lm.model.embed_tokens.num_embeddings, sync=False)
         th = self._think(1, generator, None if thought is None else thought[:, None], greedy_thought)
         return Thought(tokens=th.tokens[:, 0], w=th.w[:, 0], logp_mix=th.logp_mix[:, 0])
 
@@ -111,10 +128,13 @@ class ThinkingDecoder:
         draw from the same distribution, not the same random numbers), but the n thoughts of a row decode as n rows
         of one batch: M + 2 decode steps, not n (M + 2), for a KV cache copied n times while they run."""
         B, M = self.h_base.shape[0], self.model.thought.M
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool):
+            raise TypeError(f"n must be an int (thoughts per row), got {type(n).__name__} {n!r}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if thoughts is not None and tuple(thoughts.shape) != (B, n, M):
-            raise ValueError(f"thoughts must be (B={B}, n={n}, M={M}), got {tuple(thoughts.shape)}")
+        if thoughts is not None:
+            check_token_ids("thoughts", thoughts, (B, n, M), f"(B={B}, n={n}, M={M})", self.h_base.device,
+                            self.model.lm.model.embed_tokens.num_embeddings, sync=False)
         return self._think(n, generator, thoughts, greedy_thought)
 
     def _think(self, n, generator, thoughts, greedy_thought) -> Thought:
@@ -166,10 +186,20 @@ class ThinkingDecoder:
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor) -> None:
-        """Append the chosen next token (B,) of every row as a base step."""
-        self.pos = self.pos + 1
-        self.h_base = self._step(self.model.embed(tokens), self.pos)
-        self.length += 1
+        """Append the chosen next token (B,) of every row as a base step. Bad `tokens` are refused before anything
+        changes (ids outside [0, V) only when on the CPU: on a GPU that check would sync once per token), and a
+        step that fails leaves the decoder as it was: the cache, the mask and the positions."""
+        B = self.h_base.shape[0]
+        check_token_ids("tokens", tokens, (B,), f"(B={B},)", self.h_base.device,
+                        self.model.lm.model.embed_tokens.num_embeddings, sync=False)
+        n0, mask0 = self.length, self.mask
+        try:
+            h = self._step(self.model.embed(tokens), self.pos + 1)
+        except BaseException:
+            self._restore(n0, B, 1)
+            self.mask = mask0
+            raise
+        self.h_base, self.pos, self.length = h, self.pos + 1, n0 + 1
 
 
 @torch.no_grad()

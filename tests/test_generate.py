@@ -323,3 +323,47 @@ def test_an_error_inside_a_thought_leaves_the_cache_as_before(fail_at, monkeypat
     ref = ThinkingDecoder(model, ids)
     ref.advance(torch.tensor([11, 12]))
     assert torch.allclose(dec.h_base, ref.h_base, atol=1e-6)
+
+
+def test_a_refused_or_failed_advance_leaves_the_decoder_as_before(monkeypatch):
+    """advance checks `tokens` (a (B,) int tensor on the decoder's device, ids in [0, V)) before anything changes,
+    and a step that fails inside the forward restores the cache, the mask and the positions: the next results
+    equal a fresh decoder's exactly. (The position and the mask used to move on first: later log-probs were off.)
+    Forced thoughts are checked likewise."""
+    model = _model()
+    g = torch.Generator().manual_seed(15)
+    ids = torch.randint(3, V, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0                           # row 1 left-padded
+    nxt, forced = torch.tensor([11, 12]), torch.randint(3, V, (2, 3), generator=g)
+    ref = ThinkingDecoder(model, ids, mask)
+    ref.advance(nxt)
+    want = ref.think(thought=forced)
+    cases = [(torch.tensor([11, 12, 13]), ValueError, r"tokens must be \(B=2,\)"),
+             (nxt[:, None], ValueError, r"tokens must be \(B=2,\)"),
+             (nxt.float(), TypeError, "tokens must be an int64 tensor"),
+             ([11, 12], TypeError, "tokens must be an int64 tensor"),
+             (torch.tensor([11, V]), ValueError, r"tokens must hold token ids in \[0, V=97\), got \[97\]"),
+             (torch.tensor([-1, 12]), ValueError, r"tokens must hold token ids in \[0, V=97\)"),
+             ("a forward that fails", RuntimeError, "forward")]
+    for tokens, err, msg in cases:
+        dec = ThinkingDecoder(model, ids, mask)
+        if isinstance(tokens, str):   # layer 1's MLP fails: layer 0 and layer 1's attention cached the step already
+            mlp = model.lm.model.layers[1].mlp
+            monkeypatch.setattr(mlp, "forward", lambda x: (_ for _ in ()).throw(RuntimeError("forward")))
+            tokens = nxt
+        with pytest.raises(err, match=msg):
+            dec.advance(tokens)
+        monkeypatch.undo()
+        assert dec.mask.shape == (2, 6) and dec.cache.get_seq_length() == 6 and dec.length == 6, tokens
+        dec.advance(nxt)
+        got = dec.think(thought=forced)
+        assert torch.equal(dec.pos, ref.pos) and torch.equal(dec.mask, ref.mask), tokens
+        assert torch.equal(got.logp_mix, want.logp_mix) and torch.equal(got.w, want.w), tokens
+    with pytest.raises(TypeError, match="thought must be an int64 tensor"):
+        dec.think(thought=forced.float())
+    with pytest.raises(ValueError, match=r"thought must hold token ids in \[0, V=97\)"):
+        dec.think(thought=forced + V)
+    with pytest.raises(TypeError, match="n must be an int"):
+        dec.think_many(2.0)
+
