@@ -66,6 +66,30 @@ def check_token_ids(name: str, ids, shape: tuple, shape_text: str, device, V: in
         raise ValueError(f"{name} must hold token ids in [0, V={V}), got {bad[:4].tolist()}")
 
 
+def check_prompt(model: QuietStarModel, input_ids, attention_mask) -> torch.Tensor:
+    """Validate a left-padded prompt batch; return its mask as bool (B, S): True where `attention_mask` is non-zero
+    (any non-zero value attends, as in Hugging Face models), all True without one."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a (B, S) int64 tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be (B, S) with B >= 1 and S >= 1, got shape {tuple(input_ids.shape)}")
+    check_token_ids("input_ids", input_ids, input_ids.shape, "(B, S)", model.lm_head_weight.device,
+                    model.lm.model.embed_tokens.num_embeddings)
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor (or None), got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+    mask = attention_mask != 0
+    if not bool(mask[:, -1].all()):
+        raise ValueError("attention_mask: pad the prompts on the left (the last column must be real tokens)")
+    return mask
+
+
 class ThinkingDecoder:
     """A batch of sequences with the decoder's KV cache; `think()` and `advance()` make one token.
 
@@ -76,18 +100,9 @@ class ThinkingDecoder:
 
     def __init__(self, model: QuietStarModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         from transformers import DynamicCache
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be (B, S) with S >= 1, got shape {tuple(input_ids.shape)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask: pad the prompts on the left (the last column must be real tokens)")
         self.model = model
+        self.mask = check_prompt(model, input_ids, attention_mask).long()
         self.banned = torch.tensor(model.banned_ids, dtype=torch.long, device=input_ids.device)
-        self.mask = attention_mask.long()
         self.pos = self.mask.sum(1) - 1                   # (B,) RoPE position of each row's last token
         self.cache = DynamicCache(config=model.lm.config)
         position_ids = (self.mask.cumsum(1) - 1).clamp_min(0)

@@ -367,3 +367,23 @@ def test_a_refused_or_failed_advance_leaves_the_decoder_as_before(monkeypatch):
     with pytest.raises(TypeError, match="n must be an int"):
         dec.think_many(2.0)
 
+
+def test_any_nonzero_attention_mask_value_attends():
+    """attention_mask values other than 0 and 1 (mask * 2, a bool or float mask) mean what they mean to Hugging Face
+    models, non-zero attends: the same positions, thoughts and tokens as the 0/1 mask. (The RoPE positions were
+    the mask's sums: mask * 2 shifted them.)"""
+    model = _model()
+    g = torch.Generator().manual_seed(16)
+    ids = torch.randint(3, V, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    forced = torch.randint(3, V, (2, 3), generator=g)
+    want = ThinkingDecoder(model, ids, mask).think(thought=forced)
+    toks = generate_with_thoughts(model, ids, mask, max_new_tokens=2, generator=torch.Generator().manual_seed(1))
+    for m in (mask * 2, mask.bool(), mask.float() * 0.5):
+        dec = ThinkingDecoder(model, ids, m)
+        assert torch.equal(dec.pos, torch.tensor([5, 2])) and torch.equal(dec.think(thought=forced).logp_mix,
+                                                                         want.logp_mix), m
+        got = generate_with_thoughts(model, ids, m, max_new_tokens=2, generator=torch.Generator().manual_seed(1))
+        assert all(torch.equal(a, b) for a, b in zip(got, toks)), m
+
