@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -224,18 +225,45 @@ def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, atten
     """Generate up to `max_new_tokens` per row, thinking before each. temperature 0: greedy.
 
     Returns (tokens (B, n) int64, thoughts (B, n, n_thoughts, M) int64, w (B, n, n_thoughts)); a row that
-    produced a stop id keeps producing it (so it can be cut there) and the loop ends when all rows have."""
-    if n_thoughts < 1:
-        raise ValueError(f"n_thoughts must be >= 1, got {n_thoughts}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    produced a stop id keeps producing it (so it can be cut there) and the loop ends when all rows have. Every
+    argument is checked before any work, the length included: the last thought must fit the model's
+    max_position_embeddings (as quietstar_forward's chains must) and a sliding window."""
+    mask = check_prompt(model, input_ids, attention_mask)
+    for name, v, low in (("max_new_tokens", max_new_tokens, 1), ("n_thoughts", n_thoughts, 1)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if v < low:
+            raise ValueError(f"{name} must be >= {low}, got {v}")
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a number (0: greedy), got {type(temperature).__name__} {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != input_ids.device.type:
+        raise ValueError(f"generator is on {generator.device} but input_ids is on {input_ids.device}")
+    V = model.lm_head_weight.shape[0]
+    if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
+        raise TypeError(f"stop_ids must be a sequence of token ids (e.g. [tok.eos_token_id]), got "
+                        f"{type(stop_ids).__name__} {stop_ids!r}")
+    stop_ids = list(stop_ids)
+    bad = [i for i in stop_ids if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 0 <= i < V]
+    if bad:
+        raise ValueError(f"stop_ids must hold int token ids in [0, V={V}), got {bad[:4]}")
+    M, S = model.thought.M, input_ids.shape[1]
+    # the last thought's <eot> sits at RoPE position (n - 1) + (max_new_tokens - 1) + M + 2 for a row of n prompt
+    # tokens: as quietstar_forward's check_lengths, it must be below max_position_embeddings
+    n = int(mask.sum(1).max())
+    if n + max_new_tokens + M >= model.max_positions:
+        raise ValueError(f"max_new_tokens={max_new_tokens} does not fit: after a prompt of {n} tokens, the last "
+                         f"thought (M + 2 = {M + 2} tokens) would reach position {n + max_new_tokens + M}, but the "
+                         f"model has max_position_embeddings={model.max_positions} (at most "
+                         f"{max(model.max_positions - 1 - n - M, 0)} new tokens for this prompt)")
     # the last thought follows S + max_new_tokens - 1 cached tokens (ThinkingDecoder.think's condition): refused
     # now rather than mid-generation
-    model.check_window(input_ids.shape[1] + max_new_tokens + model.thought.M + 2,
-                       f"max_new_tokens={max_new_tokens} after a prompt of {input_ids.shape[1]} tokens (with its "
-                       f"padding), with a thought of M + 2 = {model.thought.M + 2} tokens before each")
+    model.check_window(S + max_new_tokens + M + 2,
+                       f"max_new_tokens={max_new_tokens} after a prompt of {S} tokens (with its "
+                       f"padding), with a thought of M + 2 = {M + 2} tokens before each")
     dec = ThinkingDecoder(model, input_ids, attention_mask)
     B = input_ids.shape[0]
     stop = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long, device=input_ids.device)

@@ -387,3 +387,35 @@ def test_any_nonzero_attention_mask_value_attends():
         got = generate_with_thoughts(model, ids, m, max_new_tokens=2, generator=torch.Generator().manual_seed(1))
         assert all(torch.equal(a, b) for a, b in zip(got, toks)), m
 
+
+def test_generate_refuses_bad_arguments_before_any_work(monkeypatch):
+    """Each bad argument of generate_with_thoughts is one clear error naming it, raised before the decoder runs;
+    max_new_tokens must keep the last thought within max_position_embeddings (as quietstar_forward's chains)."""
+    model = _model()                                         # max_position_embeddings=64, M=3
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(17))
+    cases = [({"input_ids": ids[0]}, ValueError, r"input_ids must be \(B, S\)"),
+             ({"input_ids": ids[:0]}, ValueError, r"input_ids must be \(B, S\) with B >= 1"),
+             ({"input_ids": ids.tolist()}, TypeError, "input_ids must be"),
+             ({"input_ids": ids.float()}, TypeError, "input_ids must be an int64 tensor"),
+             ({"input_ids": ids + V}, ValueError, r"input_ids must hold token ids in \[0, V=97\)"),
+             ({"attention_mask": [[1] * 5] * 2}, TypeError, "attention_mask must be a tensor"),
+             ({"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0"),
+             ({"temperature": "1"}, TypeError, "temperature must be a number"),
+             ({"n_thoughts": 0}, ValueError, "n_thoughts must be >= 1"),
+             ({"n_thoughts": 2.5}, TypeError, "n_thoughts must be an int"),
+             ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be >= 1"),
+             ({"max_new_tokens": 1.5}, TypeError, "max_new_tokens must be an int"),
+             ({"stop_ids": 2}, TypeError, "stop_ids must be a sequence of token ids"),
+             ({"stop_ids": "</s>"}, TypeError, "stop_ids must be a sequence of token ids"),
+             ({"stop_ids": [2.0]}, ValueError, "stop_ids must hold int token ids"),
+             ({"generator": 123}, TypeError, "generator must be a torch.Generator"),
+             ({"input_ids": torch.full((1, 59), 5), "max_new_tokens": 2}, ValueError,
+              r"max_new_tokens=2 does not fit: .* position 64, .*max_position_embeddings=64 \(at most 1 new"),
+             ({"max_new_tokens": 200}, ValueError, "max_new_tokens=200 does not fit")]
+    monkeypatch.setattr(model.lm.model, "forward", lambda *a, **k: pytest.fail("the decoder ran"))
+    for kw, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            generate_with_thoughts(model, **{"input_ids": ids, "max_new_tokens": 2, **kw})
+    monkeypatch.undo()
+    toks, _, _ = generate_with_thoughts(model, torch.full((1, 59), 5), max_new_tokens=1)   # the longest that fits
+    assert toks.shape == (1, 1)
