@@ -275,6 +275,9 @@ class QuietStarModel(nn.Module):
         attention), the tokenizer when given, and the Quiet-STaR extras: `quietstar.safetensors`
         (markers, mixing head) and `quietstar.json` (the thought config, the vocabulary size)."""
         from safetensors.torch import save_file
+        if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):   # before any file
+            raise TypeError(f"tokenizer must be a Hugging Face tokenizer (with save_pretrained) or None, got "
+                            f"{type(tokenizer).__name__} {tokenizer!r:.80}")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(out)

@@ -3,6 +3,7 @@ transformers loads it on its own), the tokenizer, the Quiet-STaR extras; a round
 model; bad folders get clear errors; quietstar-train writes the export."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,12 @@ def test_training_from_an_export_continues_its_extras(tmp_path):
                 progress=False)
     assert not torch.equal(res["model"].markers.detach() * 100, effective)     # a decoder folder: fresh extras
     assert torch.count_nonzero(res["model"].mixing_head.net[-1].weight) == 0
+
+
+def test_save_pretrained_checks_the_tokenizer_before_writing(tmp_path):
+    """A tokenizer that is not one (a name, say) is refused before any file is written: it was an AttributeError
+    after the decoder's files, a half-written export."""
+    model = _model(V=97)
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer .*got str 'mistral'"):
+        model.save_pretrained(tmp_path / "exp", tokenizer="mistral")
+    assert not (tmp_path / "exp").exists()
