@@ -180,6 +180,10 @@ def test_damaged_exports_are_one_error_naming_the_folder_and_the_file(tmp_path, 
         with pytest.raises(ValueError, match=f"^{where}.*{msg}"):   # "{d}: its config.json ...": file in msg
             QuietStarModel.from_pretrained(d)
     monkeypatch.undo()
+    from quietstar.model import load_export_tokenizer
+    bad_tok = tmp_path / f"v{[c[0] for c in cases].index('tokenizer.json')}"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad_tok / 'tokenizer.json'))}: cannot be read as a"):
+        load_export_tokenizer(bad_tok)
     d = tmp_path / "no-weights"
     shutil.copytree(src, d)
     (d / "model.safetensors").unlink()
