@@ -168,7 +168,8 @@ def test_damaged_exports_are_one_error_naming_the_folder_and_the_file(tmp_path, 
               r"its decoder weights \(model.safetensors\) cannot be loaded"),
              ("tokenizer.json", write("tokenizer.json", "{"), True, "not a tokenizers tokenizer.json"),
              ("quietstar.safetensors", write("quietstar.safetensors", "garbage"), True, "not a safetensors file"),
-             ("quietstar.safetensors", drop_head_tensor, True, "mixing head does not fit this model: net.0.weight missing")]
+             ("quietstar.safetensors", drop_head_tensor, True,
+              "mixing head does not fit this model: net.0.weight missing")]
     real = transformers.AutoModelForCausalLM.from_pretrained
     for i, (name, damage, may_build, msg) in enumerate(cases):
         d = tmp_path / f"v{i}"
