@@ -9,6 +9,8 @@ default differs on purpose its docstring says why (the `--model tiny` preset, TI
 from __future__ import annotations
 
 import json
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +80,25 @@ class ModelConfig:
                              f"ModelConfig.num_kv_heads={self.num_kv_heads}")
 
 
+def check_banned_ids(ids) -> tuple[int, ...]:
+    """`ThoughtConfig.banned_ids` as a tuple of ints, duplicates dropped (first occurrence kept). Ints, or the
+    decimal strings that `--banned-ids` gives (argparse parses a tuple field with an empty default as text);
+    a single str, bools and floats are refused."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"ThoughtConfig.banned_ids must be a sequence of token ids, got {type(ids).__name__} {ids!r}")
+    out = []
+    for i in ids:
+        if isinstance(i, str):
+            try:
+                i = int(i)
+            except ValueError:
+                raise ValueError(f"ThoughtConfig.banned_ids must hold integer token ids, got {i!r}") from None
+        elif not isinstance(i, numbers.Integral) or isinstance(i, bool):
+            raise TypeError(f"ThoughtConfig.banned_ids must hold int token ids, got {type(i).__name__} {i!r}")
+        out.append(int(i))
+    return tuple(dict.fromkeys(out))
+
+
 @dataclass
 class ThoughtConfig:
     M: int = 9
@@ -96,7 +117,8 @@ class ThoughtConfig:
     marker_init_text: str = "---"
     """Both markers start as the input embedding of this text's first token."""
     banned_ids: tuple[int, ...] = ()
-    """Extra token ids never sampled as thoughts (the tokenizer's padding id is always banned when it has one)."""
+    """Extra token ids never sampled as thoughts (the tokenizer's padding id is always banned when it has one);
+    duplicates are dropped."""
 
     @property
     def L(self) -> int:
@@ -104,16 +126,22 @@ class ThoughtConfig:
         return self.M + self.K + 1
 
     def __post_init__(self):
-        if self.M < 1:
-            raise ValueError(f"ThoughtConfig.M must be >= 1 (sampled thought tokens), got {self.M}")
-        if self.K < 1:
-            raise ValueError(f"ThoughtConfig.K must be >= 1 (talk tokens), got {self.K}")
-        if self.P < 1:
-            raise ValueError(f"ThoughtConfig.P must be >= 1 (passes), got {self.P}")
+        for f, what in (("M", "sampled thought tokens"), ("K", "talk tokens"), ("P", "passes")):
+            v = getattr(self, f)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise TypeError(f"ThoughtConfig.{f} must be an int ({what}), got {type(v).__name__} {v!r}")
+            if v < 1:
+                raise ValueError(f"ThoughtConfig.{f} must be >= 1 ({what}), got {v}")
+            setattr(self, f, int(v))
         for f in ("tau_sample", "tau_reinforce", "marker_scale"):
-            if not getattr(self, f) > 0:
-                raise ValueError(f"ThoughtConfig.{f} must be positive, got {getattr(self, f)}")
-        self.banned_ids = tuple(int(i) for i in self.banned_ids)
+            v = getattr(self, f)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):
+                raise TypeError(f"ThoughtConfig.{f} must be a number, got {type(v).__name__} {v!r}")
+            if not v > 0:
+                raise ValueError(f"ThoughtConfig.{f} must be positive, got {v}")
+        if not isinstance(self.marker_init_text, str):
+            raise TypeError(f"ThoughtConfig.marker_init_text must be a str, got {type(self.marker_init_text).__name__}")
+        self.banned_ids = check_banned_ids(self.banned_ids)
 
 
 @dataclass

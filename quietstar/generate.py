@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,45 @@ def thought_logits(model: QuietStarModel, h: torch.Tensor, banned: torch.Tensor)
     return z.index_fill_(1, banned, float("-inf")) if banned.numel() else z
 
 
+def check_token_ids(name: str, ids, shape: tuple, shape_text: str, device, V: int, sync: bool = True) -> None:
+    """Refuse anything but an int64/int32 tensor `name` of `shape` on `device` holding ids in [0, V). The ids are
+    read on the CPU; on a GPU only with `sync` (a host sync: not once per generated token)."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 tensor of token ids, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {shape_text}, got shape {tuple(ids.shape)}")
+    if ids.device != torch.device(device):
+        raise ValueError(f"{name} is on {ids.device} but the decoder is on {device}")
+    if (sync or ids.device.type == "cpu") and ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
+        bad = ids[(ids < 0) | (ids >= V)]
+        raise ValueError(f"{name} must hold token ids in [0, V={V}), got {bad[:4].tolist()}")
+
+
+def check_prompt(model: QuietStarModel, input_ids, attention_mask) -> torch.Tensor:
+    """Validate a left-padded prompt batch; return its mask as bool (B, S): True where `attention_mask` is non-zero
+    (any non-zero value attends, as in Hugging Face models), all True without one."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a (B, S) int64 tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be (B, S) with B >= 1 and S >= 1, got shape {tuple(input_ids.shape)}")
+    check_token_ids("input_ids", input_ids, input_ids.shape, "(B, S)", model.lm_head_weight.device,
+                    model.lm.model.embed_tokens.num_embeddings)
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor (or None), got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+    mask = attention_mask != 0
+    if not bool(mask[:, -1].all()):
+        raise ValueError("attention_mask: pad the prompts on the left (the last column must be real tokens)")
+    return mask
+
+
 class ThinkingDecoder:
     """A batch of sequences with the decoder's KV cache; `think()` and `advance()` make one token.
 
@@ -60,18 +101,9 @@ class ThinkingDecoder:
 
     def __init__(self, model: QuietStarModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         from transformers import DynamicCache
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be (B, S) with S >= 1, got shape {tuple(input_ids.shape)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask: pad the prompts on the left (the last column must be real tokens)")
         self.model = model
+        self.mask = check_prompt(model, input_ids, attention_mask).long()
         self.banned = torch.tensor(model.banned_ids, dtype=torch.long, device=input_ids.device)
-        self.mask = attention_mask.long()
         self.pos = self.mask.sum(1) - 1                   # (B,) RoPE position of each row's last token
         self.cache = DynamicCache(config=model.lm.config)
         position_ids = (self.mask.cumsum(1) - 1).clamp_min(0)
@@ -98,8 +130,9 @@ class ThinkingDecoder:
         """One thought for every row (sampled; or its argmax tokens with `greedy_thought`; or `thought` (B, M)
         forced) and the mixed next-token log-probs."""
         B, M = self.h_base.shape[0], self.model.thought.M
-        if thought is not None and tuple(thought.shape) != (B, M):
-            raise ValueError(f"thought must be (B={B}, M={M}), got {tuple(thought.shape)}")
+        if thought is not None:
+            check_token_ids("thought", thought, (B, M), f"(B={B}, M={M})", self.h_base.device,
+                            self.model.lm.model.embed_tokens.num_embeddings, sync=False)
         th = self._think(1, generator, None if thought is None else thought[:, None], greedy_thought)
         return Thought(tokens=th.tokens[:, 0], w=th.w[:, 0], logp_mix=th.logp_mix[:, 0])
 
@@ -111,10 +144,13 @@ class ThinkingDecoder:
         draw from the same distribution, not the same random numbers), but the n thoughts of a row decode as n rows
         of one batch: M + 2 decode steps, not n (M + 2), for a KV cache copied n times while they run."""
         B, M = self.h_base.shape[0], self.model.thought.M
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool):
+            raise TypeError(f"n must be an int (thoughts per row), got {type(n).__name__} {n!r}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if thoughts is not None and tuple(thoughts.shape) != (B, n, M):
-            raise ValueError(f"thoughts must be (B={B}, n={n}, M={M}), got {tuple(thoughts.shape)}")
+        if thoughts is not None:
+            check_token_ids("thoughts", thoughts, (B, n, M), f"(B={B}, n={n}, M={M})", self.h_base.device,
+                            self.model.lm.model.embed_tokens.num_embeddings, sync=False)
         return self._think(n, generator, thoughts, greedy_thought)
 
     def _think(self, n, generator, thoughts, greedy_thought) -> Thought:
@@ -166,10 +202,20 @@ class ThinkingDecoder:
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor) -> None:
-        """Append the chosen next token (B,) of every row as a base step."""
-        self.pos = self.pos + 1
-        self.h_base = self._step(self.model.embed(tokens), self.pos)
-        self.length += 1
+        """Append the chosen next token (B,) of every row as a base step. Bad `tokens` are refused before anything
+        changes (ids outside [0, V) only when on the CPU: on a GPU that check would sync once per token), and a
+        step that fails leaves the decoder as it was: the cache, the mask and the positions."""
+        B = self.h_base.shape[0]
+        check_token_ids("tokens", tokens, (B,), f"(B={B},)", self.h_base.device,
+                        self.model.lm.model.embed_tokens.num_embeddings, sync=False)
+        n0, mask0 = self.length, self.mask
+        try:
+            h = self._step(self.model.embed(tokens), self.pos + 1)
+        except BaseException:
+            self._restore(n0, B, 1)
+            self.mask = mask0
+            raise
+        self.h_base, self.pos, self.length = h, self.pos + 1, n0 + 1
 
 
 @torch.no_grad()
@@ -179,18 +225,45 @@ def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, atten
     """Generate up to `max_new_tokens` per row, thinking before each. temperature 0: greedy.
 
     Returns (tokens (B, n) int64, thoughts (B, n, n_thoughts, M) int64, w (B, n, n_thoughts)); a row that
-    produced a stop id keeps producing it (so it can be cut there) and the loop ends when all rows have."""
-    if n_thoughts < 1:
-        raise ValueError(f"n_thoughts must be >= 1, got {n_thoughts}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    produced a stop id keeps producing it (so it can be cut there) and the loop ends when all rows have. Every
+    argument is checked before any work, the length included: the last thought must fit the model's
+    max_position_embeddings (as quietstar_forward's chains must) and a sliding window."""
+    mask = check_prompt(model, input_ids, attention_mask)
+    for name, v, low in (("max_new_tokens", max_new_tokens, 1), ("n_thoughts", n_thoughts, 1)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if v < low:
+            raise ValueError(f"{name} must be >= {low}, got {v}")
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a number (0: greedy), got {type(temperature).__name__} {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != input_ids.device.type:
+        raise ValueError(f"generator is on {generator.device} but input_ids is on {input_ids.device}")
+    V = model.lm_head_weight.shape[0]
+    if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
+        raise TypeError(f"stop_ids must be a sequence of token ids (e.g. [tok.eos_token_id]), got "
+                        f"{type(stop_ids).__name__} {stop_ids!r}")
+    stop_ids = list(stop_ids)
+    bad = [i for i in stop_ids if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 0 <= i < V]
+    if bad:
+        raise ValueError(f"stop_ids must hold int token ids in [0, V={V}), got {bad[:4]}")
+    M, S = model.thought.M, input_ids.shape[1]
+    # the last thought's <eot> sits at RoPE position (n - 1) + (max_new_tokens - 1) + M + 2 for a row of n prompt
+    # tokens: as quietstar_forward's check_lengths, it must be below max_position_embeddings
+    n = int(mask.sum(1).max())
+    if n + max_new_tokens + M >= model.max_positions:
+        raise ValueError(f"max_new_tokens={max_new_tokens} does not fit: after a prompt of {n} tokens, the last "
+                         f"thought (M + 2 = {M + 2} tokens) would reach position {n + max_new_tokens + M}, but the "
+                         f"model has max_position_embeddings={model.max_positions} (at most "
+                         f"{max(model.max_positions - 1 - n - M, 0)} new tokens for this prompt)")
     # the last thought follows S + max_new_tokens - 1 cached tokens (ThinkingDecoder.think's condition): refused
     # now rather than mid-generation
-    model.check_window(input_ids.shape[1] + max_new_tokens + model.thought.M + 2,
-                       f"max_new_tokens={max_new_tokens} after a prompt of {input_ids.shape[1]} tokens (with its "
-                       f"padding), with a thought of M + 2 = {model.thought.M + 2} tokens before each")
+    model.check_window(S + max_new_tokens + M + 2,
+                       f"max_new_tokens={max_new_tokens} after a prompt of {S} tokens (with its "
+                       f"padding), with a thought of M + 2 = {M + 2} tokens before each")
     dec = ThinkingDecoder(model, input_ids, attention_mask)
     B = input_ids.shape[0]
     stop = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long, device=input_ids.device)

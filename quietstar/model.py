@@ -21,6 +21,8 @@ SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 EXTRAS_WEIGHTS = "quietstar.safetensors"     # markers + mixing head, beside the decoder's own files
 EXTRAS_CONFIG = "quietstar.json"
 EXPORT_FORMAT = "quietstar-export-1"
+DECODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")   # what transformers' save_pretrained writes
+LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
 def tiny_mistral_config(cfg: ModelConfig):
@@ -47,16 +49,18 @@ def check_decoder(lm) -> None:
         raise ValueError("model: an LM head with a bias is not supported (the fused LM head is W h)")
 
 
-def _folder_config(name: str):
-    """The config.json of a local model folder (never a Hub id), refused unless Mistral or Llama."""
+def _folder_config(name, who: str | None = None):
+    """The config.json of a local model folder (never a Hub id), refused unless Mistral or Llama; errors begin with
+    `who` (default: "--model NAME")."""
     from transformers import AutoConfig
+    who = who or f"--model {name}"
     try:
         hf_cfg = AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as e:      # e.g. a config.json that is not JSON, or without model_type
-        raise ValueError(f"--model {name}: its config.json cannot be read ({' '.join(str(e).split())[:300]})") from e
+        raise ValueError(f"{who}: its config.json cannot be read ({' '.join(str(e).split())[:300]})") from e
     if hf_cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"--model {name}: expected a Mistral- or Llama-architecture folder, "
-                         f"got model_type={hf_cfg.model_type!r}")
+        raise ValueError(f"{who}: expected a Mistral- or Llama-architecture folder, got model_type="
+                         f"{hf_cfg.model_type!r} in its config.json")
     return hf_cfg
 
 
@@ -135,14 +139,64 @@ def retie_embeddings(lm) -> None:
 
 
 def _extras_meta(d: Path) -> dict:
-    """An export's quietstar.json, checked: its format, and no option that has been removed since."""
-    meta = json.loads((d / EXTRAS_CONFIG).read_text())
+    """An export's quietstar.json, checked: a JSON object in this format with the keys `save_pretrained` writes, of
+    their types, a valid thought config and no option that has been removed since. Else one ValueError naming it."""
+    path = d / EXTRAS_CONFIG
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:                 # JSONDecodeError (an empty file too), UnicodeDecodeError
+        raise ValueError(f"{path}: not JSON ({e}); QuietStarModel.save_pretrained writes it") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{d / EXTRAS_CONFIG}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    if meta["thought"].get("mixing", "unbounded") != "unbounded":   # exports written before the option was removed
-        raise ValueError(f"{d / EXTRAS_CONFIG}: mixing={meta['thought']['mixing']!r} is no longer supported "
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    missing = [k for k in ("thought", "vocab_size", "hidden_size", "banned_ids") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: {', '.join(missing)} missing")
+    for k in ("vocab_size", "hidden_size"):
+        if not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 1:
+            raise ValueError(f"{path}: {k} must be a positive int, got {meta[k]!r}")
+    if not isinstance(meta["banned_ids"], list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                           for i in meta["banned_ids"]):
+        raise ValueError(f"{path}: banned_ids must be a list of ints, got {meta['banned_ids']!r}")
+    saved = meta["thought"]
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: thought must be a JSON object (the ThoughtConfig), got {saved!r}")
+    if saved.get("mixing", "unbounded") != "unbounded":   # exports written before the option was removed
+        raise ValueError(f"{path}: mixing={saved['mixing']!r} is no longer supported "
                          "(only the unbounded mixing weight is; see MixingHead)")
+    _export_thought(path, saved)
     return meta
+
+
+def _export_thought(path: Path, saved: dict) -> ThoughtConfig:
+    """The ThoughtConfig of quietstar.json's "thought" (at `path`); unknown or missing M/K/P keys and invalid values
+    are one ValueError naming the file."""
+    fields = {f.name for f in dataclasses.fields(ThoughtConfig)}
+    unknown = sorted(set(saved) - fields - {"mixing"})
+    missing = [k for k in ("M", "K", "P") if k not in saved]
+    if unknown or missing:
+        raise ValueError(f"{path}: thought has " + "; ".join(
+            ([f"unknown keys {unknown} (ThoughtConfig's fields: {sorted(fields)})"] if unknown else []) +
+            ([f"no {', '.join(missing)}"] if missing else [])))
+    try:
+        return ThoughtConfig(**{k: v for k, v in saved.items() if k != "mixing"})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: thought is not a valid ThoughtConfig: {e}") from e
+
+
+def load_dtype(dtype):
+    """`from_pretrained`'s dtype as transformers takes it: a floating torch dtype, or a name in LOAD_DTYPES."""
+    if isinstance(dtype, str):
+        if dtype not in LOAD_DTYPES:
+            raise ValueError(f"dtype must be a floating torch dtype or one of {tuple(LOAD_DTYPES)}, got {dtype!r}")
+        return LOAD_DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a floating torch dtype or one of {tuple(LOAD_DTYPES)}, got "
+                        f"{type(dtype).__name__} {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (the weights are), got {dtype}")
+    return dtype
 
 
 def load_export_tokenizer(directory):
@@ -152,18 +206,27 @@ def load_export_tokenizer(directory):
     if not (Path(directory) / "tokenizer.json").exists():
         raise FileNotFoundError(f"{directory} holds no tokenizer.json: save the export with "
                                 "save_pretrained(dir, tokenizer=tok)")
-    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+    except Exception as e:      # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{Path(directory) / 'tokenizer.json'}: cannot be read as a tokenizer "
+                         f"({' '.join(str(e).split())[:300]})") from e
 
 
 def _tokenizer_vocab_size(path: Path) -> int | None:
     """1 + the largest id of a tokenizers `tokenizer.json` (its vocabulary and added tokens); None if absent."""
     if not path.exists():
         return None
-    tj = json.loads(path.read_text())
-    vocab = (tj.get("model") or {}).get("vocab") or {}
-    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))   # BPE: dict; Unigram: list
-    ids += [t["id"] for t in tj.get("added_tokens") or []]
-    return max(ids) + 1 if ids else None
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+        vocab = (tj.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # BPE: dict; Unigram: list
+        ids += [t["id"] for t in tj.get("added_tokens") or []]
+        if not all(isinstance(i, int) for i in ids):
+            raise TypeError("token ids that are not ints")
+        return max(ids) + 1 if ids else None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:    # not JSON, or not a tokenizers file's layout
+        raise ValueError(f"{path}: not a tokenizers tokenizer.json ({type(e).__name__}: {e})") from e
 
 
 class MixingHead(nn.Module):
@@ -275,6 +338,9 @@ class QuietStarModel(nn.Module):
         attention), the tokenizer when given, and the Quiet-STaR extras: `quietstar.safetensors`
         (markers, mixing head) and `quietstar.json` (the thought config, the vocabulary size)."""
         from safetensors.torch import save_file
+        if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):   # before any file
+            raise TypeError(f"tokenizer must be a Hugging Face tokenizer (with save_pretrained) or None, got "
+                            f"{type(tokenizer).__name__} {tokenizer!r:.80}")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(out)
@@ -291,14 +357,20 @@ class QuietStarModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, dtype=torch.float32, device=None) -> "QuietStarModel":
-        """Load what `save_pretrained` wrote (the decoder with the "quietstar" attention registered)."""
+        """Load what `save_pretrained` wrote (the decoder with the "quietstar" attention registered). `dtype`: a
+        floating torch dtype, "float32", "float16", "bfloat16", or "auto" (the dtype the weights were saved in).
+        A missing file is a FileNotFoundError; a damaged one a ValueError naming the folder and the file."""
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
+        dtype = load_dtype(dtype)
         d = Path(directory)
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: no such folder (an export is the folder quietstar-train writes as "
                                     "OUT_DIR/export)" if not d.exists() else
                                     f"{d} is a file; an export is a folder (quietstar-train's OUT_DIR/export)")
         missing = [n for n in ("config.json", EXTRAS_WEIGHTS, EXTRAS_CONFIG) if not (d / n).exists()]
+        if not any((d / n).exists() for n in DECODER_WEIGHTS):
+            missing.insert(1, DECODER_WEIGHTS[0])
         if missing:
             hint = (f"; {d} looks like a quietstar-train run folder: its export is {d / 'export'}"
                     if cls.is_export(d / "export") else "")
@@ -306,7 +378,12 @@ class QuietStarModel(nn.Module):
                 f"{d} is not a Quiet-STaR export: {', '.join(missing)} missing (QuietStarModel.save_pretrained "
                 f"writes them; a plain Hugging Face decoder folder is a --model for quietstar-train instead){hint}")
         meta = _extras_meta(d)
-        lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, local_files_only=True)
+        hf_cfg = _folder_config(d, str(d))       # a decoder of another architecture is refused before it is built
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(d, config=hf_cfg, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, SafetensorError) as e:     # e.g. a truncated or garbled model.safetensors
+            raise ValueError(f"{d}: its decoder weights ({DECODER_WEIGHTS[0]}) cannot be loaded "
+                             f"({' '.join(str(e).split())[:300]})") from e
         check_decoder(lm)
         lm.config._attn_implementation = attention.register()
         V, hidden = int(lm.lm_head.weight.shape[0]), int(lm.config.hidden_size)
@@ -318,9 +395,11 @@ class QuietStarModel(nn.Module):
         if n_tok is not None and n_tok > V:
             raise ValueError(f"{d}: the tokenizer (tokenizer.json) has ids up to {n_tok - 1} but the decoder's "
                              f"vocabulary is {V}: a mismatched vocabulary")
-        saved = {k: v for k, v in meta["thought"].items() if k != "mixing"}
-        thought = ThoughtConfig(**{**saved, "banned_ids": tuple(saved["banned_ids"])})
-        model = cls(lm, thought)
+        thought = _export_thought(d / EXTRAS_CONFIG, meta["thought"])
+        try:
+            model = cls(lm, thought)
+        except ValueError as e:             # banned ids outside this decoder's vocabulary
+            raise ValueError(f"{d / EXTRAS_CONFIG}: {e}") from e
         model.load_extras(d)
         if tuple(model.banned_ids) != tuple(meta["banned_ids"]):
             raise ValueError(f"{d}: banned ids {model.banned_ids} of the loaded model differ from the saved "
@@ -336,6 +415,7 @@ class QuietStarModel(nn.Module):
         """Load an export's markers and mixing head into this model (whose decoder may come from the same export:
         `quietstar-train --model EXPORT` continues a trained model). The markers are stored divided by
         marker_scale: a model with another scale gets the same effective markers, stored / its own scale."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         d = Path(directory)
         meta = _extras_meta(d)
@@ -344,19 +424,29 @@ class QuietStarModel(nn.Module):
             raise ValueError(f"{d}: Quiet-STaR extras saved for vocabulary {meta['vocab_size']} and hidden size "
                              f"{meta['hidden_size']}, but the decoder has {int(self.lm_head_weight.shape[0])} and "
                              f"{hidden}")
-        extras = load_file(str(d / EXTRAS_WEIGHTS))
+        try:
+            extras = load_file(str(d / EXTRAS_WEIGHTS))
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{d / EXTRAS_WEIGHTS}: not a safetensors file ({' '.join(str(e).split())[:300]})") from e
         if "markers" not in extras:
             raise ValueError(f"{d / EXTRAS_WEIGHTS}: no markers (not written by QuietStarModel.save_pretrained)")
         if tuple(extras["markers"].shape) != (2, hidden):
             raise ValueError(f"{d / EXTRAS_WEIGHTS}: markers of shape {tuple(extras['markers'].shape)}, "
                              f"expected (2, {hidden})")
+        head = {k.removeprefix("mixing_head."): v for k, v in extras.items() if k != "markers"}
+        want = self.mixing_head.state_dict()
+        bad = ([f"{k} missing" for k in want if k not in head] + [f"unexpected {k}" for k in head if k not in want] +
+               [f"{k} {tuple(head[k].shape)}, expected {tuple(v.shape)}" for k, v in want.items()
+                if k in head and head[k].shape != v.shape])
+        if bad:     # checked before anything is copied: a refused file leaves this model as it was
+            raise ValueError(f"{d / EXTRAS_WEIGHTS}: its mixing head does not fit this model: {'; '.join(bad)}")
         saved_scale = float(meta["thought"].get("marker_scale", self.thought.marker_scale))
         m = extras.pop("markers")
         if saved_scale != self.thought.marker_scale:
             m = m.double() * saved_scale / self.thought.marker_scale
         with torch.no_grad():
             self.markers.copy_(m)
-        self.mixing_head.load_state_dict({k.removeprefix("mixing_head."): v for k, v in extras.items()})
+        self.mixing_head.load_state_dict(head)
 
     def hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, layout) -> torch.Tensor:
         """Final-norm hidden states (B, S, d) of the decoder for the given embeddings and positions."""

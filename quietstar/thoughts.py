@@ -75,17 +75,29 @@ class Backends:
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
-def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None,
-                doc_start: torch.Tensor | None = None) -> torch.Tensor:
-    """Validate a batch (and its (B, T) ``doc_start``, if any: values checked on the CPU only);
-    return valid_next (B, T) bool: True where target x_{t+1} is scored."""
+def check_backends(backends) -> None:
+    """Refuse anything but a `Backends` (a backend name alone says neither which op nor which the other is)."""
+    if not isinstance(backends, Backends):
+        raise TypeError(f"backends must be a Backends(attention=..., lm_head=...), got {type(backends).__name__} "
+                        f"{backends!r}")
+
+
+def check_input_ids(input_ids: torch.Tensor, min_T: int) -> None:
+    """Refuse anything but a (B, T) int64 (or int32) tensor with T >= min_T."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must be an int64 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] < min_T:
+        raise ValueError(f"input_ids must have T >= {min_T} tokens per row, got T={input_ids.shape[1]}")
+
+
+def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None,
+                doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Validate a batch (and its (B, T) ``doc_start``, if any: values checked on the CPU only);
+    return valid_next (B, T) bool: True where target x_{t+1} is scored."""
+    check_input_ids(input_ids, 2)
     B, T = input_ids.shape
-    if T < 2:
-        raise ValueError(f"input_ids must have T >= 2 tokens per row, got T={T}")
     if valid_next is None:
         valid_next = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
     elif valid_next.shape != (B, T) or valid_next.dtype != torch.bool:
@@ -137,6 +149,11 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
     on the device whose entry l keys step l's Philox noise (a CUDA graph reads them from a static
     buffer; quietstar/graphs.py). Drawing them as M one-element randints from a generator gives
     exactly the tokens of the generator path."""
+    check_input_ids(input_ids, 1)
+    check_backends(backends)
+    docs = _documents(docs)
+    if docs is not None:
+        check_doc_start(docs.doc_start, *input_ids.shape, input_ids.device, values=False)   # its values: Documents
     return _sample(model, input_ids, backends, generator, seeds, docs).thoughts
 
 
@@ -324,6 +341,22 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
                                           logp_thought=lp_s)
 
 
+def check_thoughts(model: QuietStarModel, thoughts, B: int, T: int, device) -> None:
+    """Refuse given thoughts unless a (B, P, T, M) int64 (or int32) tensor on `device` whose ids are in [0, V) (read
+    on the CPU only: on a GPU that would sync every step)."""
+    P, M, V = model.thought.P, model.thought.M, model.lm_head_weight.shape[0]
+    if not isinstance(thoughts, torch.Tensor) or thoughts.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"thoughts must be an int64 tensor of token ids, got "
+                        f"{getattr(thoughts, 'dtype', type(thoughts).__name__)}")
+    if thoughts.shape != (B, P, T, M):
+        raise ValueError(f"thoughts must be (B={B}, P={P}, T={T}, M={M}), got {tuple(thoughts.shape)}")
+    if thoughts.device != torch.device(device):
+        raise ValueError(f"thoughts is on {thoughts.device} but input_ids is on {device}")
+    if thoughts.device.type == "cpu" and not bool(((thoughts >= 0) & (thoughts < V)).all()):
+        bad = thoughts[(thoughts < 0) | (thoughts >= V)]
+        raise ValueError(f"thoughts must hold token ids in [0, V={V}), got {bad[:4].tolist()}")
+
+
 def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,
                       loss_cfg: LossConfig, schedule: str = "sample-then-train",
                       backends: Backends = Backends(), generator: torch.Generator | None = None,
@@ -332,16 +365,20 @@ def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next
     """Sample thoughts (unless given), run the chains by `schedule`, return (loss, metrics, extras).
 
     doc_start (B, T): the rows' packed documents (quietstar/data.py), each position attending within
-    its own document; None: one document per row."""
+    its own document; None: one document per row. Given `thoughts` must be (B, P, T, M) integer token ids
+    on input_ids' device; their values are checked (in [0, V)) on the CPU only, as doc_start's are."""
     valid_next = check_batch(input_ids, valid_next, doc_start)
+    check_backends(backends)
+    if not isinstance(loss_cfg, LossConfig):
+        raise TypeError(f"loss_cfg must be a LossConfig, got {type(loss_cfg).__name__} {loss_cfg!r}")
     docs = None if doc_start is None else Documents(doc_start)
     model.check_lengths(input_ids.shape[1])
     th = model.thought
     B, T = input_ids.shape
     if thoughts is None:
         thoughts = sample_thoughts(model, input_ids, backends, generator, docs=docs)
-    elif thoughts.shape != (B, th.P, T, th.M):
-        raise ValueError(f"thoughts must be (B={B}, P={th.P}, T={T}, M={th.M}), got {tuple(thoughts.shape)}")
+    else:
+        check_thoughts(model, thoughts, B, T, input_ids.device)
     if schedule == "sample-then-train":
         h_base, h_chain = run_sample_then_train(model, input_ids, thoughts, backends, docs)
     elif schedule == "sequential":
@@ -378,6 +415,7 @@ def thought_predictions(model: QuietStarModel, input_ids: torch.Tensor, valid_ne
     Returns lp_base (B, T) and lp_mix (B, P, T): log p(x_{t+1}), 0 where not scored; w (B, P, T): the
     mixing weight; thoughts (B, P, T, M)."""
     valid_next = check_batch(input_ids, valid_next, doc_start)
+    check_backends(backends)
     docs = None if doc_start is None else Documents(doc_start)
     model.check_lengths(input_ids.shape[1])
     B, T = input_ids.shape
@@ -409,6 +447,7 @@ def plain_lm_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next:
     1; no thought is sampled and the markers and mixing head get no gradient. Returns (loss, metrics,
     extras) like quietstar_forward."""
     valid_next = check_batch(input_ids, valid_next, doc_start)
+    check_backends(backends)
     B, T = input_ids.shape
     # the Quiet-STaR base pass's computation (its attention, causal within documents with doc_start, and LM-head
     # op), so that a control and a Quiet-STaR model are scored with the same numerics (quietstar/evaluate.py)

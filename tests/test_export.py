@@ -3,6 +3,7 @@ transformers loads it on its own), the tokenizer, the Quiet-STaR extras; a round
 model; bad folders get clear errors; quietstar-train writes the export."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,92 @@ def test_training_from_an_export_continues_its_extras(tmp_path):
                 progress=False)
     assert not torch.equal(res["model"].markers.detach() * 100, effective)     # a decoder folder: fresh extras
     assert torch.count_nonzero(res["model"].mixing_head.net[-1].weight) == 0
+
+
+def test_damaged_exports_are_one_error_naming_the_folder_and_the_file(tmp_path, tiny_export, monkeypatch):
+    """Each damaged file of an export is one ValueError naming the folder and the file (not a JSONDecodeError,
+    KeyError, TypeError, SafetensorError...); quietstar.json and config.json are checked before the decoder is built
+    (a GPT-2 config.json is not built at all); a missing model.safetensors is in the missing-files check."""
+    import shutil
+    import transformers
+    from safetensors.torch import load_file, save_file
+    src = tiny_export(P=1)
+
+    def write(name, text):
+        return lambda d: (d / name).write_text(text)
+
+    def edit(name, fn):
+        def go(d):
+            j = json.loads((d / name).read_text())
+            fn(j)
+            (d / name).write_text(json.dumps(j))
+        return go
+
+    def drop_head_tensor(d):
+        e = load_file(str(d / "quietstar.safetensors"))
+        e.pop("mixing_head.net.0.weight")
+        save_file(e, str(d / "quietstar.safetensors"))
+
+    Q, built = "quietstar.json", False      # built: whether the decoder may be built before the error
+    cases = [(Q, write(Q, ""), built, "not JSON"), (Q, write(Q, "{not json"), built, "not JSON"),
+             (Q, write(Q, "[]"), built, "expected a JSON object, got a list"),
+             (Q, edit(Q, lambda j: j.pop("thought")), built, "thought missing"),
+             (Q, edit(Q, lambda j: j.pop("vocab_size")), built, "vocab_size missing"),
+             (Q, edit(Q, lambda j: j.pop("banned_ids")), built, "banned_ids missing"),
+             (Q, edit(Q, lambda j: j["thought"].update(foo=1)), built, r"thought has unknown keys \['foo'\]"),
+             (Q, edit(Q, lambda j: j["thought"].update(M="3")), built, "ThoughtConfig.M must be an int"),
+             (Q, edit(Q, lambda j: j["thought"].pop("M")), built, "thought has no M"),
+             (Q, edit(Q, lambda j: j.update(vocab_size="32000")), built, "vocab_size must be a positive int"),
+             (Q, edit(Q, lambda j: (j["thought"].update(banned_ids=[99999]), j.update(banned_ids=[99999]))), True,
+              r"banned_ids \[99999\] are outside the vocabulary"),
+             ("config.json", write("config.json", "{"), built, "its config.json cannot be read"),
+             ("config.json", edit("config.json", lambda j: j.update(model_type="gpt2")), built,
+              "expected a Mistral- or Llama-architecture folder, got model_type='gpt2' in its config.json"),
+             ("model.safetensors", write("model.safetensors", "xx"), True,
+              r"its decoder weights \(model.safetensors\) cannot be loaded"),
+             ("tokenizer.json", write("tokenizer.json", "{"), True, "not a tokenizers tokenizer.json"),
+             ("quietstar.safetensors", write("quietstar.safetensors", "garbage"), True, "not a safetensors file"),
+             ("quietstar.safetensors", drop_head_tensor, True,
+              "mixing head does not fit this model: net.0.weight missing")]
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    for i, (name, damage, may_build, msg) in enumerate(cases):
+        d = tmp_path / f"v{i}"
+        shutil.copytree(src, d)
+        damage(d)
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                            real if may_build else lambda *a, **k: pytest.fail(f"{name}: the decoder was built"))
+        where = re.escape(f"{d}: " if name in ("config.json", "model.safetensors") else f"{d / name}: ")
+        with pytest.raises(ValueError, match=f"^{where}.*{msg}"):   # "{d}: its config.json ...": file in msg
+            QuietStarModel.from_pretrained(d)
+    monkeypatch.undo()
+    from quietstar.model import load_export_tokenizer
+    bad_tok = tmp_path / f"v{[c[0] for c in cases].index('tokenizer.json')}"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad_tok / 'tokenizer.json'))}: cannot be read as a"):
+        load_export_tokenizer(bad_tok)
+    d = tmp_path / "no-weights"
+    shutil.copytree(src, d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(d))} is not a Quiet-STaR export: model.safetensors "
+                                                "missing"):
+        QuietStarModel.from_pretrained(d)
+
+
+def test_from_pretrained_dtype_names_and_bad_dtypes(tiny_export):
+    """dtype: a floating torch dtype or its name ("float32", "float16", "bfloat16"), or "auto" (the saved dtype,
+    float32 here); "fp16" was "module 'torch' has no attribute 'fp16'"."""
+    out = tiny_export(P=1)
+    for dtype, want in (("bfloat16", torch.bfloat16), ("float16", torch.float16), (torch.bfloat16, torch.bfloat16),
+                        ("float32", torch.float32), ("auto", torch.float32)):
+        assert {p.dtype for p in QuietStarModel.from_pretrained(out, dtype=dtype).parameters()} == {want}, dtype
+    for bad, err in (("fp16", ValueError), (torch.int32, ValueError), (16, TypeError)):
+        with pytest.raises(err, match="dtype must be a floating torch dtype"):
+            QuietStarModel.from_pretrained(out, dtype=bad)
+
+
+def test_save_pretrained_checks_the_tokenizer_before_writing(tmp_path):
+    """A tokenizer that is not one (a name, say) is refused before any file is written: it was an AttributeError
+    after the decoder's files, a half-written export."""
+    model = _model(V=97)
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer .*got str 'mistral'"):
+        model.save_pretrained(tmp_path / "exp", tokenizer="mistral")
+    assert not (tmp_path / "exp").exists()

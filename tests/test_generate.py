@@ -323,3 +323,99 @@ def test_an_error_inside_a_thought_leaves_the_cache_as_before(fail_at, monkeypat
     ref = ThinkingDecoder(model, ids)
     ref.advance(torch.tensor([11, 12]))
     assert torch.allclose(dec.h_base, ref.h_base, atol=1e-6)
+
+
+def test_a_refused_or_failed_advance_leaves_the_decoder_as_before(monkeypatch):
+    """advance checks `tokens` (a (B,) int tensor on the decoder's device, ids in [0, V)) before anything changes,
+    and a step that fails inside the forward restores the cache, the mask and the positions: the next results
+    equal a fresh decoder's exactly. (The position and the mask used to move on first: later log-probs were off.)
+    Forced thoughts are checked likewise."""
+    model = _model()
+    g = torch.Generator().manual_seed(15)
+    ids = torch.randint(3, V, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0                           # row 1 left-padded
+    nxt, forced = torch.tensor([11, 12]), torch.randint(3, V, (2, 3), generator=g)
+    ref = ThinkingDecoder(model, ids, mask)
+    ref.advance(nxt)
+    want = ref.think(thought=forced)
+    cases = [(torch.tensor([11, 12, 13]), ValueError, r"tokens must be \(B=2,\)"),
+             (nxt[:, None], ValueError, r"tokens must be \(B=2,\)"),
+             (nxt.float(), TypeError, "tokens must be an int64 tensor"),
+             ([11, 12], TypeError, "tokens must be an int64 tensor"),
+             (torch.tensor([11, V]), ValueError, r"tokens must hold token ids in \[0, V=97\), got \[97\]"),
+             (torch.tensor([-1, 12]), ValueError, r"tokens must hold token ids in \[0, V=97\)"),
+             ("a forward that fails", RuntimeError, "forward")]
+    for tokens, err, msg in cases:
+        dec = ThinkingDecoder(model, ids, mask)
+        if isinstance(tokens, str):   # layer 1's MLP fails: layer 0 and layer 1's attention cached the step already
+            mlp = model.lm.model.layers[1].mlp
+            monkeypatch.setattr(mlp, "forward", lambda x: (_ for _ in ()).throw(RuntimeError("forward")))
+            tokens = nxt
+        with pytest.raises(err, match=msg):
+            dec.advance(tokens)
+        monkeypatch.undo()
+        assert dec.mask.shape == (2, 6) and dec.cache.get_seq_length() == 6 and dec.length == 6, tokens
+        dec.advance(nxt)
+        got = dec.think(thought=forced)
+        assert torch.equal(dec.pos, ref.pos) and torch.equal(dec.mask, ref.mask), tokens
+        assert torch.equal(got.logp_mix, want.logp_mix) and torch.equal(got.w, want.w), tokens
+    with pytest.raises(TypeError, match="thought must be an int64 tensor"):
+        dec.think(thought=forced.float())
+    with pytest.raises(ValueError, match=r"thought must hold token ids in \[0, V=97\)"):
+        dec.think(thought=forced + V)
+    with pytest.raises(TypeError, match="n must be an int"):
+        dec.think_many(2.0)
+
+
+def test_any_nonzero_attention_mask_value_attends():
+    """attention_mask values other than 0 and 1 (mask * 2, a bool or float mask) mean what they mean to Hugging Face
+    models, non-zero attends: the same positions, thoughts and tokens as the 0/1 mask. (The RoPE positions were
+    the mask's sums: mask * 2 shifted them.)"""
+    model = _model()
+    g = torch.Generator().manual_seed(16)
+    ids = torch.randint(3, V, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    forced = torch.randint(3, V, (2, 3), generator=g)
+    want = ThinkingDecoder(model, ids, mask).think(thought=forced)
+    toks = generate_with_thoughts(model, ids, mask, max_new_tokens=2, generator=torch.Generator().manual_seed(1))
+    for m in (mask * 2, mask.bool(), mask.float() * 0.5):
+        dec = ThinkingDecoder(model, ids, m)
+        assert torch.equal(dec.pos, torch.tensor([5, 2])) and torch.equal(dec.think(thought=forced).logp_mix,
+                                                                         want.logp_mix), m
+        got = generate_with_thoughts(model, ids, m, max_new_tokens=2, generator=torch.Generator().manual_seed(1))
+        assert all(torch.equal(a, b) for a, b in zip(got, toks)), m
+
+
+def test_generate_refuses_bad_arguments_before_any_work(monkeypatch):
+    """Each bad argument of generate_with_thoughts is one clear error naming it, raised before the decoder runs;
+    max_new_tokens must keep the last thought within max_position_embeddings (as quietstar_forward's chains)."""
+    model = _model()                                         # max_position_embeddings=64, M=3
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(17))
+    cases = [({"input_ids": ids[0]}, ValueError, r"input_ids must be \(B, S\)"),
+             ({"input_ids": ids[:0]}, ValueError, r"input_ids must be \(B, S\) with B >= 1"),
+             ({"input_ids": ids.tolist()}, TypeError, "input_ids must be"),
+             ({"input_ids": ids.float()}, TypeError, "input_ids must be an int64 tensor"),
+             ({"input_ids": ids + V}, ValueError, r"input_ids must hold token ids in \[0, V=97\)"),
+             ({"attention_mask": [[1] * 5] * 2}, TypeError, "attention_mask must be a tensor"),
+             ({"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0"),
+             ({"temperature": "1"}, TypeError, "temperature must be a number"),
+             ({"n_thoughts": 0}, ValueError, "n_thoughts must be >= 1"),
+             ({"n_thoughts": 2.5}, TypeError, "n_thoughts must be an int"),
+             ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be >= 1"),
+             ({"max_new_tokens": 1.5}, TypeError, "max_new_tokens must be an int"),
+             ({"stop_ids": 2}, TypeError, "stop_ids must be a sequence of token ids"),
+             ({"stop_ids": "</s>"}, TypeError, "stop_ids must be a sequence of token ids"),
+             ({"stop_ids": [2.0]}, ValueError, "stop_ids must hold int token ids"),
+             ({"generator": 123}, TypeError, "generator must be a torch.Generator"),
+             ({"input_ids": torch.full((1, 59), 5), "max_new_tokens": 2}, ValueError,
+              r"max_new_tokens=2 does not fit: .* position 64, .*max_position_embeddings=64 \(at most 1 new"),
+             ({"max_new_tokens": 200}, ValueError, "max_new_tokens=200 does not fit")]
+    monkeypatch.setattr(model.lm.model, "forward", lambda *a, **k: pytest.fail("the decoder ran"))
+    for kw, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            generate_with_thoughts(model, **{"input_ids": ids, "max_new_tokens": 2, **kw})
+    monkeypatch.undo()
+    toks, _, _ = generate_with_thoughts(model, torch.full((1, 59), 5), max_new_tokens=1)   # the longest that fits
+    assert toks.shape == (1, 1)

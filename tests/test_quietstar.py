@@ -165,6 +165,54 @@ def test_bad_inputs_name_the_argument():
         tiny_model(banned_ids=(V,))
 
 
+def test_sample_thoughts_and_forward_name_bad_arguments():
+    """sample_thoughts checks input_ids (and docs) as quietstar_forward does (a 1-D batch was "not enough values to
+    unpack") and that backends is a Backends (a string was an AttributeError); quietstar_forward names a missing
+    loss_cfg, a string backends and float or out-of-vocabulary thoughts (the embedding's own errors before)."""
+    model = tiny_model(M=2, K=2, P=2)
+    ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\)"):
+        sample_thoughts(model, ids[0], Backends())
+    with pytest.raises(TypeError, match="input_ids must be an int64 tensor"):
+        sample_thoughts(model, ids.float(), Backends())
+    with pytest.raises(TypeError, match="backends must be a Backends"):
+        sample_thoughts(model, ids, "triton")
+    with pytest.raises(ValueError, match=r"doc_start must be \(B=1, T=6\)"):
+        sample_thoughts(model, ids, Backends(), docs=torch.zeros(1, 5, dtype=torch.long))
+    th = sample_thoughts(model, ids, Backends(), torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="loss_cfg must be a LossConfig, got NoneType"):
+        quietstar_forward(model, ids, None, None, thoughts=th)
+    with pytest.raises(TypeError, match="backends must be a Backends"):
+        quietstar_forward(model, ids, None, LossConfig(), backends="triton", thoughts=th)
+    with pytest.raises(TypeError, match="thoughts must be an int64 tensor"):
+        quietstar_forward(model, ids, None, LossConfig(), thoughts=th.float())
+    for bad in (th + V, th - V):
+        with pytest.raises(ValueError, match=r"thoughts must hold token ids in \[0, V=97\)"):
+            quietstar_forward(model, ids, None, LossConfig(), thoughts=bad)
+
+
+def test_thought_config_refuses_non_int_counts_and_bad_banned_ids():
+    """M, K, P are ints (M=2.5 made L = 7.5; a bool is no count); banned_ids is a sequence of int ids (a str
+    was read character by character: "12" banned 1 and 2), duplicates dropped in order; the decimal strings
+    that --banned-ids gives are ints."""
+    for f in ("M", "K", "P"):
+        for bad in (2.5, True, "3"):
+            with pytest.raises(TypeError, match=f"ThoughtConfig.{f} must be an int"):
+                ThoughtConfig(**{f: bad})
+    with pytest.raises(TypeError, match="ThoughtConfig.tau_sample must be a number"):
+        ThoughtConfig(tau_sample="1")
+    for bad in ("12", 12, b"12"):
+        with pytest.raises(TypeError, match="ThoughtConfig.banned_ids must be a sequence"):
+            ThoughtConfig(banned_ids=bad)
+    for bad in ((3.0,), (True,), (None,)):
+        with pytest.raises(TypeError, match="ThoughtConfig.banned_ids must hold int"):
+            ThoughtConfig(banned_ids=bad)
+    with pytest.raises(ValueError, match="ThoughtConfig.banned_ids must hold integer"):
+        ThoughtConfig(banned_ids=("x",))
+    th = ThoughtConfig(M=2, banned_ids=[9, 3, 9, "3", 5])
+    assert th.banned_ids == (9, 3, 5) and th.L == 2 + 4 + 1 and type(th.L) is int
+
+
 def test_non_mistral_decoder_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
     lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
