@@ -392,14 +392,16 @@ def test_bad_input_names_the_argument(impl, case):
         call(fns)
 
 
+_IMPLS = {"triton": (token_logprob, sample_thought_tokens, mixed_logprob),
+          "chunked": (token_logprob_chunked, sample_thought_tokens_chunked, mixed_logprob_chunked),
+          "reference": (token_logprob_ref, sample_thought_tokens_ref, mixed_logprob_ref)}
+
+
 @pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
 def test_banned_ids_numpy_scalars_and_duplicates(impl):
     """Banned ids may repeat (one ban each) and be NumPy ints; NumPy temperatures and ignore indices are numbers."""
     import numpy as np
-    fns = {"triton": (token_logprob, sample_thought_tokens, mixed_logprob),
-           "chunked": (token_logprob_chunked, sample_thought_tokens_chunked, mixed_logprob_chunked),
-           "reference": (token_logprob_ref, sample_thought_tokens_ref, mixed_logprob_ref)}[impl]
-    token, sample, mixed = fns
+    token, sample, mixed = _IMPLS[impl]
     gen = torch.Generator().manual_seed(9)
     h, W = torch.randn(6, 8, generator=gen), torch.randn(4, 8, generator=gen)
     t = torch.tensor([0, 0, 0, 0, 0, 0])
@@ -416,10 +418,7 @@ def test_banned_ids_numpy_scalars_and_duplicates(impl):
 @pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
 def test_empty_batch(impl):
     """N = 0 rows: empty results, zero gradients for the weight, no kernel launch (it used to divide by zero)."""
-    fns = {"triton": (token_logprob, sample_thought_tokens, mixed_logprob),
-           "chunked": (token_logprob_chunked, sample_thought_tokens_chunked, mixed_logprob_chunked),
-           "reference": (token_logprob_ref, sample_thought_tokens_ref, mixed_logprob_ref)}[impl]
-    token, sample, mixed = fns
+    token, sample, mixed = _IMPLS[impl]
     h, W = torch.randn(0, 8), torch.randn(11, 8, requires_grad=True)
     t = torch.zeros(0, dtype=torch.int64)
     lp = token(h, W, t, 1.0, (3,))
