@@ -81,19 +81,16 @@ class ModelConfig:
 
 
 def check_banned_ids(ids) -> tuple[int, ...]:
-    """`ThoughtConfig.banned_ids` as a tuple of ints, duplicates dropped (first occurrence kept). Ints, or the
-    decimal strings that `--banned-ids` gives (argparse parses a tuple field with an empty default as text);
-    a single str, bools and floats are refused."""
+    """`ThoughtConfig.banned_ids` as a tuple of ints, duplicates dropped (first occurrence kept): a sequence of ints,
+    or a 1-D integer tensor / array; a str, bools, floats and decimal strings are refused (`--banned-ids` parses
+    ints)."""
+    if getattr(ids, "ndim", 0) == 1 and hasattr(ids, "tolist"):       # a 1-D torch tensor or NumPy array
+        ids = ids.tolist()
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise TypeError(f"ThoughtConfig.banned_ids must be a sequence of token ids, got {type(ids).__name__} {ids!r}")
     out = []
     for i in ids:
-        if isinstance(i, str):
-            try:
-                i = int(i)
-            except ValueError:
-                raise ValueError(f"ThoughtConfig.banned_ids must hold integer token ids, got {i!r}") from None
-        elif not isinstance(i, numbers.Integral) or isinstance(i, bool):
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
             raise TypeError(f"ThoughtConfig.banned_ids must hold int token ids, got {type(i).__name__} {i!r}")
         out.append(int(i))
     return tuple(dict.fromkeys(out))
@@ -139,6 +136,7 @@ class ThoughtConfig:
                 raise TypeError(f"ThoughtConfig.{f} must be a number, got {type(v).__name__} {v!r}")
             if not v > 0:
                 raise ValueError(f"ThoughtConfig.{f} must be positive, got {v}")
+            setattr(self, f, float(v))          # a NumPy scalar would not survive json.dumps (checkpoints, exports)
         if not isinstance(self.marker_init_text, str):
             raise TypeError(f"ThoughtConfig.marker_init_text must be a str, got {type(self.marker_init_text).__name__}")
         self.banned_ids = check_banned_ids(self.banned_ids)

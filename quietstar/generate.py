@@ -243,6 +243,8 @@ def generate_with_thoughts(model: QuietStarModel, input_ids: torch.Tensor, atten
     if generator is not None and generator.device.type != input_ids.device.type:
         raise ValueError(f"generator is on {generator.device} but input_ids is on {input_ids.device}")
     V = model.lm_head_weight.shape[0]
+    if getattr(stop_ids, "ndim", 0) == 1 and hasattr(stop_ids, "tolist"):    # a 1-D tensor or array of ids
+        stop_ids = stop_ids.tolist()
     if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
         raise TypeError(f"stop_ids must be a sequence of token ids (e.g. [tok.eos_token_id]), got "
                         f"{type(stop_ids).__name__} {stop_ids!r}")

@@ -186,7 +186,10 @@ def _export_thought(path: Path, saved: dict) -> ThoughtConfig:
 
 
 def load_dtype(dtype):
-    """`from_pretrained`'s dtype as transformers takes it: a floating torch dtype, or a name in LOAD_DTYPES."""
+    """`from_pretrained`'s dtype as transformers takes it: a floating torch dtype, or a name in LOAD_DTYPES; None
+    leaves it to transformers."""
+    if dtype is None:
+        return None
     if isinstance(dtype, str):
         if dtype not in LOAD_DTYPES:
             raise ValueError(f"dtype must be a floating torch dtype or one of {tuple(LOAD_DTYPES)}, got {dtype!r}")

@@ -450,10 +450,15 @@ def plain_lm_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next:
     check_backends(backends)
     B, T = input_ids.shape
     # the Quiet-STaR base pass's computation (its attention, causal within documents with doc_start, and LM-head
-    # op), so that a control and a Quiet-STaR model are scored with the same numerics (quietstar/evaluate.py)
-    pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    docs = None if doc_start is None else _documents(doc_start)
-    h = model.hidden(model.embed(input_ids), pos, Layout("causal", backends.attention, docs=docs))
+    # op), so that a control and a Quiet-STaR model are scored with the same numerics (quietstar/evaluate.py);
+    # a sliding window that binds (T above it; no Quiet-STaR model runs there) is left to the decoder's own forward
+    window = model.sliding_window
+    if doc_start is None and window is not None and window < T:
+        h = model.lm.model(input_ids=input_ids).last_hidden_state
+    else:
+        pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        docs = None if doc_start is None else _documents(doc_start)
+        h = model.hidden(model.embed(input_ids), pos, Layout("causal", backends.attention, docs=docs))
     lp_base = base_logprobs(model, input_ids, valid_next, h, lm_head_ops(backends.lm_head))
     den = denominators if denominators is not None else {"n_base": valid_next.sum().float()}
     nll = -lp_base.sum() / den["n_base"].clamp_min(1)

@@ -76,8 +76,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=(),
             kw["metavar"] = "{" + ",".join(FIELD_CHOICES[f.name]) + "}"
         if isinstance(default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, tuple):
-            parser.add_argument(name, nargs="+", type=type(default[0]) if default else str, **kw)
+        elif isinstance(default, tuple):     # the element type: the default's, else the annotation's (tuple[int, ...])
+            elem = type(default[0]) if default else int if str(f.type).startswith("tuple[int") else str
+            parser.add_argument(name, nargs="+", type=elem, **kw)
         else:
             parser.add_argument(name, type=type(default), **kw)
 

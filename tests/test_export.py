@@ -198,7 +198,7 @@ def test_from_pretrained_dtype_names_and_bad_dtypes(tiny_export):
     float32 here); "fp16" was "module 'torch' has no attribute 'fp16'"."""
     out = tiny_export(P=1)
     for dtype, want in (("bfloat16", torch.bfloat16), ("float16", torch.float16), (torch.bfloat16, torch.bfloat16),
-                        ("float32", torch.float32), ("auto", torch.float32)):
+                        ("float32", torch.float32), ("auto", torch.float32), (None, torch.float32)):
         assert {p.dtype for p in QuietStarModel.from_pretrained(out, dtype=dtype).parameters()} == {want}, dtype
     for bad, err in (("fp16", ValueError), (torch.int32, ValueError), (16, TypeError)):
         with pytest.raises(err, match="dtype must be a floating torch dtype"):

@@ -419,3 +419,8 @@ def test_generate_refuses_bad_arguments_before_any_work(monkeypatch):
     monkeypatch.undo()
     toks, _, _ = generate_with_thoughts(model, torch.full((1, 59), 5), max_new_tokens=1)   # the longest that fits
     assert toks.shape == (1, 1)
+    a, _, _ = generate_with_thoughts(model, ids, max_new_tokens=2, stop_ids=torch.tensor([2, 3]),
+                                     generator=torch.Generator().manual_seed(0))    # a tensor of stop ids works
+    b, _, _ = generate_with_thoughts(model, ids, max_new_tokens=2, stop_ids=[2, 3],
+                                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)

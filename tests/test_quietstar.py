@@ -1,5 +1,8 @@
 """The Quiet-STaR step on a tiny random Mistral: schedules agree, chains are isolated, the zero
 mixing head is the base model, banned ids are never sampled, bad input is named."""
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -193,8 +196,8 @@ def test_sample_thoughts_and_forward_name_bad_arguments():
 
 def test_thought_config_refuses_non_int_counts_and_bad_banned_ids():
     """M, K, P are ints (M=2.5 made L = 7.5; a bool is no count); banned_ids is a sequence of int ids (a str
-    was read character by character: "12" banned 1 and 2), duplicates dropped in order; the decimal strings
-    that --banned-ids gives are ints."""
+    was read character by character: "12" banned 1 and 2), or a 1-D integer tensor, duplicates dropped in order;
+    --banned-ids parses ints (its strings made a resumed run's unchanged flag a conflict)."""
     for f in ("M", "K", "P"):
         for bad in (2.5, True, "3"):
             with pytest.raises(TypeError, match=f"ThoughtConfig.{f} must be an int"):
@@ -207,10 +210,18 @@ def test_thought_config_refuses_non_int_counts_and_bad_banned_ids():
     for bad in ((3.0,), (True,), (None,)):
         with pytest.raises(TypeError, match="ThoughtConfig.banned_ids must hold int"):
             ThoughtConfig(banned_ids=bad)
-    with pytest.raises(ValueError, match="ThoughtConfig.banned_ids must hold integer"):
-        ThoughtConfig(banned_ids=("x",))
-    th = ThoughtConfig(M=2, banned_ids=[9, 3, 9, "3", 5])
+    for bad in (("x",), ("3",), torch.tensor([1.0]), torch.tensor([True])):
+        with pytest.raises(TypeError, match="ThoughtConfig.banned_ids must hold int"):
+            ThoughtConfig(banned_ids=bad)
+    th = ThoughtConfig(M=2, banned_ids=[9, 3, 9, 3, 5])
     assert th.banned_ids == (9, 3, 5) and th.L == 2 + 4 + 1 and type(th.L) is int
+    assert ThoughtConfig(banned_ids=torch.tensor([4, 2, 4])).banned_ids == (4, 2)
+    import numpy as np
+    th = ThoughtConfig(tau_sample=np.float32(0.5), banned_ids=np.array([7]))
+    assert type(th.tau_sample) is float and th.banned_ids == (7,)
+    json.dumps(dataclasses.asdict(th))             # what checkpoints and exports store
+    from quietstar.train import config_from_args
+    assert config_from_args(["--banned-ids", "5", "7", "5"]).thought.banned_ids == (5, 7)
 
 
 def test_non_mistral_decoder_is_refused():

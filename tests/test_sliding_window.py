@@ -127,3 +127,25 @@ def test_window_that_would_bind_is_refused():
     dec.advance(ids[:, S])
     with pytest.raises(ValueError, match="a thought after 5 cached tokens.*sliding_window=10"):
         dec.think()
+
+
+def test_the_no_thought_control_keeps_a_window_that_binds():
+    """The control's forward (and any held-out scoring without thoughts) is the Quiet-STaR base pass's, which has
+    no window: where a window binds (rows longer than it, one document per row), it is the decoder's own windowed
+    forward instead, not a refusal; where it cannot bind, the base pass exactly."""
+    from kernels.reference import token_logprob_ref
+    from quietstar.thoughts import plain_lm_forward
+    plain, windowed = _models(8)
+    be = Backends("split", "reference")
+    for n, model in ((20, windowed), (8, windowed), (20, plain)):
+        ids = torch.randint(0, V, (2, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            _, _, ex = plain_lm_forward(model, ids, None, be)
+            h = model.lm.model(input_ids=ids).last_hidden_state           # the decoder's own (windowed) forward
+        want = token_logprob_ref(h[:, :-1].reshape(-1, h.shape[-1]), model.lm_head_weight, ids[:, 1:].reshape(-1))
+        torch.testing.assert_close(ex.lp_base[:, :-1].reshape(-1), want, rtol=0, atol=1e-5)
+    with torch.no_grad():     # the window binds at n = 20: the windowed and unwindowed scores differ there
+        ids = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(20))
+        a = plain_lm_forward(plain, ids, None, be)[2].lp_base
+        b = plain_lm_forward(windowed, ids, None, be)[2].lp_base
+    assert (a - b).abs().max() > 1e-3

@@ -28,8 +28,9 @@ def test_loss_falls(tmp_path):
 @pytest.mark.parametrize("legacy", [False, True], ids=["current", "without-shared-params"])
 def test_resume_is_bit_identical(tmp_path, legacy):
     """A resumed run ends where the uninterrupted one does; also from a checkpoint written before checkpoints
-    stored how parameters are shared (such a run builds the model from its weights, as a fresh run does)."""
-    common = TINY + ["--steps", "4", "--ckpt-every", "2", "--lr", "3e-3"]
+    stored how parameters are shared (such a run builds the model from its weights, as a fresh run does). The
+    flags given again are the stored ones: no conflict (--banned-ids was parsed as text, which differed)."""
+    common = TINY + ["--steps", "4", "--ckpt-every", "2", "--lr", "3e-3", "--banned-ids", "5", "7"]
     full = train(config_from_args(common + ["--out-dir", str(tmp_path / "a")]), progress=False)
     ck = tmp_path / "a" / "step000002.pt"
     saved = torch.load(ck, weights_only=False)
