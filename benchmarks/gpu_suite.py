@@ -68,7 +68,7 @@ class Stage:
 # kernel files first (with xdist the order only matters for what a timed-out stage reached)
 GPU_TEST_FILES = ("tests/test_thought_attention.py", "tests/test_document_mask.py", "tests/test_lm_head.py",
                   "tests/test_graphs.py", "tests/test_quietstar.py", "tests/test_train.py", "tests/test_parallel.py",
-                  "tests/test_eval.py", "tests/test_kernel_memory.py")
+                  "tests/test_eval.py", "tests/test_generate.py", "tests/test_kernel_memory.py")
 
 
 def stages(out: Path, raw: Path, dry: bool, workers: int, caps: dict, test_files=GPU_TEST_FILES,

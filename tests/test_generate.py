@@ -424,3 +424,36 @@ def test_generate_refuses_bad_arguments_before_any_work(monkeypatch):
     b, _, _ = generate_with_thoughts(model, ids, max_new_tokens=2, stop_ids=[2, 3],
                                      generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+
+
+
+def _decode(model, zero, ids, mask, forced, dev):
+    """On `dev`: a forced thought, an advance of left-padded rows and another forced thought (`model`), then greedy
+    generation with a stop id by `zero`, whose mixing head is zero (w = 0: the sampled thoughts change nothing);
+    the results on the CPU."""
+    dec = ThinkingDecoder(model, ids.to(dev), mask.to(dev))
+    a = dec.think(thought=forced.to(dev))
+    dec.advance(ids[:, -1].to(dev))
+    b = dec.think(thought=forced.to(dev))
+    toks, _, w = generate_with_thoughts(zero, ids.to(dev), mask.to(dev), max_new_tokens=4, temperature=0,
+                                        stop_ids=[2], generator=torch.Generator(dev).manual_seed(0))
+    return a.logp_mix.cpu(), b.logp_mix.cpu(), b.w.cpu(), toks.cpu(), w.cpu()
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_equals_the_cpu():
+    """Generation on CUDA (fp32 here; quietstar-generate's bf16 is test_bf16_weights_decode_like_fp32's rounding):
+    the thinking decoder's mixed log-probs after a forced thought, an advance of left-padded rows and another
+    thought equal the CPU's, and greedy generation (w = 0) gives the CPU's tokens."""
+    import copy
+    cpu, zero = _model(), _model(mixing=0)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    forced = torch.randint(3, V, (2, 3), generator=torch.Generator().manual_seed(12))
+    want = _decode(cpu, zero, ids, mask, forced, "cpu")
+    got = _decode(copy.deepcopy(cpu).cuda(), copy.deepcopy(zero).cuda(), ids, mask, forced, "cuda")
+    for name, x, y in zip(("logp_mix", "logp_mix after advance", "w"), want[:3], got[:3]):
+        torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(got[3], want[3]), (got[3], want[3])
+    assert bool((got[4] == 0).all()) and bool((want[4] == 0).all())
