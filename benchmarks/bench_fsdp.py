@@ -175,15 +175,8 @@ def main(argv=None) -> int:
     args.T = args.T or (16 if args.dry_run else 256)
     if args.child:
         print(json.dumps(child(args)), flush=True)
-        import gc
-
-        import torch.distributed as dist
-        gc.collect()        # the FSDP modules' reference cycles hold the process group (tests/fsdp_step_worker.py)
-        if dist.is_initialized():                # the 1-rank group apply_fsdp started: a clean, prompt exit
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)         # no interpreter teardown, where an FSDP process aborted (SIGABRT) 1 run in 60
+        from quietstar.parallel import exit_process
+        exit_process()      # the 1-rank group apply_fsdp started, ended without the interpreter's teardown
     import torch
     if not args.dry_run and not torch.cuda.is_available():
         print("bench_fsdp.py: no CUDA GPU (use --dry-run for the CPU rehearsal)", file=sys.stderr)

@@ -441,19 +441,15 @@ _BANNED_CACHE: dict = {}
 
 
 def _banned_on_device(banned_ids, V: int, device) -> torch.Tensor:
-    """Banned ids as int64 on ``device``. Sequences and CPU tensors are cached by value, so the
-    host-to-device copy (a sync) happens once per distinct list; a CUDA tensor is range-checked,
-    which reads it back (one sync per call): pass a tuple in hot loops."""
-    if isinstance(banned_ids, torch.Tensor) and banned_ids.device.type != "cpu":
-        ids = banned_ids_tensor(banned_ids, V, device)
-    else:
-        key = (banned_id_list(banned_ids), V, str(device))
-        ids = _BANNED_CACHE.get(key)
-        if ids is None:
-            ids = banned_ids_tensor(list(key[0]), V, device)
-            if len(_BANNED_CACHE) > 64:
-                _BANNED_CACHE.clear()
-            _BANNED_CACHE[key] = ids
+    """Banned ids as int64 on ``device``, cached by value, so the host-to-device copy (a sync) happens once per
+    distinct list; a CUDA tensor is read back to find its value (one sync per call): pass a tuple in hot loops."""
+    key = (banned_id_list(banned_ids), V, str(device))
+    ids = _BANNED_CACHE.get(key)
+    if ids is None:
+        ids = banned_ids_tensor(key[0], V, device)
+        if len(_BANNED_CACHE) > 64:
+            _BANNED_CACHE.clear()
+        _BANNED_CACHE[key] = ids
     if ids.numel() > _MAX_BANNED:
         raise ValueError(f"banned_ids holds {ids.numel()} ids; the kernels take at most {_MAX_BANNED}")
     return ids

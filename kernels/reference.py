@@ -285,34 +285,33 @@ def check_ignore_index(ignore_index) -> int:
     return int(ignore_index)
 
 
-def banned_id_list(banned_ids) -> tuple[int, ...]:
-    """Host-side banned ids (a sequence of ints, or a 1-D integer CPU tensor) as a sorted tuple without duplicates.
-
-    A string, a single int, floats, bools (a bool tensor is a mask, not ids) and nested sequences are refused,
-    naming banned_ids, rather than read as something else ("12" as ids 1 and 2, [1.7] as 1, a mask as 0/1)."""
-    if isinstance(banned_ids, torch.Tensor):
-        if banned_ids.dtype == torch.bool or banned_ids.is_floating_point() or banned_ids.is_complex():
-            raise TypeError(f"banned_ids must hold integer ids, got a {banned_ids.dtype} tensor (for a mask over "
-                            "the vocabulary pass mask.nonzero()[:, 0])")
-        if banned_ids.dim() != 1:
-            raise ValueError(f"banned_ids must be a flat sequence of ids, got shape {tuple(banned_ids.shape)}")
-        return tuple(sorted(set(banned_ids.tolist())))
+def banned_id_list(banned_ids, name: str = "banned_ids") -> tuple[int, ...]:
+    """Banned ids (a sequence of ints, or a 1-D integer tensor or array: a CUDA tensor is read back, one sync) as a
+    tuple of ints without duplicates, in first-occurrence order. A string, a single int, floats, bools (a bool tensor
+    is a mask, not ids) and nested sequences are refused, naming `name`, rather than read as something else ("12" as
+    ids 1 and 2, [1.7] as 1, a mask as ids 0 and 1)."""
+    if isinstance(banned_ids, torch.Tensor) and (banned_ids.dtype == torch.bool or banned_ids.is_floating_point()
+                                                 or banned_ids.is_complex()):
+        raise TypeError(f"{name} must hold integer ids, got a {banned_ids.dtype} tensor (for a mask over the "
+                        "vocabulary pass mask.nonzero()[:, 0])")
+    if hasattr(banned_ids, "ndim") and hasattr(banned_ids, "tolist"):           # a torch tensor or NumPy array
+        if banned_ids.ndim != 1:
+            raise ValueError(f"{name} must be a flat sequence of ids, got shape {tuple(banned_ids.shape)}")
+        banned_ids = banned_ids.tolist()
     if isinstance(banned_ids, (str, bytes)) or not isinstance(banned_ids, Iterable):
-        raise TypeError(f"banned_ids must be a sequence of int ids (e.g. (0, 5)), got {banned_ids!r}")
+        raise TypeError(f"{name} must be a sequence of token ids (e.g. (0, 5)), got {type(banned_ids).__name__} "
+                        f"{banned_ids!r}")
     ids = list(banned_ids)
     for i in ids:
         if not isinstance(i, numbers.Integral) or isinstance(i, bool):
-            raise TypeError(f"banned_ids must hold int ids, got {i!r} ({type(i).__name__}) in {ids!r}")
-    return tuple(sorted({int(i) for i in ids}))
+            raise TypeError(f"{name} must hold int token ids, got {type(i).__name__} {i!r} in {ids!r}")
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def banned_ids_tensor(banned_ids: Sequence[int] | torch.Tensor, V: int, device) -> torch.Tensor:
     """The banned ids as an int64 tensor on ``device``, without duplicates, checked to lie in [0, V) and to leave
-    at least one id (a tensor on a GPU is read back for the checks: one sync)."""
-    if isinstance(banned_ids, torch.Tensor) and banned_ids.device.type != "cpu":
-        ids = torch.as_tensor(banned_id_list(banned_ids.cpu()), dtype=torch.int64)
-    else:
-        ids = torch.as_tensor(banned_id_list(banned_ids), dtype=torch.int64)
+    at least one id (`banned_id_list`: a tensor on a GPU is read back for the checks, one sync)."""
+    ids = torch.as_tensor(banned_id_list(banned_ids), dtype=torch.int64)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise ValueError(f"banned_ids must lie in [0, V={V}), got {ids.tolist()}")
     if ids.numel() >= V:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import numbers
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kernels.reference import banned_id_list
 
 ATTENTION_BACKENDS = ("reference", "flex", "triton", "split")
 LM_HEAD_BACKENDS = ("reference", "chunked", "triton")
@@ -83,17 +84,8 @@ class ModelConfig:
 def check_banned_ids(ids) -> tuple[int, ...]:
     """`ThoughtConfig.banned_ids` as a tuple of ints, duplicates dropped (first occurrence kept): a sequence of ints,
     or a 1-D integer tensor / array; a str, bools, floats and decimal strings are refused (`--banned-ids` parses
-    ints)."""
-    if getattr(ids, "ndim", 0) == 1 and hasattr(ids, "tolist"):       # a 1-D torch tensor or NumPy array
-        ids = ids.tolist()
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise TypeError(f"ThoughtConfig.banned_ids must be a sequence of token ids, got {type(ids).__name__} {ids!r}")
-    out = []
-    for i in ids:
-        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
-            raise TypeError(f"ThoughtConfig.banned_ids must hold int token ids, got {type(i).__name__} {i!r}")
-        out.append(int(i))
-    return tuple(dict.fromkeys(out))
+    ints). The kernels' own check (kernels.reference.banned_id_list)."""
+    return banned_id_list(ids, "ThoughtConfig.banned_ids")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import QuietStarModel, load_export_tokenizer
+from .thoughts import check_token_ids
 
 
 @dataclass
@@ -50,21 +51,6 @@ def thought_logits(model: QuietStarModel, h: torch.Tensor, banned: torch.Tensor)
     """W h / tau_sample in fp32 with the banned ids (a device tensor) at -inf: what a thought token is drawn from."""
     z = (h @ model.lm_head_weight.T).float() / model.thought.tau_sample
     return z.index_fill_(1, banned, float("-inf")) if banned.numel() else z
-
-
-def check_token_ids(name: str, ids, shape: tuple, shape_text: str, device, V: int, sync: bool = True) -> None:
-    """Refuse anything but an int64/int32 tensor `name` of `shape` on `device` holding ids in [0, V). The ids are
-    read on the CPU; on a GPU only with `sync` (a host sync: not once per generated token)."""
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an int64 tensor of token ids, got "
-                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
-    if tuple(ids.shape) != tuple(shape):
-        raise ValueError(f"{name} must be {shape_text}, got shape {tuple(ids.shape)}")
-    if ids.device != torch.device(device):
-        raise ValueError(f"{name} is on {ids.device} but the decoder is on {device}")
-    if (sync or ids.device.type == "cpu") and ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
-        bad = ids[(ids < 0) | (ids >= V)]
-        raise ValueError(f"{name} must hold token ids in [0, V={V}), got {bad[:4].tolist()}")
 
 
 def check_prompt(model: QuietStarModel, input_ids, attention_mask) -> torch.Tensor:

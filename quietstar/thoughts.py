@@ -341,20 +341,29 @@ def quietstar_loss(model: QuietStarModel, input_ids, valid_next, thoughts, h_bas
                                           logp_thought=lp_s)
 
 
+def check_token_ids(name: str, ids, shape: tuple, shape_text: str, device, V: int, sync: bool = True,
+                    where: str = "the decoder") -> None:
+    """Refuse anything but an int64/int32 tensor `name` of `shape` on `device` (that of `where`) holding ids in
+    [0, V). The ids are read on the CPU; on a GPU only with `sync` (a host sync: not once per generated token or
+    training step)."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 tensor of token ids, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {shape_text}, got shape {tuple(ids.shape)}")
+    if ids.device != torch.device(device):
+        raise ValueError(f"{name} is on {ids.device} but {where} is on {device}")
+    if (sync or ids.device.type == "cpu") and ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
+        bad = ids[(ids < 0) | (ids >= V)]
+        raise ValueError(f"{name} must hold token ids in [0, V={V}), got {bad[:4].tolist()}")
+
+
 def check_thoughts(model: QuietStarModel, thoughts, B: int, T: int, device) -> None:
     """Refuse given thoughts unless a (B, P, T, M) int64 (or int32) tensor on `device` whose ids are in [0, V) (read
     on the CPU only: on a GPU that would sync every step)."""
-    P, M, V = model.thought.P, model.thought.M, model.lm_head_weight.shape[0]
-    if not isinstance(thoughts, torch.Tensor) or thoughts.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"thoughts must be an int64 tensor of token ids, got "
-                        f"{getattr(thoughts, 'dtype', type(thoughts).__name__)}")
-    if thoughts.shape != (B, P, T, M):
-        raise ValueError(f"thoughts must be (B={B}, P={P}, T={T}, M={M}), got {tuple(thoughts.shape)}")
-    if thoughts.device != torch.device(device):
-        raise ValueError(f"thoughts is on {thoughts.device} but input_ids is on {device}")
-    if thoughts.device.type == "cpu" and not bool(((thoughts >= 0) & (thoughts < V)).all()):
-        bad = thoughts[(thoughts < 0) | (thoughts >= V)]
-        raise ValueError(f"thoughts must hold token ids in [0, V={V}), got {bad[:4].tolist()}")
+    P, M = model.thought.P, model.thought.M
+    check_token_ids("thoughts", thoughts, (B, P, T, M), f"(B={B}, P={P}, T={T}, M={M})", device,
+                    model.lm_head_weight.shape[0], sync=False, where="input_ids")
 
 
 def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next: torch.Tensor | None,
@@ -373,7 +382,6 @@ def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next
         raise TypeError(f"loss_cfg must be a LossConfig, got {type(loss_cfg).__name__} {loss_cfg!r}")
     docs = None if doc_start is None else Documents(doc_start)
     model.check_lengths(input_ids.shape[1])
-    th = model.thought
     B, T = input_ids.shape
     if thoughts is None:
         thoughts = sample_thoughts(model, input_ids, backends, generator, docs=docs)

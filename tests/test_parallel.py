@@ -188,11 +188,8 @@ with torch.autocast("cuda", dtype=torch.bfloat16):      # as quietstar-train run
     loss = step(model, ids, None, thoughts, "sample-then-train", "triton")
 assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
 print("OK", flush=True)
-import gc, os
 del model, loss
-gc.collect()        # the FSDP modules' reference cycles hold the process group (tests/fsdp_step_worker.py)
-torch.distributed.destroy_process_group()
-os._exit(0)         # no interpreter teardown (where an FSDP process aborted 1 run in 60 on the CPU)
+parallel.exit_process()
 """
     env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
