@@ -273,6 +273,17 @@ def render_table(res: dict) -> str:
                 c, q = ctl[f"{key}_base"], res[arm]["eval"][f"{key}_{kind}"]
                 d = bootstrap_diff(c["sum"], c["n"], q["sum"], q["n"])
                 lines.append(f"| {label} | {row[len('Quiet-STaR '):]} | {_fmt_ci(d, nd)} |")
+    own = [arm for arm in m["arms"] if arm != "control" and res.get(arm, {}).get("eval")]
+    if own:
+        lines += ["", "The thoughts' own effect: with thoughts minus without, the same Quiet-STaR model after training "
+                  "(paired over the same units; negative NLL / positive accuracy = the thoughts help):", "",
+                  "| metric | Quiet-STaR arm | with - without [95% CI] |", "|---|---|---|"]
+        for key, label, nd in METRICS:
+            for arm in own:
+                e = res[arm]["eval"]
+                d = bootstrap_diff(e[f"{key}_base"]["sum"], e[f"{key}_base"]["n"],
+                                   e[f"{key}_thought"]["sum"], e[f"{key}_thought"]["n"])
+                lines.append(f"| {label} | beta_policy {m['arms'][arm]:g} | {_fmt_ci(d, nd)} |")
     if m.get("gpu_tests"):
         lines += ["", f"Before the run, on the same machine: {m['gpu_tests']}"]
         if m.get("fallbacks"):
@@ -470,14 +481,16 @@ def eval_setup(args):
 
 def eval_seconds(model, sets: EvalSets, thoughts: bool, backends, batch: int, device, autocast, rows: int) -> float:
     """Estimated seconds of evaluate_state on the whole sets: token_nll timed on the first `rows` rows of each
-    part (after one untimed batch: compiles, allocator) and scaled to the part's size."""
+    part (after one untimed batch of that part: compiles, allocator) and scaled to the part's size."""
     from quietstar.evaluate import token_nll
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     parts = [(sets.rows, sets.valid), sets.gsm, sets.csqa]
     gen = torch.Generator(device=device).manual_seed(0)              # as evaluate_state samples
-    token_nll(model, parts[0][0][:batch], parts[0][1][:batch], backends, batch, thoughts, gen, device, autocast)
     total = 0.0
     for ids, valid in parts:
+        # untimed first: each set's row length is new to the kernels (compiles, autotuning, allocator), and a
+        # cost paid once would otherwise be scaled by the set's size (the H200 run's estimate was 1.5x high)
+        token_nll(model, ids[:batch], valid[:batch], backends, batch, thoughts, gen, device, autocast)
         k = min(rows, ids.shape[0])
         sync()
         t0 = time.perf_counter()
@@ -588,6 +601,9 @@ def _run(args, out: Path, mirror: Path | None) -> dict:
            "seconds": {}}
     if args.gpu_tests_line:             # what the GPU tests of the same machine said (learn_experiment.sh)
         res["meta"]["gpu_tests"], res["meta"]["fallbacks"] = args.gpu_tests_line, args.fallbacks
+    for stale in out.glob("train_*"):        # an earlier run's arm that this run does not train (its log would be
+        if stale.name[len("train_"):] not in res["meta"]["arms"]:      # mirrored beside this run's results)
+            shutil.rmtree(stale, ignore_errors=True)
     render(out, res, mirror)
 
     def phase(name, fn):
@@ -631,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="CPU rehearsal: tiny model, a few steps, a few documents")
     p.add_argument("--measure", action="store_true", help="only measure both arms' step times (random init of the "
                    "same shape) into OUT/step_times.json")
+    p.add_argument("--retable", default="", metavar="DIR",
+                   help="only rewrite DIR/table.md from DIR/results.json (a finished run's, e.g. one fetched from a GPU)")
     p.add_argument("--measure-steps", type=int, default=4, help="--measure: steps per arm (the first is dropped)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per arm (0: sized from --step-times)")
     p.add_argument("--step-times", default="", help="step_times.json from --measure")
@@ -670,6 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.retable:
+        res_path = Path(args.retable) / "results.json"
+        if not res_path.exists():
+            p.error(f"--retable: no file {res_path}")
+        (Path(args.retable) / "table.md").write_text(render_table(json.loads(res_path.read_text())))
+        print(f"rewrote {Path(args.retable) / 'table.md'}")
+        return 0
     if args.smoke:
         given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
         for k, v in SMOKE.items():

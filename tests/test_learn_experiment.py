@@ -106,9 +106,15 @@ def test_measure_then_budgeted_run(tmp_path):
     assert not (tmp_path / "measure").exists()
     # a run on another machine (the recovery path of learn_experiment.sh): no --gpu-tests file, the GPU tests'
     # result and its fallbacks come with the step times
-    out = tmp_path / "exp"
+    out, mirror = tmp_path / "exp", tmp_path / "OUT"
+    # an earlier run in the same folder trained an arm this run does not: its log must not be mirrored beside
+    # this run's results (the H200 run's third call returned the second call's metrics_quietstar_b1e6.jsonl)
+    (out / "train_quietstar_b1e6").mkdir(parents=True)
+    (out / "train_quietstar_b1e6" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     lx.main(SMALL + ["--policy-weights", "1", "--step-times", str(tmp_path / "step_times.json"), "--budget-s", "1e5",
-                     "--max-steps", "2", "--out", str(out)])
+                     "--max-steps", "2", "--out", str(out), "--mirror", str(mirror)])
+    assert not (out / "train_quietstar_b1e6").exists()
+    assert sorted(p.name for p in mirror.glob("metrics_*")) == ["metrics_control.jsonl", "metrics_quietstar_b1.jsonl"]
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["steps"] == 2 and res["meta"]["gpu_tests"].startswith("GPU tests: 12 passed, 1 failed;")
     assert res["meta"]["fallbacks"] == ["document_mask=False"] and res["meta"]["document_mask"] is False
@@ -162,7 +168,17 @@ def test_smoke_runs_both_arms_and_writes_table_and_curves(tmp_path):
     real = dict(res, meta=dict(res["meta"], model="smollm2-135m", weights=lx.weights_description("smollm2-135m")))
     assert "(smollm2-135m = SmolLM2-135M-Instruct.Q4_1.gguf (the instruct model, 4-bit GGUF dequantised" in \
         lx.render_table(real).splitlines()[0]
-    assert table.count("| held-out NLL, hardest 10% (nats/token) |") == 5 + 4     # rows per arm; QS - control
+    # rows per arm; QS - control; with - without thoughts per Quiet-STaR arm
+    assert table.count("| held-out NLL, hardest 10% (nats/token) |") == 5 + 4 + 2
+    own = [line for line in table.splitlines() if line.startswith("| held-out NLL, all targets (nats/token) | beta_policy")]
+    d = lx.bootstrap_diff(qs["heldout_all_base"]["sum"], qs["heldout_all_base"]["n"],
+                          qs["heldout_all_thought"]["sum"], qs["heldout_all_thought"]["n"])
+    assert own[0] == f"| held-out NLL, all targets (nats/token) | beta_policy 1 | {lx._fmt_ci(d, 4)} |"
+    # --retable: the same table from results.json alone (a run fetched from a GPU, re-rendered here)
+    again = tmp_path / "fetched"
+    again.mkdir()
+    (again / "results.json").write_bytes((out / "results.json").read_bytes())
+    assert lx.main(["--retable", str(again)]) == 0 and (again / "table.md").read_text() == table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -225,3 +241,26 @@ def test_mirror_copies_in_progress_live_beside_the_mirror(tmp_path, monkeypatch)
     seen.clear()
     assert lx.mirror_files(out, Path(".")) == ["table.md"]
     assert seen == [tmp_path / ".OUT_mirror_tmp"] and [p.name for p in mirror.iterdir()] == ["table.md"]
+
+
+def test_evaluation_time_estimate_leaves_out_each_sets_first_compile(monkeypatch):
+    """eval_seconds times each set after an untimed batch of that set: a one-off cost on a new row length (the
+    GPU's compiles) must not be scaled by the set's size. Simulated: 0.3 s the first time a length is seen."""
+    import torch
+    from types import SimpleNamespace
+    from quietstar import evaluate as qeval
+    seen = set()
+
+    def fake_token_nll(model, ids, valid, *a, **k):
+        if ids.shape[1] not in seen:
+            seen.add(ids.shape[1])
+            time.sleep(0.3)
+        return None, None
+
+    monkeypatch.setattr(qeval, "token_nll", fake_token_nll)
+    part = lambda n, t: (torch.zeros(n, t, dtype=torch.long), torch.ones(n, t, dtype=torch.bool))  # noqa: E731
+    (rows, valid), gsm, csqa = part(40, 16), part(40, 24), part(40, 32)
+    sets = SimpleNamespace(rows=rows, valid=valid, gsm=gsm, csqa=csqa)
+    est = lx.eval_seconds(None, sets, False, None, 2, torch.device("cpu"), None, rows=4)
+    assert est < 0.3, est         # the three one-off costs, scaled x10, would give 6 s
+    assert seen == {16, 24, 32}
