@@ -57,6 +57,12 @@ def test_steps_sized_from_measured_step_times(tmp_path):
     assert lx.plan_steps(args, left_s=300, load_s=7) == int((300 - m * (10 + 20 + 5 + 4 + 2 * 7) - slack) / 0.5)
     with pytest.raises(SystemExit, match="no time to train"):
         lx.plan_steps(args, left_s=m * 39 + slack)
+    # the first step's cold compiles (part of each overhead) are paid once per run, not once per arm
+    st.write_text(json.dumps({"quietstar_ms": 400.0, "control_ms": 100.0, "quietstar_overhead_s": 10.0,
+                              "control_overhead_s": 5.0, "eval_thought_s": 20.0, "eval_base_s": 4.0,
+                              "quietstar_compile_s": 6.0, "control_compile_s": 1.0}))
+    args = lx.build_parser().parse_args(["--step-times", str(st)])                       # two Quiet-STaR arms
+    assert lx.plan_steps(args, left_s=300) == int((300 - m * (2 * (4 + 20) + 4 + 4 + 6) - slack) / 0.9)
     # a --measure cut after its first arm: the run refuses at its start, before loading or evaluating anything
     st.write_text(json.dumps({"quietstar_ms": 400.0, "quietstar_overhead_s": 10.0, "eval_thought_s": 20.0}))
     with pytest.raises(SystemExit, match="--budget-s needs control_ms, control_overhead_s, eval_base_s"):
@@ -102,6 +108,7 @@ def test_measure_then_budgeted_run(tmp_path):
     st = json.loads((tmp_path / "step_times.json").read_text())
     for k in ("quietstar_ms", "control_ms", "quietstar_overhead_s", "control_overhead_s", "eval_thought_s", "eval_base_s"):
         assert st[k] > 0, k
+    assert 0 <= st["quietstar_compile_s"] < st["quietstar_overhead_s"] and 0 <= st["control_compile_s"]
     assert st["gpu_tests"].startswith("GPU tests: 12 passed, 1 failed;")
     assert not (tmp_path / "measure").exists()
     # a run on another machine (the recovery path of learn_experiment.sh): no --gpu-tests file, the GPU tests'
