@@ -91,6 +91,10 @@ class ThinkingDecoder:
         self.mask = check_prompt(model, input_ids, attention_mask).long()
         self.banned = torch.tensor(model.banned_ids, dtype=torch.long, device=input_ids.device)
         self.pos = self.mask.sum(1) - 1                   # (B,) RoPE position of each row's last token
+        self.last_pos = int(self.pos.max())               # the same, largest over rows, on the host (checks)
+        if self.last_pos >= model.max_positions:
+            raise ValueError(f"input_ids: a prompt of {self.last_pos + 1} tokens does not fit the model's "
+                             f"max_position_embeddings={model.max_positions}")
         self.cache = DynamicCache(config=model.lm.config)
         position_ids = (self.mask.cumsum(1) - 1).clamp_min(0)
         self.h_base = self._run(model.embed(input_ids), position_ids)
@@ -145,6 +149,10 @@ class ThinkingDecoder:
         # transformers' windowed cache keeps W - 1 tokens and can drop the thought again only below that
         model.check_window(self.length + th.M + 3, f"a thought after {self.length} cached tokens (the prompt with "
                            f"its padding and the tokens generated) with its M + 2 = {th.M + 2} tokens")
+        if self.last_pos + th.M + 2 >= model.max_positions:     # its <eot>, as quietstar_forward's check_lengths
+            raise ValueError(f"a thought after position {self.last_pos} would reach position "
+                             f"{self.last_pos + th.M + 2} (M + 2 = {th.M + 2} tokens), but the model has "
+                             f"max_position_embeddings={model.max_positions}")
         sot, eot = model.marker_embeddings()
         n0, mask0 = self.length, self.mask
         h_base, pos = self.h_base, self.pos
@@ -194,6 +202,9 @@ class ThinkingDecoder:
         B = self.h_base.shape[0]
         check_token_ids("tokens", tokens, (B,), f"(B={B},)", self.h_base.device,
                         self.model.lm.model.embed_tokens.num_embeddings, sync=False)
+        if self.last_pos + 1 >= self.model.max_positions:
+            raise ValueError(f"advance: position {self.last_pos + 1} is past the model's "
+                             f"max_position_embeddings={self.model.max_positions}")
         n0, mask0 = self.length, self.mask
         try:
             h = self._step(self.model.embed(tokens), self.pos + 1)
@@ -201,7 +212,7 @@ class ThinkingDecoder:
             self._restore(n0, B, 1)
             self.mask = mask0
             raise
-        self.h_base, self.pos, self.length = h, self.pos + 1, n0 + 1
+        self.h_base, self.pos, self.length, self.last_pos = h, self.pos + 1, n0 + 1, self.last_pos + 1
 
 
 @torch.no_grad()

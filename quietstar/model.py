@@ -443,6 +443,9 @@ class QuietStarModel(nn.Module):
                 if k in head and head[k].shape != v.shape])
         if bad:     # checked before anything is copied: a refused file leaves this model as it was
             raise ValueError(f"{d / EXTRAS_WEIGHTS}: its mixing head does not fit this model: {'; '.join(bad)}")
+        nonfinite = [k for k, v in extras.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if nonfinite:       # a diverged run's export: every thought would mix in NaN
+            raise ValueError(f"{d / EXTRAS_WEIGHTS}: non-finite values (NaN or inf) in {', '.join(sorted(nonfinite))}")
         saved_scale = float(meta["thought"].get("marker_scale", self.thought.marker_scale))
         m = extras.pop("markers")
         if saved_scale != self.thought.marker_scale:

@@ -82,21 +82,32 @@ def check_backends(backends) -> None:
                         f"{backends!r}")
 
 
-def check_input_ids(input_ids: torch.Tensor, min_T: int) -> None:
-    """Refuse anything but a (B, T) int64 (or int32) tensor with T >= min_T."""
+def check_input_ids(input_ids: torch.Tensor, min_T: int, V: int | None = None) -> None:
+    """Refuse anything but a (B, T) int64 (or int32) tensor with T >= min_T; with `V`, ids outside [0, V) too,
+    read on the CPU only (on a GPU that would sync every step; there the embedding's own check fires)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must be an int64 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] < min_T:
         raise ValueError(f"input_ids must have T >= {min_T} tokens per row, got T={input_ids.shape[1]}")
+    if V is not None and input_ids.device.type == "cpu" and input_ids.numel():
+        bad = input_ids[(input_ids < 0) | (input_ids >= V)]
+        if bad.numel():
+            raise ValueError(f"input_ids must hold token ids in [0, V={V}) (the model's embedding rows), "
+                             f"got {bad[:4].tolist()}")
+
+
+def vocab_rows(model: QuietStarModel) -> int:
+    """The ids an input may hold: the rows of the model's input embedding."""
+    return model.lm.model.embed_tokens.num_embeddings
 
 
 def check_batch(input_ids: torch.Tensor, valid_next: torch.Tensor | None,
-                doc_start: torch.Tensor | None = None) -> torch.Tensor:
-    """Validate a batch (and its (B, T) ``doc_start``, if any: values checked on the CPU only);
-    return valid_next (B, T) bool: True where target x_{t+1} is scored."""
-    check_input_ids(input_ids, 2)
+                doc_start: torch.Tensor | None = None, V: int | None = None) -> torch.Tensor:
+    """Validate a batch (and its (B, T) ``doc_start``, if any: values checked on the CPU only; with `V`, the ids
+    too, as check_input_ids); return valid_next (B, T) bool: True where target x_{t+1} is scored."""
+    check_input_ids(input_ids, 2, V)
     B, T = input_ids.shape
     if valid_next is None:
         valid_next = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
@@ -149,7 +160,7 @@ def sample_thoughts(model: QuietStarModel, input_ids: torch.Tensor, backends: Ba
     on the device whose entry l keys step l's Philox noise (a CUDA graph reads them from a static
     buffer; quietstar/graphs.py). Drawing them as M one-element randints from a generator gives
     exactly the tokens of the generator path."""
-    check_input_ids(input_ids, 1)
+    check_input_ids(input_ids, 1, vocab_rows(model))
     check_backends(backends)
     docs = _documents(docs)
     if docs is not None:
@@ -376,7 +387,7 @@ def quietstar_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next
     doc_start (B, T): the rows' packed documents (quietstar/data.py), each position attending within
     its own document; None: one document per row. Given `thoughts` must be (B, P, T, M) integer token ids
     on input_ids' device; their values are checked (in [0, V)) on the CPU only, as doc_start's are."""
-    valid_next = check_batch(input_ids, valid_next, doc_start)
+    valid_next = check_batch(input_ids, valid_next, doc_start, vocab_rows(model))
     check_backends(backends)
     if not isinstance(loss_cfg, LossConfig):
         raise TypeError(f"loss_cfg must be a LossConfig, got {type(loss_cfg).__name__} {loss_cfg!r}")
@@ -422,7 +433,7 @@ def thought_predictions(model: QuietStarModel, input_ids: torch.Tensor, valid_ne
 
     Returns lp_base (B, T) and lp_mix (B, P, T): log p(x_{t+1}), 0 where not scored; w (B, P, T): the
     mixing weight; thoughts (B, P, T, M)."""
-    valid_next = check_batch(input_ids, valid_next, doc_start)
+    valid_next = check_batch(input_ids, valid_next, doc_start, vocab_rows(model))
     check_backends(backends)
     docs = None if doc_start is None else Documents(doc_start)
     model.check_lengths(input_ids.shape[1])
@@ -454,7 +465,7 @@ def plain_lm_forward(model: QuietStarModel, input_ids: torch.Tensor, valid_next:
     targets, LM-head op, denominator (n_base) and document masking (`doc_start`) as NLL_base, at weight
     1; no thought is sampled and the markers and mixing head get no gradient. Returns (loss, metrics,
     extras) like quietstar_forward."""
-    valid_next = check_batch(input_ids, valid_next, doc_start)
+    valid_next = check_batch(input_ids, valid_next, doc_start, vocab_rows(model))
     check_backends(backends)
     B, T = input_ids.shape
     # the Quiet-STaR base pass's computation (its attention, causal within documents with doc_start, and LM-head

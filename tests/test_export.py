@@ -149,6 +149,14 @@ def test_damaged_exports_are_one_error_naming_the_folder_and_the_file(tmp_path, 
         e.pop("mixing_head.net.0.weight")
         save_file(e, str(d / "quietstar.safetensors"))
 
+    def poison(*names):
+        def go(d):
+            e = load_file(str(d / "quietstar.safetensors"))
+            for n in names:
+                e[n].view(-1)[1] = float("nan") if n == "markers" else float("inf")
+            save_file(e, str(d / "quietstar.safetensors"))
+        return go
+
     Q, built = "quietstar.json", False      # built: whether the decoder may be built before the error
     cases = [(Q, write(Q, ""), built, "not JSON"), (Q, write(Q, "{not json"), built, "not JSON"),
              (Q, write(Q, "[]"), built, "expected a JSON object, got a list"),
@@ -169,7 +177,10 @@ def test_damaged_exports_are_one_error_naming_the_folder_and_the_file(tmp_path, 
              ("tokenizer.json", write("tokenizer.json", "{"), True, "not a tokenizers tokenizer.json"),
              ("quietstar.safetensors", write("quietstar.safetensors", "garbage"), True, "not a safetensors file"),
              ("quietstar.safetensors", drop_head_tensor, True,
-              "mixing head does not fit this model: net.0.weight missing")]
+              "mixing head does not fit this model: net.0.weight missing"),
+             ("quietstar.safetensors", poison("markers"), True, r"non-finite values \(NaN or inf\) in markers$"),
+             ("quietstar.safetensors", poison("markers", "mixing_head.net.0.bias"), True,
+              r"non-finite values \(NaN or inf\) in markers, mixing_head.net.0.bias$")]
     real = transformers.AutoModelForCausalLM.from_pretrained
     for i, (name, damage, may_build, msg) in enumerate(cases):
         d = tmp_path / f"v{i}"

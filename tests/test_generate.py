@@ -427,6 +427,31 @@ def test_generate_refuses_bad_arguments_before_any_work(monkeypatch):
 
 
 
+def test_decoder_used_directly_keeps_within_max_position_embeddings():
+    """ThinkingDecoder checks positions as generate_with_thoughts does (it ran past max_position_embeddings
+    silently: RoPE has no table to overflow): a thought whose <eot> would reach position 64, an advance to position
+    64 and a prompt of 65 tokens are refused, and a refusal changes nothing."""
+    model = _model()                                         # max_position_embeddings=64, M=3
+    ids = torch.full((1, 59), 5)
+    dec = ThinkingDecoder(model, ids)                        # last position 58: a thought reaches 58 + 5 = 63
+    forced = torch.full((1, 3), 7)
+    before = dec.think(thought=forced).logp_mix
+    dec.advance(torch.tensor([6]))                           # position 59: a thought would reach 64
+    with pytest.raises(ValueError, match=r"a thought after position 59 would reach position 64 .*"
+                                         r"max_position_embeddings=64"):
+        dec.think(thought=forced)
+    for _ in range(4):                                       # base steps still fit, up to position 63
+        dec.advance(torch.tensor([6]))
+    with pytest.raises(ValueError, match=r"advance: position 64 is past the model's max_position_embeddings=64"):
+        dec.advance(torch.tensor([6]))
+    assert dec.last_pos == 63 and dec.length == 64 and dec.cache.get_seq_length() == 64
+    with pytest.raises(ValueError, match=r"input_ids: a prompt of 65 tokens does not fit .*=64"):
+        ThinkingDecoder(model, torch.full((1, 65), 5))
+    # left padding does not count: positions are per row
+    padded = ThinkingDecoder(model, torch.full((1, 61), 5), torch.tensor([[0, 0] + [1] * 59]))
+    assert padded.last_pos == 58 and torch.allclose(padded.think(thought=forced).logp_mix, before, atol=1e-5)
+
+
 def _decode(model, zero, ids, mask, forced, dev):
     """On `dev`: a forced thought, an advance of left-padded rows and another forced thought (`model`), then greedy
     generation with a stop id by `zero`, whose mixing head is zero (w = 0: the sampled thoughts change nothing);

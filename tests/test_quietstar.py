@@ -2,12 +2,14 @@
 mixing head is the base model, banned ids are never sampled, bad input is named."""
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
 
 from quietstar import Backends, LossConfig, ModelConfig, QuietStarModel, ThoughtConfig, build_decoder
-from quietstar.thoughts import quietstar_forward, run_sample_then_train, sample_thoughts
+from quietstar.thoughts import (plain_lm_forward, quietstar_forward, run_sample_then_train, sample_thoughts,
+                                thought_predictions)
 
 V = 97
 
@@ -192,6 +194,17 @@ def test_sample_thoughts_and_forward_name_bad_arguments():
     for bad in (th + V, th - V):
         with pytest.raises(ValueError, match=r"thoughts must hold token ids in \[0, V=97\)"):
             quietstar_forward(model, ids, None, LossConfig(), thoughts=bad)
+    # out-of-vocabulary input_ids are named (they were the embedding's IndexError, "index out of range in self")
+    oov = ids.clone()
+    oov[0, 3] = V
+    msg = r"input_ids must hold token ids in \[0, V=97\) \(the model's embedding rows\), got "
+    for call, got in ((lambda: sample_thoughts(model, oov, Backends()), "[97]"),
+                      (lambda: quietstar_forward(model, oov, None, LossConfig()), "[97]"),
+                      (lambda: quietstar_forward(model, oov, None, LossConfig(), thoughts=th), "[97]"),
+                      (lambda: thought_predictions(model, oov, None), "[97]"),
+                      (lambda: plain_lm_forward(model, oov - V, None), str([i for i in (oov - V)[0].tolist() if i < 0][:4]))):
+        with pytest.raises(ValueError, match=msg + re.escape(got)):
+            call()
 
 
 def test_thought_config_refuses_non_int_counts_and_bad_banned_ids():
