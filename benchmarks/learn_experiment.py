@@ -517,8 +517,10 @@ def measure(args, out: Path) -> dict:
         ms = all_ms[1:]                                                                  # the first compiles
         res[f"{arm}_ms"] = sorted(ms)[len(ms) // 2]
         res[f"{arm}_overhead_s"] = max(0.0, wall - len(ms) * res[f"{arm}_ms"] / 1000)
-        # the first step's excess, mostly cold compiles: a run pays it once, not per arm (its arms share the
-        # process and the compile caches; the H200 run's first Quiet-STaR step took 13.3 s here, 2.6 s there)
+        # the first step's excess, mostly cold compiles: a run pays them once at most, not per arm (its arms share
+        # the process's compiled kernels, and on the same machine Triton's disk cache from this --measure: the
+        # H200 run's first Quiet-STaR step took 13.3 s here, 2.6 s in each arm of call 2, graph capture and the
+        # like, which the margin covers)
         res[f"{arm}_compile_s"] = max(0.0, (all_ms[0] - res[f"{arm}_ms"]) / 1000)
         kind = "thought" if beta is not None else "base"
         res[f"eval_{kind}_s"] = eval_seconds(model, sets, beta is not None, backends, args.eval_batch, device,
@@ -564,8 +566,8 @@ def plan_steps(args, left_s: float | None = None, load_s: float = 0.0) -> int:
         train_s, how = args.train_budget_s, f"--train-budget-s {args.train_budget_s:.0f}"
     else:
         qc, cc = st.get("quietstar_compile_s", 0.0), st.get("control_compile_s", 0.0)    # older files: per arm
-        fixed = SIZING_MARGIN * (n_qs * (st["quietstar_overhead_s"] - qc + st["eval_thought_s"])
-                                 + st["control_overhead_s"] - cc + st["eval_base_s"] + (n_qs + 1) * load_s
+        fixed = SIZING_MARGIN * (n_qs * (max(0.0, st["quietstar_overhead_s"] - qc) + st["eval_thought_s"])
+                                 + max(0.0, st["control_overhead_s"] - cc) + st["eval_base_s"] + (n_qs + 1) * load_s
                                  + max(qc, cc))
         train_s = left_s - fixed - SIZING_SLACK_S
         how = (f"--budget-s: {left_s:.0f} s left - {fixed:.0f} s of set-up, model loads and evaluation "
@@ -607,9 +609,8 @@ def _run(args, out: Path, mirror: Path | None) -> dict:
            "seconds": {}}
     if args.gpu_tests_line:             # what the GPU tests of the same machine said (learn_experiment.sh)
         res["meta"]["gpu_tests"], res["meta"]["fallbacks"] = args.gpu_tests_line, args.fallbacks
-    for stale in out.glob("train_*"):        # an earlier run's arm that this run does not train (its log would be
-        if stale.name[len("train_"):] not in res["meta"]["arms"]:      # mirrored beside this run's results)
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.glob("train_*"):        # an earlier run's arms: their logs would be mirrored beside this run's
+        shutil.rmtree(stale, ignore_errors=True)       # results (until the arm trains again, or for good)
     render(out, res, mirror)
 
     def phase(name, fn):

@@ -447,6 +447,10 @@ def test_decoder_used_directly_keeps_within_max_position_embeddings():
     assert dec.last_pos == 63 and dec.length == 64 and dec.cache.get_seq_length() == 64
     with pytest.raises(ValueError, match=r"input_ids: a prompt of 65 tokens does not fit .*=64"):
         ThinkingDecoder(model, torch.full((1, 65), 5))
+    full = ThinkingDecoder(model, torch.full((1, 64), 5))    # the longest prompt: its base prediction only
+    assert full.last_pos == 63 and full.base_logprobs().shape == (1, V)
+    with pytest.raises(ValueError, match=r"a thought after position 63 would reach position 68"):
+        full.think_many(2, thoughts=torch.full((1, 2, 3), 7))
     # left padding does not count: positions are per row
     padded = ThinkingDecoder(model, torch.full((1, 61), 5), torch.tensor([[0, 0] + [1] * 59]))
     assert padded.last_pos == 58 and torch.allclose(padded.think(thought=forced).logp_mix, before, atol=1e-5)

@@ -116,10 +116,24 @@ def test_measure_then_budgeted_run(tmp_path):
     out, mirror = tmp_path / "exp", tmp_path / "OUT"
     # an earlier run in the same folder trained an arm this run does not: its log must not be mirrored beside
     # this run's results (the H200 run's third call returned the second call's metrics_quietstar_b1e6.jsonl)
-    (out / "train_quietstar_b1e6").mkdir(parents=True)
-    (out / "train_quietstar_b1e6" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    lx.main(SMALL + ["--policy-weights", "1", "--step-times", str(tmp_path / "step_times.json"), "--budget-s", "1e5",
-                     "--max-steps", "2", "--out", str(out), "--mirror", str(mirror)])
+    # nor an arm's earlier log that this run trains again, before it does
+    for arm in ("quietstar_b1e6", "quietstar_b1", "control"):
+        (out / f"train_{arm}").mkdir(parents=True)
+        (out / f"train_{arm}" / "metrics.jsonl").write_text('{"stale": true}\n')
+    real_train_arm = lx.train_arm
+
+    def train_arm(*a, **k):
+        lx.mirror_files(out, mirror)
+        assert not any("stale" in p.read_text() for p in mirror.glob("metrics_*")), "an earlier run's log mirrored"
+        return real_train_arm(*a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lx, "train_arm", train_arm)
+    try:
+        lx.main(SMALL + ["--policy-weights", "1", "--step-times", str(tmp_path / "step_times.json"), "--budget-s",
+                         "1e5", "--max-steps", "2", "--out", str(out), "--mirror", str(mirror)])
+    finally:
+        mp.undo()
     assert not (out / "train_quietstar_b1e6").exists()
     assert sorted(p.name for p in mirror.glob("metrics_*")) == ["metrics_control.jsonl", "metrics_quietstar_b1.jsonl"]
     res = json.loads((out / "results.json").read_text())
