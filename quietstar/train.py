@@ -769,6 +769,9 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
                                       find_unused_parameters=not tc.thoughts)   # the control: no extras' grads
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
+    if rank == 0 and tc.warmup_steps > tc.steps:      # allowed (a short try of a long recipe), but said
+        print(f"note: --warmup-steps {tc.warmup_steps} is longer than --steps {tc.steps}: the learning rate "
+              f"reaches only {tc.steps}/{tc.warmup_steps} of --lr {tc.lr:g}", flush=True)
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1 + rank)
     sampler = None
     if tc.cuda_graphs:

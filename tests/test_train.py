@@ -15,9 +15,10 @@ def read_metrics(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_loss_falls(tmp_path):
+def test_loss_falls(tmp_path, capsys):
     cfg = config_from_args(TINY + ["--steps", "20", "--lr", "3e-3", "--out-dir", str(tmp_path)])
     out = train(cfg, progress=False)
+    assert "--warmup-steps" not in capsys.readouterr().out            # 20 steps reach the warm-up's end
     m = read_metrics(out["metrics"])
     assert len(m) == 20
     lm = [r["nll_base"] + r["nll_talk"] for r in m]
@@ -26,12 +27,15 @@ def test_loss_falls(tmp_path):
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["current", "without-shared-params"])
-def test_resume_is_bit_identical(tmp_path, legacy):
+def test_resume_is_bit_identical(tmp_path, legacy, capsys):
     """A resumed run ends where the uninterrupted one does; also from a checkpoint written before checkpoints
     stored how parameters are shared (such a run builds the model from its weights, as a fresh run does). The
     flags given again are the stored ones: no conflict (--banned-ids was parsed as text, which differed)."""
     common = TINY + ["--steps", "4", "--ckpt-every", "2", "--lr", "3e-3", "--banned-ids", "5", "7"]
     full = train(config_from_args(common + ["--out-dir", str(tmp_path / "a")]), progress=False)
+    # 4 steps of the tiny preset's 5-step warm-up: said (the H200 learning run's 19 steps of 20 never reached its lr)
+    assert "note: --warmup-steps 5 is longer than --steps 4: the learning rate reaches only 4/5 of --lr 0.003" \
+        in capsys.readouterr().out
     ck = tmp_path / "a" / "step000002.pt"
     saved = torch.load(ck, weights_only=False)
     assert [sorted(ns) for ns, _ in saved["shared_params"] if len(ns) > 1] == [["lm.lm_head.weight",
