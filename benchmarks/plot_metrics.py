@@ -156,9 +156,9 @@ def figure(steps, evals, thoughts, title: str):
                           label="held-out NLL, with thought")
     ax[0, 0].set_title("losses (nats/token)")
     ax[0, 0].legend(fontsize=7, framealpha=0.5)
-    for panel, title in ((ax[0, 1], "REINFORCE term L_policy"), (ax[1, 0], "mixing weight w"),
-                         (ax[1, 1], "thought gain and reward (per position)")):
-        panel.set_title(title)
+    for panel, name in ((ax[0, 1], "REINFORCE term L_policy"), (ax[1, 0], "mixing weight w"),
+                        (ax[1, 1], "thought gain and reward (per position)")):
+        panel.set_title(name)
         if not thinking:
             panel.text(0.5, 0.5, "no thoughts in this run", ha="center", va="center", transform=panel.transAxes)
     ax[0, 1].plot(*series("policy"))
@@ -170,18 +170,21 @@ def figure(steps, evals, thoughts, title: str):
                               label="± std")
         ax[1, 0].legend(fontsize=8)
     gained = series("thought_gain")          # runs before the gain was logged have none
+    lines = []                               # the last panel's, on both y axes: one legend
     if gained[0]:
-        ax[1, 1].plot(*gained, label="thought gain")
+        lines += ax[1, 1].plot(*gained, label="thought gain")
         ax[1, 1].axhline(0.0, color="grey", lw=0.5)
         ax[1, 1].set_ylabel("log p_mix - log p_base (nats/token)")
-        ax[1, 1].legend(fontsize=8, loc="upper left")
     if thinking:
         r2 = ax[1, 1].twinx() if gained[0] else ax[1, 1]
-        r2.plot(*series("reward"), color="C1", alpha=0.6, label="mean reward")
+        lines += r2.plot(*series("reward"), color="C1", alpha=0.6, label="mean reward")
         r2.set_ylabel("reward: sum_k log p_mix")
+    if lines:
+        ax[1, 1].legend(handles=lines, fontsize=8, loc="upper left")
     for a_ in ax.flat:
         a_.set_xlabel("step")
-    fig.suptitle(title)
+    if title:
+        fig.suptitle(title)
     if thoughts:
         lines = format_thoughts(thoughts[-1], width=45)
         # parse_math off: decoded text (MATH's "$x$") is not mathtext

@@ -244,6 +244,17 @@ def choice_correct(nll: torch.Tensor, questions) -> tuple[torch.Tensor, torch.Te
     return right(ll.argmax(1)), right((ll / chars).argmax(1))
 
 
+def stock_model(tok, dtype=torch.float32):
+    """The stock SmolLM2-135M (`smollm2-135m`, the offline GGUF) as a Quiet-STaR model that has not trained: the
+    default ThoughtConfig, markers started as quietstar-train starts them, a zero mixing head (w = 0: its
+    predictions with thoughts are the base model's). `tok`: its tokenizer (assets.smollm2_tokenizer())."""
+    from .config import ModelConfig, ThoughtConfig
+    from .model import QuietStarModel, build_decoder
+    from .train import marker_init_id
+    return QuietStarModel(build_decoder(ModelConfig(name="smollm2-135m"), dtype=dtype), ThoughtConfig(),
+                          marker_init_id=marker_init_id(tok, ThoughtConfig().marker_init_text))
+
+
 def build_eval_parser():
     import argparse
     p = argparse.ArgumentParser(prog="quietstar-eval", description="The paper's measurements, with and without "
@@ -495,11 +506,7 @@ def _eval_main(argv) -> int:
     if tok is not None and docs is not None:
         heldout_rows = _heldout_rows(args, docs, saved_mask, tok, document_separator(tok))
     if args.model == "smollm2-135m":
-        from .config import ModelConfig, ThoughtConfig
-        from .model import build_decoder
-        from .train import marker_init_id
-        model = QuietStarModel(build_decoder(ModelConfig(name="smollm2-135m")), ThoughtConfig(),
-                               marker_init_id=marker_init_id(tok, ThoughtConfig().marker_init_text))
+        model = stock_model(tok)
     else:
         model = QuietStarModel.from_pretrained(args.model)
         tok = tok or load_export_tokenizer(args.model)

@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietstar-generate", description="Generate text with thoughts (KV-cached).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="a folder written by QuietStarModel.save_pretrained (quietstar-train's "
-                                 "OUT_DIR/export)")
+                                 "OUT_DIR/export), or smollm2-135m (the stock model: zero mixing head, so its "
+                                 "thoughts change nothing)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (at most)")
@@ -378,8 +379,15 @@ def _main(argv) -> int:
         prompts += from_file
     if not prompts:
         raise ValueError("give --prompt TEXT or --prompts-file FILE (one prompt per line)")
-    model = QuietStarModel.from_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device).eval()
-    tok = load_export_tokenizer(args.model)
+    if args.model == "smollm2-135m":
+        from . import assets
+        from .evaluate import stock_model
+        tok = assets.smollm2_tokenizer()
+        model = stock_model(tok, weights_dtype(args.dtype, device)).to(device).eval()
+    else:
+        model = QuietStarModel.from_pretrained(args.model, dtype=weights_dtype(args.dtype, device),
+                                               device=device).eval()
+        tok = load_export_tokenizer(args.model)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -386,6 +386,11 @@ def test_plot_metrics_shows_gain_and_thoughts(run4, tmp_path, capsys):
     assert f"{samples[0]['gain']:+.3f}" in printed[0]
     steps, _, thoughts = plot.read(out / "metrics.jsonl")
     assert len(steps) == 4 and [t["step"] for t in thoughts] == [2, 4]
+    # --title is the figure's title (a panel's name overwrote it), none without; the reward has a legend entry
+    fig = plot.figure(steps, [], thoughts, "MY RUN")
+    assert fig._suptitle.get_text() == "MY RUN"
+    assert [t.get_text() for t in fig.axes[3].get_legend().get_texts()] == ["thought gain", "mean reward"]
+    assert plot.figure(steps, [], thoughts, "")._suptitle is None
 
 
 def test_parquet_data_and_max_documents(tmp_path):

@@ -110,6 +110,19 @@ def test_quietstar_generate_cli_on_an_export(tmp_path, tiny_export):
     assert r.stdout.count("=== ") == 2 and r.stdout.count("<|thought|>") >= 2, r.stdout
 
 
+def test_quietstar_generate_takes_the_stock_model(capsys):
+    """`quietstar-generate smollm2-135m` decodes the stock model, as `quietstar-eval smollm2-135m` scores it (it
+    was "no such folder"); its mixing head is zero, so greedy decoding with thoughts gives the plain tokens."""
+    from quietstar.generate import main
+    texts = []
+    for extra in ([], ["--no-thoughts"]):
+        assert main(["smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", "3",
+                     "--device", "cpu", *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0].startswith("=== 'The capital of France is'\nThe capital of France is") and texts[0] == texts[1]
+    assert len(texts[0].splitlines()[1]) > len("The capital of France is")
+
+
 def test_bench_generate_runs_and_the_naive_decoder_agrees(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/bench_generate.py", "--model", "tiny", "--B", "2", "--prompt", "6",
                         "--new", "3", "--M", "2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path),
