@@ -278,7 +278,7 @@ def build_eval_parser():
     p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation length")
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--seed", type=int, default=0, help="of the sampled thoughts")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cpu or auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA where there is a GPU), cuda or cpu")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p
 

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-thoughts", action="store_true", help="plain decoding (the base model), for comparison")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     p.add_argument("--seed", type=int, default=0, help="of the sampled thoughts (and tokens, with --temperature)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cpu or auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA where there is a GPU), cuda or cpu")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
                    help="the weights' dtype. auto: bfloat16 on CUDA (half float32's memory, and half the weight "
                         "traffic that a decode step is bound by), float32 elsewhere")

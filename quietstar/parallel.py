@@ -640,7 +640,7 @@ def _main(argv) -> int:
         from .config import ModelConfig
         from .train import load_tokenizer
         tok = load_tokenizer(ModelConfig(**config["model"]))
-    print(_write_replacing(model, out, tok))
+    print(f"export: {_write_replacing(model, out, tok)}")
     return 0
 
 

@@ -216,6 +216,10 @@ def config_from_args(argv=None) -> Config:
         moved = train.resume and "name" not in given["model"] and "folder not found" in str(e)
         raise ValueError(f"{e} (the base model of --resume {train.resume}: if it moved, give --model with its "
                          "new folder)" if moved else cli_names(str(e))) from e
+    sized = [_flag("model", k) for k in given["model"] if k != "name"]
+    if sized and model.name != "tiny" and not train.resume:         # they were ignored without a word
+        raise ValueError(f"{', '.join(sized)}: the random-init model's size, for --model tiny only; "
+                         f"--model {model.name} has its own")
     try:
         return Config(model=model, thought=ThoughtConfig(**kws["thought"]), loss=LossConfig(**kws["loss"]),
                       train=train)
@@ -787,6 +791,8 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         else:
             start = restore_checkpoint(ck, tc.resume, model, opt, sched, generator, rank)
         del ck
+        if rank == 0:
+            print(f"resumed: {tc.resume} at step {start}, on to step {tc.steps} in {out}", flush=True)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         prepare_out_dir(out, continuing, tc.overwrite, start)

@@ -90,6 +90,10 @@ def test_bad_input_is_one_line_naming_the_argument(capsys, tmp_path, run4):
     fail(base + ["--model-num-heads", "3"], capsys, "--model-num-heads=3 must be a multiple of --model-num-kv-heads=2")
     fail(base + ["--banned-ids", "999999"], capsys, "--banned-ids [999999] are outside the vocabulary")
     fail(base + ["--model-vocab-size", "1000"], capsys, "the tokenizer has 32000 ids", "(--model-vocab-size)")
+    # the size flags belong to the random-init model: with another --model they were ignored without a word
+    fail(["--model", "smollm2-135m-random", "--model-hidden-size", "64", "--model-num-layers", "2"], capsys,
+         "--model-hidden-size, --model-num-layers: the random-init model's size, for --model tiny only; "
+         "--model smollm2-135m-random has its own")
     fail(base + ["--parallel", "tp"], capsys, "--parallel")
     fail(base + ["--eval-every", "2"], capsys, "--eval-rows")
     text = tmp_path / "train.txt"
@@ -178,6 +182,7 @@ def test_a_pt_checkpoint_converts_to_an_export(run4, tmp_path, capsys):
     from quietstar.parallel import main as convert
     ck = run4[0] / "step000003.pt"
     assert convert([str(ck), str(tmp_path / "exp")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"export: {tmp_path / 'exp'}"     # labelled, as train's
     saved = torch.load(ck, weights_only=False)["model"]
     got = QuietStarModel.from_pretrained(tmp_path / "exp").state_dict()
     assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
@@ -232,7 +237,7 @@ def test_the_converter_replaces_an_export_only_with_overwrite(run4, tmp_path, ca
     monkeypatch.setattr(parallel, "load_plain", real_load)
     capsys.readouterr()
     assert parallel.main([str(ck2), str(exp), "--overwrite", "--no-tokenizer"]) == 0
-    assert capsys.readouterr().out.strip() == str(exp)
+    assert capsys.readouterr().out.strip() == f"export: {exp}"
     assert not (exp / "notes.txt").exists() and not (exp / "tokenizer.json").exists()
     assert (exp.stat().st_mode & 0o777) == 0o750 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     saved = torch.load(ck2, weights_only=False)["model"]

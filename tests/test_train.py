@@ -46,6 +46,7 @@ def test_resume_is_bit_identical(tmp_path, legacy, capsys):
         torch.save(saved, ck)
     resumed = train(config_from_args(common + ["--out-dir", str(tmp_path / "b"), "--resume", str(ck)]),
                     progress=False)
+    assert f"resumed: {ck} at step 2, on to step 4 in {tmp_path / 'b'}\n" in capsys.readouterr().out
     a = read_metrics(full["metrics"])
     b = read_metrics(resumed["metrics"])
     assert [r["step"] for r in b] == [3, 4]
