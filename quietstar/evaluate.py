@@ -257,9 +257,10 @@ def stock_model(tok, dtype=torch.float32):
 
 def build_eval_parser():
     import argparse
-    p = argparse.ArgumentParser(prog="quietstar-eval", description="The paper's measurements, with and without "
-                                "thoughts: held-out text NLL (and hard tokens), GSM8K, CommonsenseQA.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .train import CliParser
+    p = CliParser(prog="quietstar-eval", description="The paper's measurements, with and without "
+                  "thoughts: held-out text NLL (and hard tokens), GSM8K, CommonsenseQA.",
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="an export folder (QuietStarModel.save_pretrained / quietstar-train's "
                                  "OUT_DIR/export), or smollm2-135m (the stock model: zero mixing head)")
     p.add_argument("--tasks", default="heldout", help="comma-separated: heldout, gsm8k, csqa")

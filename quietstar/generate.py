@@ -320,8 +320,9 @@ def weights_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quietstar-generate", description="Generate text with thoughts (KV-cached).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .train import CliParser
+    p = CliParser(prog="quietstar-generate", description="Generate text with thoughts (KV-cached).",
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="a folder written by QuietStarModel.save_pretrained (quietstar-train's "
                                  "OUT_DIR/export), or smollm2-135m (the stock model: zero mixing head, so its "
                                  "thoughts change nothing)")

@@ -42,7 +42,6 @@ is refused (the graphed sampler would capture buffers FSDP frees between calls).
 """
 from __future__ import annotations
 
-import argparse
 import builtins
 import contextlib
 import dataclasses
@@ -608,10 +607,11 @@ def _write_replacing(model, out: Path, tokenizer) -> Path:
 
 
 def _main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m quietstar.parallel",
-                                 description="Convert a Quiet-STaR checkpoint (a sharded DCP folder or a .pt file) "
-                                             "to the save_pretrained export folder (decoder + "
-                                             "quietstar.safetensors + quietstar.json)")
+    from .train import CliParser
+    ap = CliParser(prog="python -m quietstar.parallel",
+                   description="Convert a Quiet-STaR checkpoint (a sharded DCP folder or a .pt file) "
+                               "to the save_pretrained export folder (decoder + "
+                               "quietstar.safetensors + quietstar.json)")
     ap.add_argument("checkpoint", help="a checkpoint folder written with --parallel fsdp (e.g. runs/x/step000100), "
                                        "or a .pt checkpoint of a single-process or DDP run (e.g. runs/x/step000100.pt)")
     ap.add_argument("export", help="the folder to write: a new or empty one (an earlier export only with --overwrite)")

@@ -84,11 +84,11 @@ def _add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=(),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quietstar-train", description=__doc__.split("\n")[0],
-                                epilog="The logged loss is beta_base*NLL_base + beta_talk*NLL_talk + "
-                                       "beta_policy*policy: with the reference weights (0.5/0.5/1e6) the policy "
-                                       "term dominates it. Bad input ends in one line naming the argument "
-                                       "(--debug shows the traceback).")
+    p = CliParser(prog="quietstar-train", description=__doc__.split("\n")[0],
+                  epilog="The logged loss is beta_base*NLL_base + beta_talk*NLL_talk + "
+                         "beta_policy*policy: with the reference weights (0.5/0.5/1e6) the policy "
+                         "term dominates it. Bad input ends in one line naming the argument "
+                         "(--debug shows the traceback).")
     tdocs = field_docs(TrainConfig)
     p.add_argument("--model", dest="model_name", default=None,
                    help='"tiny" (random-init Mistral), "smollm2-135m", "smollm2-135m-random" (its shape, random '
@@ -893,6 +893,20 @@ def train(cfg: Config, rank: int = 0, world: int = 1, progress: bool = True, dev
         dist.barrier()
     return {"checkpoint": str(ckpt), "export": str(export), "metrics": str(metrics_path), "last": last,
             "model": model}
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other bad input here (argparse prints the whole usage
+    first: 40 lines for quietstar-train) and a suggestion for a mistyped option."""
+
+    def error(self, message):
+        import difflib
+        hint = ""
+        if message.startswith("unrecognized arguments: "):
+            near = {a: difflib.get_close_matches(a.split("=")[0], list(self._option_string_actions), n=1)
+                    for a in message[len("unrecognized arguments: "):].split() if a.startswith("-")}
+            hint = "".join(f" ({a}: did you mean {m[0]}?)" for a, m in near.items() if m)
+        self.exit(2, f"{self.prog}: error: {message}{hint} (--help lists the options)\n")
 
 
 def run_cli(prog: str, body, argv=None) -> int:

@@ -58,6 +58,29 @@ def test_gpu_only_backends_without_cuda_are_one_line(argv, needles, capsys, monk
     assert not (tmp_path / "o").exists()
 
 
+def test_argparse_errors_are_one_line_with_a_suggestion(capsys):
+    """argparse's own errors (an unknown or mistyped option, a bad choice) are one line like every other error here,
+    naming the closest option; they printed the whole usage first (40 lines for quietstar-train)."""
+    from quietstar.evaluate import eval_main as evaluate
+    from quietstar.generate import main as generate
+    from quietstar.parallel import main as convert
+    cases = [(main, ["--attnetion", "split"], "quietstar-train: error: unrecognized arguments: --attnetion split "
+                                              "(--attnetion: did you mean --attention?) (--help lists the options)"),
+             (main, ["--lm-head", "fused"], "quietstar-train: error: argument --lm-head: invalid choice: 'fused'"),
+             (main, ["--stpes=3", "--zzz"], "unrecognized arguments: --stpes=3 --zzz (--stpes=3: did you mean --steps?)"),
+             (generate, ["x", "--max-new-tokenz", "3"], "quietstar-generate: error: unrecognized arguments: "
+                                                        "--max-new-tokenz 3 (--max-new-tokenz: did you mean "
+                                                        "--max-new-tokens?)"),
+             (evaluate, ["x", "--taks", "gsm8k"], "quietstar-eval: error: unrecognized arguments: --taks gsm8k "
+                                                  "(--taks: did you mean --tasks?)"),
+             (convert, ["a", "b", "--overwirte"], "did you mean --overwrite?")]
+    for cli, argv, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            cli(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0], (argv, err)
+
+
 def test_bad_input_is_one_line_naming_the_argument(capsys, tmp_path, run4):
     out = tmp_path / "o"
     base = RUN + ["--steps", "2", "--out-dir", str(out)]
