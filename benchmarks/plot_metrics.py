@@ -170,17 +170,17 @@ def figure(steps, evals, thoughts, title: str):
                               label="± std")
         ax[1, 0].legend(fontsize=8)
     gained = series("thought_gain")          # runs before the gain was logged have none
-    lines = []                               # the last panel's, on both y axes: one legend
+    handles = []                             # the last panel's, on both y axes: one legend
     if gained[0]:
-        lines += ax[1, 1].plot(*gained, label="thought gain")
+        handles += ax[1, 1].plot(*gained, label="thought gain")
         ax[1, 1].axhline(0.0, color="grey", lw=0.5)
         ax[1, 1].set_ylabel("log p_mix - log p_base (nats/token)")
     if thinking:
         r2 = ax[1, 1].twinx() if gained[0] else ax[1, 1]
-        lines += r2.plot(*series("reward"), color="C1", alpha=0.6, label="mean reward")
+        handles += r2.plot(*series("reward"), color="C1", alpha=0.6, label="mean reward")
         r2.set_ylabel("reward: sum_k log p_mix")
-    if lines:
-        ax[1, 1].legend(handles=lines, fontsize=8, loc="upper left")
+    if handles:
+        ax[1, 1].legend(handles=handles, fontsize=8, loc="upper left")
     for a_ in ax.flat:
         a_.set_xlabel("step")
     if title:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import QuietStarModel, load_export_tokenizer
-from .thoughts import check_token_ids
+from .thoughts import check_token_ids, vocab_rows
 
 
 @dataclass
@@ -61,7 +61,7 @@ def check_prompt(model: QuietStarModel, input_ids, attention_mask) -> torch.Tens
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids must be (B, S) with B >= 1 and S >= 1, got shape {tuple(input_ids.shape)}")
     check_token_ids("input_ids", input_ids, input_ids.shape, "(B, S)", model.lm_head_weight.device,
-                    model.lm.model.embed_tokens.num_embeddings)
+                    vocab_rows(model))
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
     if not isinstance(attention_mask, torch.Tensor):
@@ -122,7 +122,7 @@ class ThinkingDecoder:
         B, M = self.h_base.shape[0], self.model.thought.M
         if thought is not None:
             check_token_ids("thought", thought, (B, M), f"(B={B}, M={M})", self.h_base.device,
-                            self.model.lm.model.embed_tokens.num_embeddings, sync=False)
+                            vocab_rows(self.model), sync=False)
         th = self._think(1, generator, None if thought is None else thought[:, None], greedy_thought)
         return Thought(tokens=th.tokens[:, 0], w=th.w[:, 0], logp_mix=th.logp_mix[:, 0])
 
@@ -140,7 +140,7 @@ class ThinkingDecoder:
             raise ValueError(f"n must be >= 1, got {n}")
         if thoughts is not None:
             check_token_ids("thoughts", thoughts, (B, n, M), f"(B={B}, n={n}, M={M})", self.h_base.device,
-                            self.model.lm.model.embed_tokens.num_embeddings, sync=False)
+                            vocab_rows(self.model), sync=False)
         return self._think(n, generator, thoughts, greedy_thought)
 
     def _think(self, n, generator, thoughts, greedy_thought) -> Thought:
@@ -200,8 +200,8 @@ class ThinkingDecoder:
         changes (ids outside [0, V) only when on the CPU: on a GPU that check would sync once per token), and a
         step that fails leaves the decoder as it was: the cache, the mask and the positions."""
         B = self.h_base.shape[0]
-        check_token_ids("tokens", tokens, (B,), f"(B={B},)", self.h_base.device,
-                        self.model.lm.model.embed_tokens.num_embeddings, sync=False)
+        check_token_ids("tokens", tokens, (B,), f"(B={B},)", self.h_base.device, vocab_rows(self.model),
+                        sync=False)
         if self.last_pos + 1 >= self.model.max_positions:
             raise ValueError(f"advance: position {self.last_pos + 1} is past the model's "
                              f"max_position_embeddings={self.model.max_positions}")

@@ -82,6 +82,13 @@ def check_backends(backends) -> None:
                         f"{backends!r}")
 
 
+def check_id_range(name: str, ids: torch.Tensor, V: int, what: str = "") -> None:
+    """Refuse ids outside [0, V), naming `name` (`what`: more about V). Reads them: on a GPU, a host sync."""
+    if ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
+        bad = ids[(ids < 0) | (ids >= V)]
+        raise ValueError(f"{name} must hold token ids in [0, V={V}){what}, got {bad[:4].tolist()}")
+
+
 def check_input_ids(input_ids: torch.Tensor, min_T: int, V: int | None = None) -> None:
     """Refuse anything but a (B, T) int64 (or int32) tensor with T >= min_T; with `V`, ids outside [0, V) too,
     read on the CPU only (on a GPU that would sync every step; there the embedding's own check fires)."""
@@ -91,11 +98,8 @@ def check_input_ids(input_ids: torch.Tensor, min_T: int, V: int | None = None) -
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] < min_T:
         raise ValueError(f"input_ids must have T >= {min_T} tokens per row, got T={input_ids.shape[1]}")
-    if V is not None and input_ids.device.type == "cpu" and input_ids.numel():
-        bad = input_ids[(input_ids < 0) | (input_ids >= V)]
-        if bad.numel():
-            raise ValueError(f"input_ids must hold token ids in [0, V={V}) (the model's embedding rows), "
-                             f"got {bad[:4].tolist()}")
+    if V is not None and input_ids.device.type == "cpu":
+        check_id_range("input_ids", input_ids, V, " (the model's embedding rows)")
 
 
 def vocab_rows(model: QuietStarModel) -> int:
@@ -364,9 +368,8 @@ def check_token_ids(name: str, ids, shape: tuple, shape_text: str, device, V: in
         raise ValueError(f"{name} must be {shape_text}, got shape {tuple(ids.shape)}")
     if ids.device != torch.device(device):
         raise ValueError(f"{name} is on {ids.device} but {where} is on {device}")
-    if (sync or ids.device.type == "cpu") and ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):
-        bad = ids[(ids < 0) | (ids >= V)]
-        raise ValueError(f"{name} must hold token ids in [0, V={V}), got {bad[:4].tolist()}")
+    if sync or ids.device.type == "cpu":
+        check_id_range(name, ids, V)
 
 
 def check_thoughts(model: QuietStarModel, thoughts, B: int, T: int, device) -> None:
